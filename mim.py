@@ -521,7 +521,7 @@ def prefixed(prefix, stats):
 def atomic_write(path, write):
     """Call write(file_path) on a temporary file next to `path`, then rename it."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)

@@ -203,7 +203,10 @@ def summarize(runs):
     for cfg, res in runs:
         groups.setdefault(tuple(cfg[k] for k in varying), []).append(res)
     table = {}
-    for key, results in sorted(groups.items(), key=lambda kv: [str(v) for v in kv[0]]):
+    def order(item):  # numbers by value, then everything else by name
+        return [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in item[0]]
+
+    for key, results in sorted(groups.items(), key=order):
         metrics = [m for m in results[0] if isinstance(results[0][m], (int, float))]
         table[key] = {m: (float(np.mean([r[m] for r in results])),
                           float(np.std([r[m] for r in results])), len(results))

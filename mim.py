@@ -28,8 +28,8 @@ early stopping; `main` is the command line:
 
     python mim.py --data toy2d --loss mim --hidden 50 --out runs/mim
 
-The file imports only the standard library, torch and numpy, so it can be copied alone;
-`main` also uses datasets.py and evaluate.py from this repository.
+The file imports only the standard library and torch, so it can be copied alone; `main`
+also uses datasets.py and evaluate.py from this repository.
 """
 import argparse
 import dataclasses
@@ -78,13 +78,14 @@ class Config:
     components: int = _help("components of each mog prior", default=10)
     std_floor: float = _help("floor added to every Gaussian standard deviation",
                              default=STD_FLOOR)
-    loss: str = _help("objective: mim, amim, vae or ce", default="mim")
+    loss: str = _help("objective: mim (Eq. 8), amim (Eq. 12), vae (negative ELBO) or ce "
+                      "(Eq. 7)", default="mim")
     warmup: int = _help("warm-up epochs (Sec. 5)", default=3)
     warmup_mode: str = _help("paper: weight on CE(M_S, p(x,z)) rises 0 -> 1/2 (Sec. 5); "
                              "authors: their code's schedule (see warmup_weights)",
                              default="paper")
-    patience: Optional[int] = _help("early-stopping patience in epochs (default: --warmup)",
-                                    default=None)
+    patience: Optional[int] = _help("early-stopping patience in epochs (default: --warmup, "
+                                    "at least 1)", default=None)
     epochs: int = _help("maximum number of epochs", default=200)
     batch_size: int = _help("data points per step (B encoder + B decoder samples)",
                             default=128)
@@ -316,14 +317,30 @@ def score_function_surrogate(f, log_prob):
     return f + (f - baseline).detach() * (log_prob - log_prob.detach())
 
 
-def mean_over_samples(f_enc, decoder=None):
-    """The mean of per-sample losses over D = D_enc (B,) and D_dec (f_dec (B,), score)."""
-    if decoder is None:
-        return f_enc.mean()
-    f_dec, score = decoder
-    if score is not None:
-        f_dec = score_function_surrogate(f_dec, score)
-    return torch.cat([f_enc, f_dec]).mean()
+def sample_m_s(model, x, with_decoder=True):
+    """Samples of M_S for a batch x (B, D): `encoder_samples` and, if asked, as many
+    `decoder_samples`: ((log q(x,z), log p(x,z)), (log q(x,z), log p(x,z), score) or None)."""
+    return encoder_samples(model, x), decoder_samples(model, len(x)) if with_decoder else None
+
+
+def average_over_m_s(f, enc, dec):
+    """Mean over D = D_enc + D_dec of the per-sample losses f(log q(x,z), log p(x,z)).
+    Discrete decoder samples get the score-function term, so the gradient stays unbiased."""
+    losses = [f(*enc)]
+    if dec is not None:
+        log_q_xz, log_p_xz, score = dec
+        f_dec = f(log_q_xz, log_p_xz)
+        losses.append(f_dec if score is None else score_function_surrogate(f_dec, score))
+    return torch.cat(losses).mean()
+
+
+def cross_entropy_stats(enc, dec):
+    """Monitoring values over the samples: CE(M, q(x,z)), CE(M, p(x,z)) and their mean,
+    which is Eq. 8 at full weights."""
+    halves = [enc] if dec is None else [enc, dec[:2]]
+    ce_q = -torch.cat([h[0] for h in halves]).mean().item()
+    ce_p = -torch.cat([h[1] for h in halves]).mean().item()
+    return {"loss": 0.5 * (ce_q + ce_p), "ce_q": ce_q, "ce_p": ce_p}
 
 
 # ----------------------------------------------------------------------------------------
@@ -350,44 +367,40 @@ def mim_loss(model, x, w=FULL):
     explicit q(x) this is Algorithm 1; with the marginal q(x) it is Algorithm 2 (the
     importance-sampling bound of log q(x) in `log_q_x`).
     """
-    enc_q, enc_p = encoder_samples(model, x)
-    f_enc = -(w.q * enc_q + w.p * enc_p)
-    decoder, log_q, log_p = None, enc_q, enc_p
-    if w.decoder_samples:
-        dec_q, dec_p, score = decoder_samples(model, x.shape[0])
-        decoder = (-(w.q * dec_q + w.p * dec_p), score)
-        log_q, log_p = torch.cat([enc_q, dec_q]), torch.cat([enc_p, dec_p])
-    return mean_over_samples(f_enc, decoder), cross_entropy_stats(log_q, log_p)
+    enc, dec = sample_m_s(model, x, w.decoder_samples)
+    loss = average_over_m_s(lambda log_q, log_p: -(w.q * log_q + w.p * log_p), enc, dec)
+    return loss, cross_entropy_stats(enc, dec)
 
 
 def amim_loss(model, x, w=FULL):
     """L_A-MIM of Eq. 12: Eq. 8 with encoder samples only, M_S^q = q(z|x)P(x).
 
     Eq. 13 shows why q(x) should be the marginal of Eq. 16: an explicit q(x) would be
-    fitted independently of the encoder and decoder.
+    fitted independently of the encoder and decoder. (Eq. 13 as printed has 1/2 H_q(x,z);
+    Eq. 12 expands to H_q(x,z) + 1/2 KL(P(x)||q(x)) + 1/2 KL(q(z|x)P(x)||p(x,z)), which
+    test_mim.py checks.)
     """
-    log_q, log_p = encoder_samples(model, x)
-    return (-(w.q * log_q + w.p * log_p)).mean(), cross_entropy_stats(log_q, log_p)
+    enc, _ = sample_m_s(model, x, with_decoder=False)
+    loss = average_over_m_s(lambda log_q, log_p: -(w.q * log_q + w.p * log_p), enc, None)
+    return loss, cross_entropy_stats(enc, None)
+
+
+def mixture_cross_entropy(log_q, log_p, w_q=0.5, w_p=0.5):
+    """-log(w_q q(x,z) + w_p p(x,z)) per sample, by logsumexp."""
+    log_w = torch.log(torch.tensor([w_q, w_p], dtype=log_q.dtype, device=log_q.device))
+    return -torch.logsumexp(torch.stack([log_q, log_p], dim=-1) + log_w, dim=-1)
 
 
 def ce_loss(model, x, w=FULL):
     """L_CE of Eq. 7, CE(M_S, M_theta) = -E_M_S[log 1/2 (q(x,z) + p(x,z))] (App. F.2).
 
-    The mixture is taken by logsumexp. Warm-up weights act as the mixture weights of
-    M_theta (w.q = w.p = 1/2 is Eq. 7).
+    Warm-up weights act as the mixture weights of M_theta (w.q = w.p = 1/2 is Eq. 7).
     """
-    def f(log_q, log_p, w_q=w.q, w_p=w.p):
-        log_w = torch.log(torch.tensor([w_q, w_p], dtype=log_q.dtype, device=log_q.device))
-        return -torch.logsumexp(torch.stack([log_q, log_p], dim=-1) + log_w, dim=-1)
-
-    enc_q, enc_p = encoder_samples(model, x)
-    decoder, log_q, log_p = None, enc_q, enc_p
-    if w.decoder_samples:
-        dec_q, dec_p, score = decoder_samples(model, x.shape[0])
-        decoder = (f(dec_q, dec_p), score)
-        log_q, log_p = torch.cat([enc_q, dec_q]), torch.cat([enc_p, dec_p])
-    stats = {**cross_entropy_stats(log_q, log_p), "loss": f(log_q, log_p, 0.5, 0.5).mean().item()}
-    return mean_over_samples(f(enc_q, enc_p), decoder), stats
+    enc, dec = sample_m_s(model, x, w.decoder_samples)
+    loss = average_over_m_s(lambda lq, lp: mixture_cross_entropy(lq, lp, w.q, w.p), enc, dec)
+    with torch.no_grad():
+        value = average_over_m_s(mixture_cross_entropy, enc, dec).item()
+    return loss, {**cross_entropy_stats(enc, dec), "loss": value}
 
 
 def vae_loss(model, x, w=FULL):
@@ -403,12 +416,6 @@ def vae_loss(model, x, w=FULL):
     kl = q_z_given_x.log_prob(z) - model.log_p_z(z)                     # (B,)
     stats = {"loss": (rec + kl).mean().item(), "rec": rec.mean().item(), "kl": kl.mean().item()}
     return (rec + w.kl * kl).mean(), stats
-
-
-def cross_entropy_stats(log_q, log_p):
-    """Monitoring values: CE(M, q(x,z)), CE(M, p(x,z)) and their mean (Eq. 8 at FULL)."""
-    ce_q, ce_p = -log_q.mean().item(), -log_p.mean().item()
-    return {"loss": 0.5 * (ce_q + ce_p), "ce_q": ce_q, "ce_p": ce_p}
 
 
 LOSSES = {"mim": mim_loss, "amim": amim_loss, "vae": vae_loss, "ce": ce_loss}

@@ -492,11 +492,17 @@ def run_cli(*args, cwd=HERE):
                           capture_output=True, text=True, timeout=300)
 
 
-def test_cli_trains_and_writes_its_files(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
     proc = run_cli("--epochs", "3", "--warmup", "1", "--nll-samples", "10", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "test_mi_ksg" in proc.stdout and "nats" in proc.stdout
+    return out, proc.stdout
+
+
+def test_cli_trains_and_writes_its_files(trained_run):
+    out, stdout = trained_run
+    assert "test_mi_ksg" in stdout and "nats" in stdout
     results = json.loads((out / "results.json").read_text())
     for key in ("test_mi_ksg", "test_nll", "test_rmse", "test_knn5_acc", "best_epoch",
                 "epochs", "train_seconds"):
@@ -507,6 +513,28 @@ def test_cli_trains_and_writes_its_files(tmp_path):
     model, cfg = mim.load_checkpoint(out / "best.pt")
     assert cfg.epochs == 3 and isinstance(model, mim.Model)
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_evaluate_cli_plots_a_trained_run(trained_run):
+    out, _ = trained_run
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "fig1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_is_mean_and_std_over_seeds(tmp_path):
+    for seed, mi in [(1, 6.0), (2, 7.0), (3, 8.0)]:
+        for loss, shift in [("mim", 0.0), ("vae", -5.0)]:
+            run = tmp_path / f"{loss}-s{seed}"
+            run.mkdir()
+            cfg = {**vars(mim.Config(loss=loss, seed=seed)), "out": str(run)}
+            (run / "config.json").write_text(json.dumps(cfg))
+            (run / "results.json").write_text(json.dumps({"test_mi_ksg": mi + shift}))
+    varying, table = evaluate.summarize(evaluate.load_runs(tmp_path))
+    assert varying == ["loss"]
+    assert table[("mim",)]["test_mi_ksg"] == pytest.approx((7.0, math.sqrt(2 / 3), 3))
+    assert table[("vae",)]["test_mi_ksg"][0] == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -33,6 +33,7 @@ METRICS = {  # results.json key: (label, unit)
     "test_nll": ("NLL (IWAE)", "nats"),
     "test_rmse": ("reconstruction RMSE", "data units"),
     "test_knn5_acc": ("5-NN accuracy", "fraction"),
+    "train_seconds": ("training time", "s"),
 }
 
 
@@ -128,7 +129,7 @@ def format_results(results):
     for key, value in results.items():
         label, unit = METRICS.get(key, (None, ""))
         text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"{key:<28} {text:>10} {unit}" + (f"   {label}" if label else ""))
+        lines.append(f"{key:<16} {text:>10}  {unit:<10}  {label or ''}".rstrip())
     return "\n".join(lines)
 
 
@@ -214,13 +215,17 @@ def summarize(runs):
     return varying, table
 
 
+def number(v):
+    return f"{v:.3f}" if abs(v) < 1e4 else f"{v:.3g}"
+
+
 def summary_markdown(varying, table, metrics):
     head = varying + [f"{METRICS[m][0]} ({METRICS[m][1]})" if m in METRICS else m
                       for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for key, row in table.items():
         cells = [str(v) for v in key] + [
-            f"{row[m][0]:.3f} ± {row[m][1]:.3f}" if m in row else "" for m in metrics]
+            f"{number(row[m][0])} ± {number(row[m][1])}" if m in row else "" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     n = sorted({row[m][2] for row in table.values() for m in row})
     lines.append(f"\nmean ± std over {', '.join(map(str, n))} seeds")

@@ -486,7 +486,17 @@ def validate(model, loss_fn, x_val, cfg):
     return totals
 
 
-def train(model, cfg, x_train, x_val, on_epoch=print):
+def log_line(row):
+    """One line per epoch: train and validation loss with their terms, and seconds."""
+    def terms(prefix):
+        return " ".join(f"{k[len(prefix):]} {v:.4f}" for k, v in row.items()
+                        if k.startswith(prefix) and k != prefix + "loss")
+    print(f"epoch {row['epoch']:3d} | train {row['train_loss']:.4f} nats ({terms('train_')})"
+          f" | val {row['val_loss']:.4f} nats ({terms('val_')}) | {row['seconds']:.2f} s",
+          flush=True)
+
+
+def train(model, cfg, x_train, x_val, on_epoch=log_line):
     """Fit `model`; returns (best state_dict, best epoch, epochs run, history).
 
     Early stopping: once warm-up is over, stop when the validation loss at full weights
@@ -508,13 +518,16 @@ def train(model, cfg, x_train, x_val, on_epoch=print):
         history.append(row)
         on_epoch(row)
         if epoch >= cfg.warmup and val_stats["loss"] < best_loss:
-            best_loss, best_epoch = val_stats["loss"], epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_loss, best_epoch, best_state = val_stats["loss"], epoch, snapshot(model)
         elif epoch >= cfg.warmup and epoch - best_epoch >= patience:
             break
     if best_state is None:                    # warm-up never ended: keep the last weights
-        best_epoch = epoch
+        best_epoch, best_state = epoch, snapshot(model)
     return best_state, best_epoch, epoch, history
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def prefixed(prefix, stats):
@@ -615,15 +628,6 @@ def choose_device(name):
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def log_line(row):
-    def terms(prefix):
-        return " ".join(f"{k[len(prefix):]} {v:.4f}" for k, v in row.items()
-                        if k.startswith(prefix) and k != prefix + "loss")
-    print(f"epoch {row['epoch']:3d} | train {row['train_loss']:.4f} nats ({terms('train_')})"
-          f" | val {row['val_loss']:.4f} nats ({terms('val_')}) | {row['seconds']:.2f} s",
-          flush=True)
-
-
 def run(cfg):
     """Train and evaluate as `cfg` says; returns the results dict."""
     import datasets
@@ -642,11 +646,9 @@ def run(cfg):
         write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
 
     start = time.perf_counter()
-    best_state, best_epoch, epochs, history = train(model, cfg, data.x_train, data.x_val,
-                                                    on_epoch=log_line)
+    best_state, best_epoch, epochs, history = train(model, cfg, data.x_train, data.x_val)
     seconds = time.perf_counter() - start
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    model.load_state_dict(best_state)
     results = {**evaluate.test_metrics(model, data, cfg.nll_samples),
                "best_epoch": best_epoch, "epochs": epochs, "train_seconds": seconds}
     if cfg.out:

@@ -228,7 +228,7 @@ def summary_markdown(varying, table, metrics):
             f"{number(row[m][0])} ± {number(row[m][1])}" if m in row else "" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     n = sorted({row[m][2] for row in table.values() for m in row})
-    lines.append(f"\nmean ± std over {', '.join(map(str, n))} seeds")
+    lines.append(f"\nmean ± std (ddof = 0) over {', '.join(map(str, n))} seeds")
     return "\n".join(lines) + "\n"
 
 
@@ -257,14 +257,20 @@ def plot_summary(varying, table, metrics, x_key, path):
     plt.close(fig)
 
 
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    mim.atomic_write(path, write)
+
+
 def write_summary(folder, x_key=None):
     runs = load_runs(folder)
     varying, table = summarize(runs)
     metrics = [m for m in METRICS if m in runs[0][1]] + sorted(
         m for m in runs[0][1] if m.startswith("ks_"))
     text = summary_markdown(varying, table, metrics)
-    mim.atomic_write(os.path.join(folder, "summary.md"),
-                     lambda tmp: open(tmp, "w").write(text))
+    write_text(os.path.join(folder, "summary.md"), text)
     if x_key in varying:
         plot_summary(varying, table, metrics, x_key, os.path.join(folder, "summary.png"))
     return text

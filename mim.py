@@ -380,9 +380,7 @@ def amim_loss(model, x, w=FULL):
     Eq. 12 expands to H_q(x,z) + 1/2 KL(P(x)||q(x)) + 1/2 KL(q(z|x)P(x)||p(x,z)), which
     test_mim.py checks.)
     """
-    enc, _ = sample_m_s(model, x, with_decoder=False)
-    loss = average_over_m_s(lambda log_q, log_p: -(w.q * log_q + w.p * log_p), enc, None)
-    return loss, cross_entropy_stats(enc, None)
+    return mim_loss(model, x, dataclasses.replace(w, decoder_samples=False))
 
 
 def mixture_cross_entropy(log_q, log_p, w_q=0.5, w_p=0.5):

@@ -7,9 +7,9 @@
 # Each run is a folder written by `mim.py --out`; each experiment gets summary.md (mean and
 # std over seeds) and summary.png; evaluate.py draws fig1.png / consistency.png per run.
 #
-#   ./run_all.sh           the paper's protocol: 10 seeds, widths 5-500, S = 1000 (about an
-#                          hour on two cores)
-#   ./run_all.sh --quick   3 seeds, widths 5, 20, 500, S = 100 (about 10 minutes)
+#   ./run_all.sh           the paper's protocol: 10 seeds, widths 5-500, S = 1000 (about 1.5
+#                          hours on two cores)
+#   ./run_all.sh --quick   3 seeds, widths 5, 20, 500, S = 100 (about 9 minutes)
 #
 # Finished runs (those with results.json) are skipped, so an interrupted call can be rerun.
 # JOBS=N sets how many runs go side by side (default: the number of cores).

@@ -1,19 +1,29 @@
 """Evaluation of trained MIM / VAE models: the metrics of Sec. 5 and the figures.
 
-    ksg_mi                 mutual information I(x; z) by the KSG estimator, nats
+    ksg_mi                 mutual information I(x; z) by the KSG estimator, nats (refuses
+                           high-dimensional binary x, where it counts ties)
     knn_accuracy           k-NN classification accuracy of latent codes (Sec. 5.3)
     reconstruction_rmse    root mean squared reconstruction error
-    iwae_nll               importance-weighted estimate of -log p(x), nats
+    iwae_nll               importance-weighted estimate of -log p(x), nats, chunked over
+                           points and samples; bits_per_dim converts nats to bits/dim
+    active_units           latent dimensions u with Cov_x(E_q(z|x)[z_u]) > 0.01 (Burda et al.)
     consistency_1d         App. F.2: do the marginals of encoder and decoder match the priors?
+    test_metrics           the metrics of one trained model on the test split
 
 Command line:
 
-    python evaluate.py RUN_DIR [RUN_DIR ...]      plots of trained runs (2-D: Fig. 1,
-                                                  1-D: Fig. 12) next to their best.pt
-    python evaluate.py --summary DIR [--x hidden] mean and std over seeds of every
-                                                  DIR/*/results.json: summary.md, .png
+    python evaluate.py RUN_DIR [RUN_DIR ...] [--nll-samples S] [--test-size N]
+                       [--knn-train N] [--max-batch N] [--device auto|cpu|cuda]
+                                  metrics of each run's best.pt on its test split into
+                                  RUN_DIR/eval.json, and its figures: fig1.png (2-D toy,
+                                  Fig. 1), consistency.png (1-D, Fig. 12), otherwise
+                                  tsne.png (Fig. 7-8), and for images also
+                                  reconstructions.png (Fig. 5) and samples.png
+    python evaluate.py --summary DIR [--x hidden]
+                                  mean and std over seeds of every DIR/*/results.json:
+                                  summary.md, .png
 """
-import argparse
+import dataclasses
 import glob
 import json
 import math
@@ -28,18 +38,50 @@ from scipy.stats import kstest, norm
 
 import mim
 
-METRICS = {  # results.json key: (label, unit)
+METRICS = {  # results.json / eval.json key: (label, unit)
     "test_mi_ksg": ("MI (KSG, k=5)", "nats"),
     "test_nll": ("NLL (IWAE)", "nats"),
+    "test_nll_bpd": ("NLL (IWAE)", "bits/dim"),
     "test_rmse": ("reconstruction RMSE", "data units"),
     "test_knn5_acc": ("5-NN accuracy", "fraction"),
     "train_seconds": ("training time", "s"),
 }
+AU_PREFIX = "test_au_"          # test_au_<latent group>: number of active units
+
+NLL_SAMPLES = 5000              # importance samples per test point for the NLL of Table 4:
+                                # the authors' code (experiment.py --S), as Tomczak & Welling
+AU_THRESHOLD = 0.01             # Burda et al. (2016): active if Cov_x(E_q[z_u]) > 0.01
+AU_DDOF = 1                     # the covariance over data points is the unbiased (N - 1) one
+KNN_K = 5                       # Sec. 5.3: 5-NN
+KNN_BINARIZATION_SEED = 0       # the one binarization of grey-level training images for 5-NN
+KSG_K = 5                       # neighbours of the KSG estimator (Fig. 2: "KSG, k=5")
+# Forward passes are chunked so that no tensor of x-sized values holds more than
+# EVAL_MAX_VALUES floats (16 MiB): 5,350 images of 784 pixels; hidden activations of
+# the networks are a modest multiple of that. Low-dimensional x keeps the older caps.
+EVAL_MAX_VALUES = 2 ** 22
+ENCODE_BATCH = 10_000           # points per encoder pass on low-dimensional x
+IWAE_MAX_CODES = 2 ** 20        # codes per decoder pass on low-dimensional x
+
+
+def batch_limit(x_dim, cap):
+    """Rows per forward pass for x of x_dim dimensions: at most cap, and x-sized tensors
+    of at most EVAL_MAX_VALUES values."""
+    return max(1, min(cap, EVAL_MAX_VALUES // x_dim))
 
 
 # ----------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------
+
+def ksg_counts_ties(x, k):
+    """True if x (N, D) is binary with too many dimensions for KSG: 2^D possible values
+    but fewer than k points per value on average. Distinct binary points are all exactly
+    1 apart in the max-norm, so unless the k nearest joint neighbours can share x exactly,
+    eps_i >= 1 and n_x(i) counts either the copies of x_i or every point: ties, not
+    information. (The bound is log2(N / k) dimensions: 10 for N = 10,000 and k = 5.)"""
+    binary = bool(np.isin(x, (0.0, 1.0)).all())
+    return binary and x.shape[1] > math.log2(max(len(x) / k, 1.0))
+
 
 def ksg_mi(x, z, k=5):
     """I(x; z) in nats by the first KSG estimator (Kraskov, Stoegbauer & Grassberger 2004,
@@ -50,10 +92,16 @@ def ksg_mi(x, z, k=5):
     where eps_i is the max-norm distance from (x_i, z_i) to its k-th nearest neighbour in
     the joint space and n_x(i) counts the points j != i with |x_j - x_i|_max < eps_i.
     One k-d tree query answers all points at once. x (N, Dx), z (N, Dz).
+    Raises ValueError on high-dimensional binary x (see ksg_counts_ties).
     """
     x, z = (np.asarray(a, dtype=np.float64).reshape(len(a), -1) for a in (x, z))
     if len(x) != len(z) or len(x) <= k:
         raise ValueError(f"ksg_mi needs paired samples, more than k={k}: got {len(x)}, {len(z)}")
+    if ksg_counts_ties(x, k):
+        raise ValueError(f"ksg_mi: x is binary in {x.shape[1]} dimensions, where all distinct "
+                         f"points are max-norm distance 1 apart and KSG counts ties, not "
+                         f"information; use continuous x (--data pca_fashion_mnist) or "
+                         f"binary x of at most log2(N/k) dimensions")
     joint = np.hstack([x, z])
     eps = cKDTree(joint).query(joint, k=k + 1, p=np.inf, workers=-1)[0][:, k]
     radius = np.nextafter(eps, 0)  # strictly inside eps; the count includes the point itself
@@ -70,9 +118,34 @@ def knn_accuracy(z_train, y_train, z_test, y_test, k=5):
 
 
 @torch.no_grad()
-def encode(model, x, batch_size=10_000):
-    """One code z ~ q(z|x) per row of x: the stochastic codes whose MI the paper reports."""
+def encode(model, x, batch_size=None):
+    """One code z ~ q(z|x) per row of x: the stochastic codes whose MI the paper reports,
+    and those the authors' code feeds to 5-NN and t-SNE (Sec. 5.3)."""
+    batch_size = batch_size or batch_limit(x.shape[1], ENCODE_BATCH)
     return torch.cat([model.q_z_given_x(xb).sample() for xb in x.split(batch_size)])
+
+
+@torch.no_grad()
+def encoder_means(model, x, batch_size=None):
+    """E_q(z|x)[z] per row of x (N, Z)."""
+    batch_size = batch_size or batch_limit(x.shape[1], ENCODE_BATCH)
+    return torch.cat([model.q_z_given_x(xb).mean for xb in x.split(batch_size)])
+
+
+def latent_groups(model, z_dim):
+    """Column ranges of z by name: {"z": (0, Z)} for one-level models."""
+    return getattr(model, "latent_groups", {"z": (0, z_dim)})
+
+
+def active_units(model, x, threshold=AU_THRESHOLD, batch_size=None):
+    """Active units (Burda, Grosse & Salakhutdinov 2016, Sec. 5.2): dimension u of z is
+    active if A_u = Cov_x(E_q(z|x)[z_u]) > threshold, the covariance taken over the rows
+    of x with ddof = AU_DDOF (1). Returns ({AU_PREFIX + group: count}, A (Z,) in z units^2)."""
+    means = encoder_means(model, x, batch_size).double()
+    variance = means.var(dim=0, correction=AU_DDOF)
+    counts = {AU_PREFIX + name: int((variance[start:stop] > threshold).sum())
+              for name, (start, stop) in latent_groups(model, len(variance)).items()}
+    return counts, variance
 
 
 @torch.no_grad()
@@ -86,48 +159,105 @@ def reconstruction_rmse(model, x):
     return float(((x - xhat) ** 2).sum(-1).mean().sqrt())
 
 
+def iwae_log_weights(model, x, q_z_given_x, log_p_z, n):
+    """log p(x|z_s) + log p(z_s) - log q(z_s|x) for n codes z_s ~ q(z|x) per row: (n, B)."""
+    z = q_z_given_x.sample((n,))                                        # (n, B, Z)
+    flat = z.flatten(0, 1)                                              # (n*B, Z)
+    x_rep = x.expand(n, *x.shape).flatten(0, 1)                         # (n*B, D)
+    log_p = model.p_x_given_z(flat).log_prob(x_rep) + log_p_z(flat)
+    return log_p.view(n, -1) - q_z_given_x.log_prob(z)
+
+
 @torch.no_grad()
-def iwae_nll(model, x, num_samples, max_batch=2 ** 20):
+def iwae_nll(model, x, num_samples, max_batch=None):
     """-log p(x) for each row of x (N, D), in nats, by importance sampling (Burda et al. 2016):
 
         -log (1/S) sum_s p(x|z_s) p(z_s) / q(z_s|x),   z_s ~ q(z|x), S = num_samples.
 
     S = 1 gives the negative ELBO; the estimate approaches -log p(x) from above as S grows.
-    Batched over points and samples: each chunk decodes at most max_batch codes.
+    Each decoder pass sees at most max_batch codes (default: batch_limit): chunks of points,
+    and where one point's S codes exceed max_batch, chunks of its samples too, whose log
+    weights are joined before the logsumexp.
     """
-    S, out = num_samples, []
+    S = num_samples
+    max_batch = max_batch or batch_limit(x.shape[1], IWAE_MAX_CODES)
+    per_pass = min(S, max_batch)
+    log_p_z = model.p_z().log_prob   # once: a VampPrior encodes its pseudo-inputs per call
+    out = []
     for xb in x.split(max(1, max_batch // S)):
         q_z_given_x = model.q_z_given_x(xb)
-        z = q_z_given_x.sample((S,))                                    # (S, b, Z)
-        flat = z.flatten(0, 1)                                          # (S*b, Z)
-        x_rep = xb.expand(S, *xb.shape).flatten(0, 1)                   # (S*b, D)
-        log_w = (model.p_x_given_z(flat).log_prob(x_rep) + model.log_p_z(flat)
-                 ).view(S, -1) - q_z_given_x.log_prob(z)                # (S, b)
+        log_w = torch.cat([iwae_log_weights(model, xb, q_z_given_x, log_p_z, n)
+                           for n in sample_chunks(S, per_pass)])        # (S, b)
         out.append(math.log(S) - torch.logsumexp(log_w, dim=0))
     return torch.cat(out)
 
 
-def test_metrics(model, data, nll_samples):
-    """The metrics of Fig. 2 on the test split, and those of App. F.2 for 1-D models."""
+def sample_chunks(total, size):
+    """Sizes of consecutive chunks of at most `size` that add up to `total`."""
+    return [min(size, total - start) for start in range(0, total, size)]
+
+
+def bits_per_dim(nats, x_dim):
+    """A negative log-likelihood of x_dim-dimensional x in nats as bits per dimension."""
+    return nats / (x_dim * math.log(2))
+
+
+def knn_train_inputs(data, n=None):
+    """The first n training points, as binary images where the training set holds grey
+    levels for dynamic binarization: one fixed draw (the authors' code draws one too)."""
+    x = data.x_train[:n]
+    if not getattr(data, "dynamic", False):
+        return x
+    generator = torch.Generator(device=x.device).manual_seed(KNN_BINARIZATION_SEED)
+    return torch.bernoulli(x, generator=generator)
+
+
+def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
+                 with_active_units=None):
+    """The metrics of Fig. 2-3 on the test split (those of App. F.2 too for 1-D models).
+
+    Binary (image) data, Sec. 5.2-5.3 and Table 4-6: no KSG (it counts ties there, see
+    ksg_counts_ties) and no RMSE (the paper reports none for images, and the PixelCNN
+    decoder has no mean); the NLL also in bits/dim. Active units are added when
+    with_active_units is true (default: for binary data, so that the toy results keep
+    their keys). nll_samples = 0 skips the NLL. The 5-NN classifier is fitted on the codes
+    of the first knn_train_size training points (default: all).
+    """
     model.eval()
-    z_train, z_test = encode(model, data.x_train), encode(model, data.x_test)
-    results = {
-        "test_mi_ksg": ksg_mi(data.x_test.cpu(), z_test.cpu()),
-        "test_nll": float(iwae_nll(model, data.x_test, nll_samples).mean()),
-        "test_rmse": reconstruction_rmse(model, data.x_test),
-        "test_knn5_acc": knn_accuracy(z_train.cpu(), data.y_train.cpu(),
-                                      z_test.cpu(), data.y_test.cpu()),
-        "nll_samples": nll_samples,
-    }
+    x_test, binary = data.x_test, data.binary
+    z_test = encode(model, x_test, max_batch)
+    z_train = encode(model, knn_train_inputs(data, knn_train_size), max_batch)
+    results = {}
+    if not ksg_counts_ties(x_test.cpu().numpy(), KSG_K):
+        results["test_mi_ksg"] = ksg_mi(x_test.cpu(), z_test.cpu(), k=KSG_K)
+    if nll_samples > 0:
+        results["test_nll"] = float(iwae_nll(model, x_test, nll_samples, max_batch).mean())
+    if nll_samples > 0 and binary:
+        results["test_nll_bpd"] = bits_per_dim(results["test_nll"], data.x_dim)
+    if not binary:
+        results["test_rmse"] = reconstruction_rmse(model, x_test)
+    results["test_knn5_acc"] = knn_accuracy(
+        z_train.cpu(), data.y_train[:knn_train_size].cpu(), z_test.cpu(),
+        data.y_test.cpu(), k=KNN_K)
+    results["nll_samples"] = nll_samples
+    if binary if with_active_units is None else with_active_units:
+        results.update(active_units(model, x_test, batch_size=max_batch)[0])
     if data.x_dim == 1 and z_test.shape[1] == 1 and data.anchor is not None:
         results.update(consistency_1d(model, data.anchor))
     return results
 
 
+def describe(key):
+    """(label, unit) of a results key; (None, "") for keys that are not metrics."""
+    if key.startswith(AU_PREFIX):
+        return f"active units of {key[len(AU_PREFIX):]} (A_u > {AU_THRESHOLD})", "count"
+    return METRICS.get(key, (None, ""))
+
+
 def format_results(results):
     lines = []
     for key, value in results.items():
-        label, unit = METRICS.get(key, (None, ""))
+        label, unit = describe(key)
         text = f"{value:.4f}" if isinstance(value, float) else str(value)
         lines.append(f"{key:<16} {text:>10}  {unit:<10}  {label or ''}".rstrip())
     return "\n".join(lines)
@@ -183,13 +313,18 @@ def consistency_1d(model, anchor, n=100_000):
 # ----------------------------------------------------------------------------------------
 
 def load_runs(folder):
+    """(config, metrics) of every DIR/*/results.json, updated by the run's eval.json."""
     runs = []
     for path in sorted(glob.glob(os.path.join(folder, "*", "results.json"))):
         run_dir = os.path.dirname(path)
         with open(os.path.join(run_dir, "config.json")) as f:
             cfg = json.load(f)
         with open(path) as f:
-            runs.append((cfg, json.load(f)))
+            results = json.load(f)
+        if os.path.exists(os.path.join(run_dir, "eval.json")):  # evaluate.py's metrics win
+            with open(os.path.join(run_dir, "eval.json")) as f:
+                results.update(json.load(f))
+        runs.append((cfg, results))
     if not runs:
         raise ValueError(f"no */results.json under {folder}; train runs with mim.py --out first")
     return runs
@@ -220,7 +355,7 @@ def number(v):
 
 
 def summary_markdown(varying, table, metrics):
-    head = varying + [f"{METRICS[m][0]} ({METRICS[m][1]})" if m in METRICS else m
+    head = varying + [f"{describe(m)[0]} ({describe(m)[1]})" if describe(m)[0] else m
                       for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for key, row in table.items():
@@ -232,11 +367,22 @@ def summary_markdown(varying, table, metrics):
     return "\n".join(lines) + "\n"
 
 
-def plot_summary(varying, table, metrics, x_key, path):
-    """One panel per metric against x_key, one line per remaining group (Fig. 2 layout)."""
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, imported when a figure is drawn."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=120):
+    mim.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    pyplot().close(fig)
+
+
+def plot_summary(varying, table, metrics, x_key, path):
+    """One panel per metric against x_key, one line per remaining group (Fig. 2 layout)."""
+    plt = pyplot()
 
     xi = varying.index(x_key)
     series = {}
@@ -249,12 +395,11 @@ def plot_summary(varying, table, metrics, x_key, path):
             points.sort(key=lambda p: p[0])
             ax.errorbar([p[0] for p in points], [p[1][m][0] for p in points],
                         yerr=[p[1][m][1] for p in points], marker="o", capsize=3, label=name)
-        label, unit = METRICS.get(m, (m, ""))
-        ax.set(title=label, xlabel=x_key, ylabel=unit)
+        label, unit = describe(m)
+        ax.set(title=label or m, xlabel=x_key, ylabel=unit)
     np.atleast_1d(axes)[0].legend()
     fig.tight_layout()
-    mim.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def write_text(path, text):
@@ -268,7 +413,7 @@ def write_summary(folder, x_key=None):
     runs = load_runs(folder)
     varying, table = summarize(runs)
     metrics = [m for m in METRICS if m in runs[0][1]] + sorted(
-        m for m in runs[0][1] if m.startswith("ks_"))
+        m for m in runs[0][1] if m.startswith(("ks_", AU_PREFIX)))
     text = summary_markdown(varying, table, metrics)
     write_text(os.path.join(folder, "summary.md"), text)
     if x_key in varying:
@@ -284,9 +429,7 @@ def write_summary(folder, x_key=None):
 def plot_toy2d(model, data, title, path, n_points=300):
     """Fig. 1: top, level sets of P(x) and reconstructed test points; bottom, one-std
     ellipses of q(z|x) for test points and the unit circle of P(z)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Ellipse
 
     x = data.x_test[:n_points]
@@ -306,17 +449,14 @@ def plot_toy2d(model, data, title, path, n_points=300):
     lim = max(3.0, float(loc.abs().max()) + 0.5)
     bottom.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
     fig.tight_layout()
-    mim.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
-    plt.close(fig)
+    save_figure(fig, path, dpi=150)
 
 
 @torch.no_grad()
 def plot_consistency_1d(model, data, title, path, n=50_000):
     """Fig. 12 (c-f): marginals of anchored and prior-driven encoder and decoder against
     the anchors P(x), P(z) (black) and the priors q(x) (red), p(z) (blue)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     v = torch.linspace(-6, 6, 600)[:, None]
     x_anchor = data.x_train[:n]
@@ -336,42 +476,196 @@ def plot_consistency_1d(model, data, title, path, n=50_000):
             ax.plot(v.numpy().ravel(), d.numpy().ravel(), colours[min(i, len(colours) - 1)])
             ax.set(title=f"{title}: {name}, {var}", xlim=(-6, 6))
     fig.tight_layout()
-    mim.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
-def plot_run(run_dir):
-    """The figure for one trained run, written next to its best.pt."""
-    import datasets
-    model, cfg = mim.load_checkpoint(os.path.join(run_dir, "best.pt"))
-    data = datasets.load_dataset(cfg.data, seed=cfg.data_seed)
-    title = f"{cfg.loss.upper()} h={cfg.hidden}"
+TSNE_POINTS = 2000      # test codes in tsne.png: t-SNE costs O(N log N) and 2,000 points
+                        # show the class structure of Fig. 7-8
+TSNE_SEED = 0
+TSNE_PERPLEXITY = 30.0  # sklearn's default; lowered for fewer than 91 points
+RECON_COLUMNS = 10      # reconstructions.png: 10 test images over their reconstructions
+SAMPLE_GRID = (2, 8)    # samples.png: 16 images, since PixelCNN sampling is autoregressive
+INCHES_PER_PIXEL = 0.03  # image grids: 28-pixel images about 0.85 inch wide
+TITLE_INCHES = 0.5
+
+
+def plot_tsne(z, y, title, path, n_points=TSNE_POINTS, seed=TSNE_SEED):
+    """Fig. 7-8: a 2-D t-SNE embedding of the first n_points codes z (N, Z), coloured by
+    their labels y (N,)."""
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+    plt = pyplot()
+    z, y = np.asarray(z[:n_points], dtype=np.float64), np.asarray(y[:n_points])
+    perplexity = min(TSNE_PERPLEXITY, (len(z) - 1) / 3)
+    # One OpenMP thread: with cores shared by other work, the threads of the Barnes-Hut
+    # gradient busy-wait on each other (60 points: 12-29 s instead of 0.2 s on 2 cores).
+    with threadpool_limits(limits=1, user_api="openmp"):
+        xy = TSNE(n_components=2, perplexity=perplexity, init="pca",
+                  random_state=seed).fit_transform(z)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for label in np.unique(y):
+        ax.scatter(*xy[y == label].T, s=2, color=plt.cm.tab10(int(label) % 10), label=str(label))
+    ax.legend(markerscale=4, fontsize=7, loc="best")
+    ax.set(title=f"{title}: t-SNE of {len(z)} test codes", xticks=[], yticks=[])
+    save_figure(fig, path)
+
+
+def image_mosaic(rows, image_shape, pad=1):
+    """rows: list of (n, C*H*W) tensors -> one (R*(H+pad), n*(W+pad)[, C]) array in which
+    row r, column i shows image i of rows[r]; pad pixels of 1 (white) separate images."""
+    channels, height, width = image_shape
+    grid = np.ones((len(rows) * (height + pad), len(rows[0]) * (width + pad), channels))
+    for r, images in enumerate(rows):
+        images = images.detach().cpu().numpy().reshape(-1, channels, height, width)
+        for i, image in enumerate(images):
+            top, left = r * (height + pad), i * (width + pad)
+            grid[top:top + height, left:left + width] = image.transpose(1, 2, 0)
+    return grid[..., 0] if channels == 1 else grid
+
+
+def plot_mosaic(rows, image_shape, title, path):
+    plt = pyplot()
+    grid = image_mosaic(rows, image_shape)
+    height, width = grid.shape[:2]
+    fig, ax = plt.subplots(figsize=(INCHES_PER_PIXEL * width,
+                                    INCHES_PER_PIXEL * height + TITLE_INCHES))
+    ax.imshow(np.clip(grid, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set(title=title, xticks=[], yticks=[])
+    fig.tight_layout()
+    save_figure(fig, path, dpi=150)
+
+
+def decoded_images(p_x_given_z):
+    """The decoder's mean (pixel probabilities, as in Fig. 5), or a sample where the decoder
+    has no mean in closed form (autoregressive PixelCNN)."""
+    try:
+        return p_x_given_z.mean
+    except NotImplementedError:
+        return p_x_given_z.sample()
+
+
+@torch.no_grad()
+def plot_reconstructions(model, x, image_shape, title, path):
+    """Fig. 5: images x (n, D) on top; below, the decoder's image of one z ~ q(z|x)."""
+    xhat = decoded_images(model.p_x_given_z(model.q_z_given_x(x).sample()))
+    plot_mosaic([x, xhat], image_shape, f"{title}: test images (top), reconstructions", path)
+
+
+@torch.no_grad()
+def plot_samples(model, image_shape, title, path, grid=SAMPLE_GRID):
+    """The decoder's images of z ~ p(z), in a rows x columns grid."""
+    rows, columns = grid
+    images = decoded_images(model.p_x_given_z(model.p_z().sample((rows * columns,))))
+    plot_mosaic(list(images.split(columns)), image_shape, f"{title}: z ~ p(z)", path)
+
+
+def run_title(cfg):
+    arch = f"h={cfg.hidden}" if cfg.arch == "mlp" else cfg.arch
+    return f"{cfg.loss.upper()} {arch}"
+
+
+def plot_run(model, data, cfg, run_dir):
+    """The figures of one trained run, written into run_dir: Fig. 1 for 2-D toy runs,
+    Fig. 12 for 1-D ones, otherwise a t-SNE of the test codes and, for images, grids of
+    reconstructions and samples. Returns the paths written."""
+    title, out = run_title(cfg), lambda name: os.path.join(run_dir, name)
+    model.eval()
     if data.x_dim == 2 and cfg.z_dim == 2:
-        plot_toy2d(model.eval(), data, title, os.path.join(run_dir, "fig1.png"))
-    elif data.x_dim == 1 and cfg.z_dim == 1:
-        plot_consistency_1d(model.eval(), data, title, os.path.join(run_dir, "consistency.png"))
-    else:
-        raise ValueError(f"{run_dir}: no plot for {data.x_dim}-D x and {cfg.z_dim}-D z")
+        plot_toy2d(model.cpu(), data.to("cpu"), title, out("fig1.png"))
+        return [out("fig1.png")]
+    if data.x_dim == 1 and cfg.z_dim == 1:
+        plot_consistency_1d(model.cpu(), data.to("cpu"), title, out("consistency.png"))
+        return [out("consistency.png")]
+    x = data.x_test[:TSNE_POINTS]
+    plot_tsne(encode(model, x).cpu(), data.y_test[:TSNE_POINTS].cpu(), title, out("tsne.png"))
+    image_shape = getattr(data, "image_shape", None)
+    if image_shape is None:
+        return [out("tsne.png")]
+    plot_reconstructions(model, x[:RECON_COLUMNS], image_shape, title,
+                         out("reconstructions.png"))
+    plot_samples(model, image_shape, title, out("samples.png"))
+    return [out(name) for name in ("tsne.png", "reconstructions.png", "samples.png")]
 
 
-def main(argv=None):
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+def load_data(cfg):
+    """The data set a run was trained on; data_dir and pca_dim are passed where the
+    config has them (configs written before they existed have not)."""
+    import datasets
+    extra = {k: getattr(cfg, k) for k in ("data_dir", "pca_dim") if hasattr(cfg, k)}
+    return datasets.load_dataset(cfg.data, seed=cfg.data_seed, **extra)
+
+
+def first_test_points(data, n):
+    """data with its test split cut to the first n points (all if n is None)."""
+    return dataclasses.replace(data, x_test=data.x_test[:n], y_test=data.y_test[:n])
+
+
+def evaluate_run(run_dir, device, nll_samples=NLL_SAMPLES, test_size=None,
+                 knn_train_size=None, max_batch=None):
+    """Metrics of RUN_DIR/best.pt on its test split into RUN_DIR/eval.json, and its
+    figures; returns the metrics."""
+    path = os.path.join(run_dir, "best.pt")
+    if not os.path.exists(path):
+        raise ValueError(f"{run_dir}/best.pt not found; train with mim.py --out {run_dir} first")
+    model, cfg = mim.load_checkpoint(path, device)
+    data = first_test_points(load_data(cfg), test_size).to(device)
+    results = test_metrics(model, data, nll_samples, knn_train_size, max_batch,
+                           with_active_units=True)
+    results.update(test_size=len(data.x_test), knn_train_size=len(
+        data.x_train[:knn_train_size]))
+    mim.write_json(os.path.join(run_dir, "eval.json"), results)
+    print(f"{run_dir}:\n{format_results(results)}", flush=True)
+    plot_run(model, data, cfg, run_dir)
+    return results
+
+
+def build_parser():
     parser = mim.OneLineParser(prog="evaluate.py", description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="*", help="run directories (mim.py --out) to plot")
+    parser.add_argument("runs", nargs="*", help="run directories (mim.py --out) to evaluate")
+    parser.add_argument("--nll-samples", type=int, default=NLL_SAMPLES,
+                        help=f"importance samples per test point for the NLL; 0 skips it "
+                             f"(default: {NLL_SAMPLES}, as the authors' code)")
+    parser.add_argument("--test-size", type=int, default=None,
+                        help="evaluate on the first N test points (default: all)")
+    parser.add_argument("--knn-train", type=int, default=None,
+                        help="fit the 5-NN classifier on the first N training codes "
+                             "(default: all)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help=f"rows (points or codes) per forward pass (default: at most "
+                             f"{EVAL_MAX_VALUES} values of x)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--summary", metavar="DIR",
                         help="write DIR/summary.md (and .png) over DIR/*/results.json")
     parser.add_argument("--x", default="hidden", help="x-axis of the summary plot")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(parser, args):
     if not args.runs and not args.summary:
-        parser.error("give run directories to plot, or --summary DIR")
+        parser.error("give run directories to evaluate, or --summary DIR")
+    if args.nll_samples < 0:
+        parser.error("--nll-samples must be at least 0")
+    for flag in ("test_size", "knn_train", "max_batch"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     try:
+        device = mim.choose_device(args.device) if args.runs else None
         for run_dir in args.runs:
-            if not os.path.exists(os.path.join(run_dir, "best.pt")):
-                raise ValueError(f"{run_dir}/best.pt not found; train with mim.py --out "
-                                 f"{run_dir} first")
-            plot_run(run_dir)
+            evaluate_run(run_dir, device, args.nll_samples, args.test_size, args.knn_train,
+                         args.max_batch)
         if args.summary:
             print(write_summary(args.summary, args.x))
-    except (ValueError, OSError, KeyError) as e:
+    except (ValueError, OSError, KeyError, mim.UsageError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -11,7 +11,10 @@ Notation
     P(z)                model.P_z()                   latent anchor N(0, I)
     q(z|x)              model.q_z_given_x(x)          encoder
     p(x|z)              model.p_x_given_z(z)          decoder
-    p(z)                model.p_z()                   latent prior (--prior: normal = P(z), mog)
+    p(z)                model.p_z()                   latent prior (--prior: normal = P(z), mog,
+                                                      vamp = 1/K sum_k q(z|u_k), App. D.1)
+    z = (z1, z2)        TwoLevel                      two latent levels (convhvae, pixelhvae):
+                                                      q(z2|x) q(z1|x,z2) and p(z2) p(z1|z2)
     q(x)                model.q_x()                   data prior (--q-x: marginal, Eq. 16; mog)
     q(x,z)              log_q_xz = log q(z|x)q(x)     model encoding distribution
     p(x,z)              log_p_xz = log p(x|z)p(z)     model decoding distribution
@@ -27,6 +30,7 @@ All log-densities are normalized and in nats. Each objective is a pure function
 early stopping; `main` is the command line:
 
     python mim.py --data toy2d --loss mim --hidden 50 --out runs/mim
+    python mim.py --data mnist --arch convhvae --prior vamp --loss mim --out runs/mnist
 
 The file imports only the standard library and torch, so it can be copied alone; `main`
 also uses datasets.py and evaluate.py from this repository.
@@ -57,6 +61,11 @@ import torch.nn.functional as F
 # below the nearest-neighbour spacing that KSG can see in 10,000 points.
 STD_FLOOR = 1e-4
 VALIDATION_SEED = 12345  # fixed noise for validation losses, so epochs compare fairly
+MEAN_SAMPLES = 64        # samples of z2 behind E[z1|x] of the two-level posterior
+PROGRESS_AFTER = 5.0     # seconds into an epoch before a progress line appears
+PROGRESS_EVERY = 2.0     # seconds between progress lines
+IMAGE_Z_DIM = 40         # z1 and z2 of the two-level models (Tomczak & Welling 2018)
+VAMP_COMPONENTS = 500    # pseudo-inputs K of the VampPrior (Tomczak & Welling 2018)
 
 
 def _help(text, **kw):
@@ -65,17 +74,29 @@ def _help(text, **kw):
 
 @dataclass
 class Config:
-    data: str = _help("data set: toy2d, toy20d, toy1d (datasets.py)", default="toy2d")
+    data: str = _help("data set (datasets.py): toy2d, toy20d, toy1d, pca_fashion_mnist, "
+                      "mnist, fashion_mnist or omniglot", default="toy2d")
     data_seed: int = _help("seed of the fixed train/validation/test samples", default=0)
-    arch: str = _help("network architecture: mlp (Sec. 5.1)", default="mlp")
+    data_dir: Optional[str] = _help("folder holding the image files (searched first; see "
+                                    "datasets.py)", default=None)
+    pca_dim: int = _help("principal components of pca_fashion_mnist (Sec. 5.1)", default=20)
+    train_size: Optional[int] = _help("train on the first N training points only (quick "
+                                      "runs; default: all)", default=None)
+    arch: str = _help("network architecture: mlp (Sec. 5.1), convhvae or pixelhvae "
+                      "(Sec. 5.2, two latent levels)", default="mlp")
     hidden: int = _help("hidden units of each two-layer network", default=50)
     activation: str = _help("hidden activation: tanh (Sec. 5.1) or silu (App. F.2)",
                             default="tanh")
-    z_dim: int = _help("latent dimension", default=2)
-    prior: str = _help("latent prior p(z): normal (= the anchor P(z)) or mog", default="normal")
+    z_dim: Optional[int] = _help("latent dimension, per level for convhvae / pixelhvae "
+                                 "(default: 2 for mlp, 40 for the image architectures)",
+                                 default=None)
+    prior: str = _help("latent prior p(z) (of z2 for two levels): normal (= the anchor P(z)), "
+                       "mog or vamp (VampPrior)", default="normal")
+    prior_components: Optional[int] = _help("components K of p(z): default 10 for mog, 500 "
+                                            "for vamp", default=None)
     q_x: str = _help("data prior q(x): marginal (Eq. 16) or mog (explicit, low-dim x)",
                      default="marginal")
-    components: int = _help("components of each mog prior", default=10)
+    components: int = _help("components of the mog q(x)", default=10)
     std_floor: float = _help("floor added to every Gaussian standard deviation",
                              default=STD_FLOOR)
     loss: str = _help("objective: mim (Eq. 8), amim (Eq. 12), vae (negative ELBO) or ce "
@@ -92,10 +113,19 @@ class Config:
     lr: float = _help("Adam learning rate", default=1e-3)
     seed: int = _help("seed of initialisation and sampling", default=1)
     device: str = _help("auto, cpu or cuda", default="auto")
-    nll_samples: int = _help("importance samples per test point for the test NLL",
-                             default=1000)
-    out: Optional[str] = _help("directory for config.json, log.csv, best.pt, results.json",
-                               default=None)
+    nll_samples: Optional[int] = _help("importance samples per test point for the test NLL "
+                                       "(default: 1000; 0 = skip, the default for images, "
+                                       "whose NLL evaluate.py computes)", default=None)
+    out: Optional[str] = _help("directory for config.json, log.csv, last.pt, best.pt, "
+                               "results.json", default=None)
+    resume: Optional[str] = _help("continue the interrupted run in this directory from its "
+                                  "last.pt, with its saved configuration", default=None)
+
+    def __post_init__(self):  # defaults that depend on other fields
+        if self.z_dim is None:
+            self.z_dim = 2 if self.arch == "mlp" else IMAGE_Z_DIM
+        if self.prior_components is None:
+            self.prior_components = VAMP_COMPONENTS if self.prior == "vamp" else 10
 
 
 class UsageError(Exception):
@@ -128,7 +158,7 @@ class StandardNormal(nn.Module):
         self.register_buffer("loc", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(dim))
 
-    def forward(self):
+    def forward(self, encoder=None):                        # priors may use the encoder
         return diag_gaussian(self.loc, self.scale)
 
 
@@ -149,10 +179,97 @@ class MixtureOfGaussians(nn.Module):
         self.raw_scale = nn.Parameter(raw.float().expand(components, dim).clone())
         self.floor = floor
 
-    def forward(self):
+    def forward(self, encoder=None):
         components = diag_gaussian(self.loc, positive_scale(self.raw_scale, self.floor))
         weights = D.Categorical(logits=self.logits, validate_args=False)
         return D.MixtureSameFamily(weights, components, validate_args=False)
+
+
+class VampPrior(nn.Module):
+    """p(z) = 1/K sum_k q(z|u_k) with K learnable pseudo-inputs u_k (Tomczak & Welling 2018;
+    the paper's App. D.1). The mixture is built from the current encoder at every call, so
+    one call per step encodes the K pseudo-inputs once."""
+
+    def __init__(self, components, x_dim, x_init=None, unit_range=False):
+        super().__init__()
+        init = torch.rand(components, x_dim) if x_init is None else x_init.clone()
+        self.pseudo_inputs = nn.Parameter(init.float())                  # (K, D)
+        self.unit_range = unit_range  # images: keep u_k in [0, 1], as the VampPrior code does
+
+    def forward(self, encoder):
+        u = self.pseudo_inputs.clamp(0, 1) if self.unit_range else self.pseudo_inputs
+        components = encoder(u)                                          # batch (K,)
+        weights = D.Categorical(logits=torch.zeros_like(u[:, 0]), validate_args=False)
+        return D.MixtureSameFamily(weights, components, validate_args=False)
+
+
+class TwoLevel(D.Distribution):
+    """A distribution over z = (z1, z2) (..., Z1 + Z2) that factorizes as r(z2) r(z1|z2):
+    the posterior q(z2|x) q(z1|x, z2) and the prior p(z2) p(z1|z2) of the two-level models.
+    `top` is r(z2); `conditional(z2)` returns r(z1|z2) for z2 of any leading shape."""
+    arg_constraints = {}
+
+    def __init__(self, top, conditional, z1_dim):
+        self.top, self.conditional, self.z1_dim = top, conditional, z1_dim
+        event = torch.Size([z1_dim + top.event_shape[0]])
+        super().__init__(top.batch_shape, event, validate_args=False)
+
+    @property
+    def has_rsample(self):
+        return self.top.has_rsample
+
+    def rsample(self, sample_shape=torch.Size()):
+        z2 = self.top.rsample(sample_shape)                             # (..., B, Z2)
+        return torch.cat([self.conditional(z2).rsample(), z2], dim=-1)  # (..., B, Z1 + Z2)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            z2 = self.top.sample(sample_shape)
+            return torch.cat([self.conditional(z2).sample(), z2], dim=-1)
+
+    def log_prob(self, z):
+        z1, z2 = z[..., :self.z1_dim], z[..., self.z1_dim:]
+        return self.top.log_prob(z2) + self.conditional(z2).log_prob(z1)
+
+    @property
+    def mean(self):
+        """E[z]: exact for z2; for z1 the conditional mean averaged over samples of z2."""
+        with torch.no_grad():
+            z2 = self.top.sample((MEAN_SAMPLES,))                       # (S, B, Z2)
+            z1_mean = self.conditional(z2).mean.mean(0)                  # (B, Z1)
+        return torch.cat([z1_mean, self.top.mean], dim=-1)
+
+
+class PixelCNNBernoulli(D.Distribution):
+    """p(x|z) = prod_i Bernoulli(x_i | x_<i, z) over the pixels in raster order, from a
+    causal PixelCNN `net(x_images, cond)` that returns logits (B, 1, H, W). log_prob is
+    one pass (teacher forcing); sample draws one pixel at a time. No mean: it would need
+    a sum over all 2^D images."""
+    arg_constraints = {}
+    has_rsample = False
+
+    def __init__(self, net, cond, image_shape):
+        self.net, self.cond, self.image_shape = net, cond, image_shape  # cond (B, c, H, W)
+        dim = math.prod(image_shape)
+        super().__init__(cond.shape[:1], torch.Size([dim]), validate_args=False)
+
+    def log_prob(self, x):                                              # (B, D) -> (B,)
+        logits = self.net(x.view(-1, *self.image_shape), self.cond)
+        return bernoulli(logits.flatten(1)).log_prob(x)
+
+    def sample(self, sample_shape=torch.Size()):
+        if len(sample_shape):
+            raise ValueError("PixelCNNBernoulli draws one image per z; repeat z instead")
+        with torch.no_grad():
+            x = torch.zeros(len(self.cond), *self.image_shape, device=self.cond.device)
+            depth = self.net.receptive_rows           # rows above a pixel that reach it
+            for row in range(self.image_shape[1]):
+                top = max(0, row - depth)            # only these rows can reach this row
+                crop_x, crop_c = x[:, :, top:row + 1], self.cond[:, :, top:row + 1]
+                for col in range(self.image_shape[2]):
+                    logits = self.net(crop_x, crop_c)[:, :, row - top, col]
+                    x[:, :, row, col] = torch.bernoulli(torch.sigmoid(logits))
+            return x.flatten(1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -195,19 +312,206 @@ DECODERS = {False: GaussianMLP, True: BernoulliMLP}        # keyed by "is x bina
 
 
 # ----------------------------------------------------------------------------------------
+# Networks (Sec. 5.2): the two-level convHVAE and PixelHVAE of Tomczak & Welling (2018),
+# with the layer sizes of their code. x stays flattened (B, D) outside the networks.
+# ----------------------------------------------------------------------------------------
+
+LOGVAR_BOUNDS = (-6.0, 2.0)  # the VampPrior code clips log-variances (Hardtanh). The lower
+                             # bound matters: A-MIM has no encoder entropy term, so without
+                             # it the posterior variances collapse towards zero.
+HIDDEN = 300                 # units of the dense layers in the VampPrior code
+CHANNELS = 64                # channels of the decoder convolutions
+PIXELCNN_LAYERS = 8          # masked convolutions: one of type A, then type B
+
+
+def bounded_gaussian(h, mean_layer, logvar_layer):
+    logvar = logvar_layer(h).clamp(*LOGVAR_BOUNDS)
+    return diag_gaussian(mean_layer(h), torch.exp(0.5 * logvar))
+
+
+class Gated(nn.Module):
+    """h(v) * sigmoid(g(v)) (Dauphin et al. 2017), one layer computing both halves."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer                                  # returns 2x the output units
+
+    def forward(self, v):
+        h, g = self.layer(v).chunk(2, dim=1 if v.dim() == 4 else -1)
+        return h * torch.sigmoid(g)
+
+
+def gated_dense(n_in, n_out):
+    return Gated(nn.Linear(n_in, 2 * n_out))
+
+
+def gated_conv(c_in, c_out, kernel, stride=1):
+    return Gated(nn.Conv2d(c_in, 2 * c_out, kernel, stride, padding=kernel // 2))
+
+
+def conv_features(c_in, first_kernel, third_kernel):
+    """The encoders' gated convolutions: (B, C, H, W) -> (B, 6 H/4 W/4)."""
+    return nn.Sequential(gated_conv(c_in, 32, first_kernel), gated_conv(32, 32, 3, 2),
+                         gated_conv(32, 64, third_kernel), gated_conv(64, 64, 3, 2),
+                         gated_conv(64, 6, 3), nn.Flatten())
+
+
+class TwoLevelEncoder(nn.Module):
+    """q(z|x) = q(z2|x) q(z1|x, z2), over z = (z1, z2)."""
+
+    def __init__(self, image_shape, z_dim):
+        super().__init__()
+        c, height, width = image_shape
+        features = 6 * (height // 4) * (width // 4)
+        self.image_shape, self.z_dim = image_shape, z_dim
+        self.z2_features = conv_features(c, 7, 5)
+        self.z2_mean, self.z2_logvar = nn.Linear(features, z_dim), nn.Linear(features, z_dim)
+        self.z1_features = conv_features(c, 3, 3)
+        self.z1_from_z2 = gated_dense(z_dim, features)
+        self.z1_joint = gated_dense(2 * features, HIDDEN)
+        self.z1_mean, self.z1_logvar = nn.Linear(HIDDEN, z_dim), nn.Linear(HIDDEN, z_dim)
+
+    def q_z2_given_x(self, x):                              # (B, D) -> over (B, Z)
+        h = self.z2_features(x.view(-1, *self.image_shape))
+        return bounded_gaussian(h, self.z2_mean, self.z2_logvar)
+
+    def q_z1_given_x_z2(self, h_x, z2):                     # (B, F), (..., B, Z)
+        h_z2 = self.z1_from_z2(z2)                          # (..., B, F)
+        h = self.z1_joint(torch.cat([h_x.expand_as(h_z2), h_z2], dim=-1))
+        return bounded_gaussian(h, self.z1_mean, self.z1_logvar)
+
+    def forward(self, x):
+        h_x = self.z1_features(x.view(-1, *self.image_shape))           # (B, F)
+        return TwoLevel(self.q_z2_given_x(x),
+                        lambda z2: self.q_z1_given_x_z2(h_x, z2), self.z_dim)
+
+
+class ConditionalPrior(nn.Module):
+    """p(z1|z2): two gated dense layers."""
+
+    def __init__(self, z_dim):
+        super().__init__()
+        self.net = nn.Sequential(gated_dense(z_dim, HIDDEN), gated_dense(HIDDEN, HIDDEN))
+        self.mean, self.logvar = nn.Linear(HIDDEN, z_dim), nn.Linear(HIDDEN, z_dim)
+
+    def forward(self, z2):                                  # (..., Z) -> over (..., Z)
+        return bounded_gaussian(self.net(z2), self.mean, self.logvar)
+
+
+def split_levels(z):
+    """(..., 2Z) -> z1 (N, Z), z2 (N, Z), with the leading dimensions flattened."""
+    z1, z2 = z.reshape(-1, z.shape[-1]).chunk(2, dim=-1)
+    return z1, z2
+
+
+class ConvDecoder(nn.Module):
+    """convHVAE p(x|z1, z2): gated dense layers to an image, gated convolutions, logits."""
+
+    def __init__(self, image_shape, z_dim):
+        super().__init__()
+        self.image_shape = image_shape
+        self.from_z1, self.from_z2 = gated_dense(z_dim, HIDDEN), gated_dense(z_dim, HIDDEN)
+        self.to_image = gated_dense(2 * HIDDEN, math.prod(image_shape))
+        self.convs = nn.Sequential(gated_conv(image_shape[0], CHANNELS, 3),
+                                   *[gated_conv(CHANNELS, CHANNELS, 3) for _ in range(3)],
+                                   nn.Conv2d(CHANNELS, image_shape[0], 1))
+
+    def forward(self, z):                                   # (..., 2Z) -> over (..., D)
+        z1, z2 = split_levels(z)
+        h = self.to_image(torch.cat([self.from_z1(z1), self.from_z2(z2)], dim=-1))
+        logits = self.convs(h.view(-1, *self.image_shape)).flatten(1)   # (N, D)
+        return bernoulli(logits.view(*z.shape[:-1], -1))
+
+
+class MaskedConv(nn.Conv2d):
+    """A 3x3 convolution that sees only pixels before the centre in raster order (type A)
+    or also the centre (type B), in every input channel (van den Oord et al. 2016)."""
+
+    def __init__(self, kind, c_in, c_out):
+        super().__init__(c_in, c_out, 3, padding=1)
+        mask = torch.ones_like(self.weight)
+        mask[:, :, 1, 1 + (kind == "B"):] = 0
+        mask[:, :, 2:] = 0
+        self.register_buffer("mask", mask)
+
+    def forward(self, v):
+        return F.conv2d(v, self.weight * self.mask, self.bias, padding=1)
+
+
+class PixelCNN(nn.Module):
+    """Causal logits (B, 1, H, W) from x (B, 1, H, W) and conditioning maps (B, c, H, W).
+
+    The VampPrior code puts a BatchNorm after each masked convolution; it is left out here
+    because batch statistics would make log p(x|z) of one image depend on the others in
+    its batch (and on train / eval mode), which the objectives and the NLL must not.
+    """
+
+    def __init__(self, c_x, c_cond):
+        super().__init__()
+        layers = [MaskedConv("A", c_x + c_cond, CHANNELS), nn.ReLU()]
+        for _ in range(PIXELCNN_LAYERS - 1):
+            layers += [MaskedConv("B", CHANNELS, CHANNELS), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(CHANNELS, c_x, 1))
+        self.receptive_rows = PIXELCNN_LAYERS  # each masked layer reaches one row up
+
+    def forward(self, x, cond):
+        return self.net(torch.cat([x, cond], dim=1))
+
+
+class PixelDecoder(nn.Module):
+    """PixelHVAE p(x|z1, z2): z1 and z2 each mapped to an image-sized map, then a PixelCNN."""
+
+    def __init__(self, image_shape, z_dim):
+        super().__init__()
+        self.image_shape = image_shape
+        self.from_z1 = gated_dense(z_dim, math.prod(image_shape))
+        self.from_z2 = gated_dense(z_dim, math.prod(image_shape))
+        self.pixelcnn = PixelCNN(image_shape[0], 2 * image_shape[0])
+
+    def forward(self, z):                                   # (N, 2Z) -> over (N, D)
+        if z.dim() != 2:
+            raise ValueError("PixelDecoder takes z of shape (N, 2Z)")
+        z1, z2 = split_levels(z)
+        maps = torch.cat([self.from_z1(z1), self.from_z2(z2)], dim=-1)
+        cond = maps.view(len(z), -1, *self.image_shape[1:])            # (N, 2C, H, W)
+        return PixelCNNBernoulli(self.pixelcnn, cond, self.image_shape)
+
+
+# ----------------------------------------------------------------------------------------
 # The model: encoder, decoder, priors and the latent anchor
 # ----------------------------------------------------------------------------------------
 
 class Model(nn.Module):
-    """q(z|x), p(x|z), p(z), q(x) (None for the marginal of Eq. 16) and the anchor P(z)."""
+    """q(z|x), p(x|z), p(z), q(x) (None for the marginal of Eq. 16) and the anchor P(z).
 
-    def __init__(self, q_z_given_x, p_x_given_z, p_z, q_x, z_dim):
+    `prior` is p(z), or p(z2) of a two-level model (one with `p_z1_given_z2`), whose latent
+    z = (z1, z2) has p(z) = p(z2) p(z1|z2) and the anchor P(z) = N(0, I) over both levels.
+    """
+
+    def __init__(self, q_z_given_x, p_x_given_z, prior, q_x, z_dim, p_z1_given_z2=None):
         super().__init__()
         self.q_z_given_x = q_z_given_x
         self.p_x_given_z = p_x_given_z
-        self.p_z = p_z
+        self.prior = prior
         self.q_x = q_x
-        self.P_z = StandardNormal(z_dim)
+        self.p_z1_given_z2 = p_z1_given_z2
+        self.z_dim = z_dim
+        if p_z1_given_z2 is None:
+            self.latent_groups = {"z": (0, z_dim)}
+        else:
+            self.latent_groups = {"z1": (0, z_dim), "z2": (z_dim, 2 * z_dim)}
+        self.P_z = StandardNormal(z_dim * len(self.latent_groups))
+
+    def q_top(self, x):
+        """The encoder of the top latent, q(z|x) or q(z2|x): what a VampPrior mixes."""
+        if self.p_z1_given_z2 is None:
+            return self.q_z_given_x(x)
+        return self.q_z_given_x.q_z2_given_x(x)
+
+    def p_z(self):
+        top = self.prior(self.q_top)
+        return top if self.p_z1_given_z2 is None else TwoLevel(top, self.p_z1_given_z2,
+                                                                self.z_dim)
 
     def log_p_z(self, z):                                   # (B, Z) -> (B,)
         return self.p_z().log_prob(z)
@@ -223,9 +527,21 @@ def data_mixture(cfg, x_dim, x_init):
                               init_scale=x_init.std(0).cpu(), floor=cfg.std_floor)
 
 
-PRIORS = {
-    "normal": lambda cfg: StandardNormal(cfg.z_dim),
-    "mog": lambda cfg: MixtureOfGaussians(cfg.z_dim, cfg.components, floor=cfg.std_floor),
+def vamp_prior(cfg, x_dim, x_init, binary):
+    """Pseudo-inputs start on random training points (grey levels for binary images)."""
+    if x_init is not None:
+        x_init = x_init[torch.randperm(len(x_init))[:cfg.prior_components]].cpu()
+        if len(x_init) < cfg.prior_components:
+            raise UsageError(f"--prior-components {cfg.prior_components} exceeds the "
+                             f"{len(x_init)} training points that initialise them")
+    return VampPrior(cfg.prior_components, x_dim, x_init, unit_range=binary)
+
+
+PRIORS = {  # (cfg, x_dim, x_init, binary) -> p(z), or p(z2) for two levels
+    "normal": lambda cfg, *_: StandardNormal(cfg.z_dim),
+    "mog": lambda cfg, *_: MixtureOfGaussians(cfg.z_dim, cfg.prior_components,
+                                              floor=cfg.std_floor),
+    "vamp": vamp_prior,
 }
 
 DATA_PRIORS = {
@@ -234,31 +550,44 @@ DATA_PRIORS = {
 }
 
 
-def build_mlp(cfg, x_dim, binary):
+def build_mlp(cfg, x_dim, binary, image_shape):
     encoder = GaussianMLP(x_dim, cfg.z_dim, cfg.hidden, cfg.activation, cfg.std_floor)
     decoder = DECODERS[binary](cfg.z_dim, x_dim, cfg.hidden, cfg.activation, cfg.std_floor)
-    return encoder, decoder
+    return encoder, decoder, None
 
 
-ARCHS = {"mlp": build_mlp}
+def build_two_level(decoder_class):
+    def build(cfg, x_dim, binary, image_shape):
+        if image_shape is None or not binary:
+            raise UsageError(f"--arch {cfg.arch} models binary images; use --data mnist, "
+                             "fashion_mnist or omniglot, or --arch mlp")
+        return (TwoLevelEncoder(image_shape, cfg.z_dim), decoder_class(image_shape, cfg.z_dim),
+                ConditionalPrior(cfg.z_dim))
+    return build
 
 
-def build_model(cfg, x_dim, binary=False, x_init=None):
-    """The model that `cfg` names, for x of x_dim dimensions (binary or continuous)."""
+ARCHS = {"mlp": build_mlp, "convhvae": build_two_level(ConvDecoder),
+         "pixelhvae": build_two_level(PixelDecoder)}
+
+
+def build_model(cfg, x_dim, binary=False, x_init=None, image_shape=None):
+    """The model that `cfg` names, for x of x_dim dimensions (binary or continuous, images
+    of image_shape (C, H, W) when given); x_init (N, D) are training points to start
+    mixture components and pseudo-inputs on."""
     if cfg.q_x == "mog" and binary:
         raise UsageError("--q-x mog is a density on continuous x; use --q-x marginal "
                          "for binary data")
-    encoder, decoder = ARCHS[cfg.arch](cfg, x_dim, binary)
-    return Model(encoder, decoder, PRIORS[cfg.prior](cfg),
-                 DATA_PRIORS[cfg.q_x](cfg, x_dim, x_init), cfg.z_dim)
+    encoder, decoder, p_z1_given_z2 = ARCHS[cfg.arch](cfg, x_dim, binary, image_shape)
+    return Model(encoder, decoder, PRIORS[cfg.prior](cfg, x_dim, x_init, binary),
+                 DATA_PRIORS[cfg.q_x](cfg, x_dim, x_init), cfg.z_dim, p_z1_given_z2)
 
 
 # ----------------------------------------------------------------------------------------
 # Samples from M_S and the model log-densities on them (Sec. 4, Algorithms 1 and 2)
 # ----------------------------------------------------------------------------------------
 
-def log_q_x(model, x, z_is, q_z_given_x):
-    """log q(x) at x (B, D), given the encoder q(z|x) and a sample z_is ~ q(z|x).
+def log_q_x(model, x, z_is, q_z_given_x, p_z):
+    """log q(x) at x (B, D), given the encoder q(z|x), a sample z_is ~ q(z|x) and p(z).
 
     An explicit q(x) is evaluated exactly. For the marginal q(x) = E_p(z)[p(x|z)] (Eq. 16)
     this is the one-sample importance-sampling bound of Sec. 4.2 and App. D.1,
@@ -267,24 +596,26 @@ def log_q_x(model, x, z_is, q_z_given_x):
     """
     if model.q_x is not None:
         return model.q_x().log_prob(x)
-    return (model.p_x_given_z(z_is).log_prob(x) + model.log_p_z(z_is)
+    return (model.p_x_given_z(z_is).log_prob(x) + p_z.log_prob(z_is)
             - q_z_given_x.log_prob(z_is))
 
 
-def encoder_samples(model, x):
+def encoder_samples(model, x, p_z):
     """D_enc: z ~ q(z|x) for data x ~ P(x). Returns log q(x,z), log p(x,z), each (B,).
 
     With the marginal q(x), the importance sample is z itself (Algorithm 2, line 3), so
-    log q(x,z) becomes log p(x,z) and the encoder's entropy term cancels exactly.
+    log q(x,z) = log q(z|x) + log p(x,z) - log q(z|x) = log p(x,z): the encoder's entropy
+    term cancels exactly, and the decoder runs once.
     """
     q_z_given_x = model.q_z_given_x(x)
     z = q_z_given_x.rsample()                                           # (B, Z)
-    log_q_xz = q_z_given_x.log_prob(z) + log_q_x(model, x, z, q_z_given_x)
-    log_p_xz = model.p_x_given_z(z).log_prob(x) + model.log_p_z(z)
-    return log_q_xz, log_p_xz
+    log_p_xz = model.p_x_given_z(z).log_prob(x) + p_z.log_prob(z)
+    if model.q_x is None:
+        return log_p_xz, log_p_xz
+    return q_z_given_x.log_prob(z) + model.q_x().log_prob(x), log_p_xz
 
 
-def decoder_samples(model, n):
+def decoder_samples(model, n, p_z):
     """D_dec: x ~ p(x|z) for z ~ P(z), n of them (Algorithm 2, line 4).
 
     Returns log q(x,z), log p(x,z) and, when x is discrete and so cannot be
@@ -297,9 +628,9 @@ def decoder_samples(model, n):
     x = p_x_given_z.sample() if discrete else p_x_given_z.rsample()     # (n, D)
     q_z_given_x = model.q_z_given_x(x)
     z_prime = q_z_given_x.rsample()                                     # (n, Z)
-    log_q_xz = q_z_given_x.log_prob(z) + log_q_x(model, x, z_prime, q_z_given_x)
+    log_q_xz = q_z_given_x.log_prob(z) + log_q_x(model, x, z_prime, q_z_given_x, p_z)
     log_p_x_given_z = p_x_given_z.log_prob(x)
-    log_p_xz = log_p_x_given_z + model.log_p_z(z)
+    log_p_xz = log_p_x_given_z + p_z.log_prob(z)
     return log_q_xz, log_p_xz, (log_p_x_given_z if discrete else None)
 
 
@@ -319,8 +650,11 @@ def score_function_surrogate(f, log_prob):
 
 def sample_m_s(model, x, with_decoder=True):
     """Samples of M_S for a batch x (B, D): `encoder_samples` and, if asked, as many
-    `decoder_samples`: ((log q(x,z), log p(x,z)), (log q(x,z), log p(x,z), score) or None)."""
-    return encoder_samples(model, x), decoder_samples(model, len(x)) if with_decoder else None
+    `decoder_samples`: ((log q(x,z), log p(x,z)), (log q(x,z), log p(x,z), score) or None).
+    p(z) is built once: a VampPrior encodes its pseudo-inputs once per step."""
+    p_z = model.p_z()
+    return (encoder_samples(model, x, p_z),
+            decoder_samples(model, len(x), p_z) if with_decoder else None)
 
 
 def average_over_m_s(f, enc, dec):
@@ -448,14 +782,17 @@ WARMUP_MODES = ("paper", "authors")
 # Training: Adam, warm-up, early stopping on the validation loss (Sec. 5)
 # ----------------------------------------------------------------------------------------
 
-def train_epoch(model, loss_fn, opt, x_train, cfg, epoch):
-    """One pass over x_train (N, D) in shuffled batches; returns the mean stats."""
+def train_epoch(model, loss_fn, opt, x_train, cfg, epoch, binarize=False):
+    """One pass over x_train (N, D) in shuffled batches; returns the mean stats.
+    binarize: draw a fresh binary image from the grey levels at every use (dynamic
+    binarization, Sec. 5.2)."""
     model.train()
     n_batches = len(x_train) // cfg.batch_size           # drop the last partial batch
     order = torch.randperm(len(x_train), device=x_train.device)
-    totals = {}
+    totals, progress = {}, Progress(f"epoch {epoch}", n_batches)
     for i in range(n_batches):
         x = x_train[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
+        x = torch.bernoulli(x) if binarize else x
         w = warmup_weights(cfg.warmup_mode, epoch - 1 + i / n_batches, cfg.warmup)
         loss, stats = loss_fn(model, x, w)
         if not torch.isfinite(loss):
@@ -466,22 +803,51 @@ def train_epoch(model, loss_fn, opt, x_train, cfg, epoch):
         opt.step()
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v / n_batches
+        progress.update(i + 1, stats["loss"])
+    progress.close()
     return totals
+
+
+class Progress:
+    """A status line on stderr, shown once a loop has taken PROGRESS_AFTER seconds."""
+
+    def __init__(self, label, total):
+        self.label, self.total = label, total
+        self.start = self.last = time.perf_counter()
+        self.shown = False
+
+    def update(self, done, loss):
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_EVERY or now - self.start < PROGRESS_AFTER:
+            return
+        self.last, self.shown = now, True
+        left = (now - self.start) / done * (self.total - done)
+        end = "\r" if sys.stderr.isatty() else "\n"
+        print(f"{self.label}: {done}/{self.total} batches, loss {loss:.4f} nats, "
+              f"{now - self.start:.0f} s, about {left:.0f} s left", end=end, file=sys.stderr,
+              flush=True)
+
+    def close(self):
+        if self.shown and sys.stderr.isatty():
+            print(file=sys.stderr)
 
 
 @torch.no_grad()
 def validate(model, loss_fn, x_val, cfg):
     """Mean stats over x_val at the full (end-of-warm-up) weights, with fixed noise."""
     model.eval()
-    devices = [torch.cuda.current_device()] if x_val.device.type == "cuda" else []
     totals = {}
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=cuda_devices(x_val.device)):
         torch.manual_seed(VALIDATION_SEED)
         for x in x_val.split(cfg.batch_size):
             _, stats = loss_fn(model, x, FULL)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v * len(x) / len(x_val)
     return totals
+
+
+def cuda_devices(device):
+    return [torch.cuda.current_device()] if device.type == "cuda" else []
 
 
 def log_line(row):
@@ -494,34 +860,65 @@ def log_line(row):
           flush=True)
 
 
-def train(model, cfg, x_train, x_val, on_epoch=log_line):
+def train(model, cfg, x_train, x_val, on_epoch=log_line, binarize=False, checkpoint=None,
+          resume=None):
     """Fit `model`; returns (best state_dict, best epoch, epochs run, history).
 
     Early stopping: once warm-up is over, stop when the validation loss at full weights
     has not improved for `patience` epochs, and return the best weights.
+    After every epoch, checkpoint(state, improved) receives everything needed to go on:
+    the optimizer, the counters, the history, the best weights and the random-number
+    state. train(..., resume=state) continues from such a state (with model already
+    holding its weights) exactly as the uninterrupted run would have.
     """
     loss_fn, patience = LOSSES[cfg.loss], cfg.patience
     patience = max(1, cfg.warmup) if patience is None else patience
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    best_loss, best_epoch, best_state, history = math.inf, 0, None, []
-    for epoch in range(1, cfg.epochs + 1):
-        start = time.perf_counter()
-        train_stats = train_epoch(model, loss_fn, opt, x_train, cfg, epoch)
+    progress = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "history": [],
+                "seconds": 0.0, "finished": False}
+    best_state = None
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        progress, best_state = resume["progress"], resume["best_model"]
+        set_rng_state(resume["rng"], x_train.device)
+    while not progress["finished"]:
+        epoch, start = progress["epoch"] + 1, time.perf_counter()
+        train_stats = train_epoch(model, loss_fn, opt, x_train, cfg, epoch, binarize)
         val_stats = validate(model, loss_fn, x_val, cfg)
         if not math.isfinite(val_stats["loss"]):
             raise UsageError(f"the validation loss became {val_stats['loss']} in epoch "
                              f"{epoch}; lower --lr or raise --std-floor")
         row = {"epoch": epoch, **prefixed("train_", train_stats),
                **prefixed("val_", val_stats), "seconds": time.perf_counter() - start}
-        history.append(row)
         on_epoch(row)
-        if epoch >= cfg.warmup and val_stats["loss"] < best_loss:
-            best_loss, best_epoch, best_state = val_stats["loss"], epoch, snapshot(model)
-        elif epoch >= cfg.warmup and epoch - best_epoch >= patience:
-            break
+        improved = epoch >= cfg.warmup and val_stats["loss"] < progress["best_loss"]
+        if improved:
+            progress.update(best_loss=val_stats["loss"], best_epoch=epoch)
+            best_state = snapshot(model)
+        stop = (not improved and epoch >= cfg.warmup
+                and epoch - progress["best_epoch"] >= patience)
+        progress.update(epoch=epoch, history=progress["history"] + [row],
+                        seconds=progress["seconds"] + row["seconds"],
+                        finished=stop or epoch >= cfg.epochs)
+        if checkpoint is not None:
+            checkpoint({"optimizer": opt.state_dict(), "progress": progress,
+                        "best_model": best_state, "rng": rng_state(x_train.device)}, improved)
     if best_state is None:                    # warm-up never ended: keep the last weights
-        best_epoch, best_state = epoch, snapshot(model)
-    return best_state, best_epoch, epoch, history
+        progress["best_epoch"], best_state = progress["epoch"], snapshot(model)
+    return best_state, progress["best_epoch"], progress["epoch"], progress["history"]
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def snapshot(model):
@@ -572,20 +969,48 @@ def format_value(v):
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def save_checkpoint(path, model, cfg, data_info):
-    """state_dict + config + data shape: all that `load_checkpoint` needs."""
+def to_cpu(tree):
+    """A copy of nested dicts / lists with every tensor moved to the CPU."""
+    if torch.is_tensor(tree):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(v) for v in tree)
+    return tree
+
+
+def save_checkpoint(path, model, cfg, data_info, **training_state):
+    """state_dict + config + data shape (all that `load_checkpoint` needs), and for last.pt
+    the training state that `--resume` continues from."""
     state = {"config": dataclasses.asdict(cfg), "data": data_info,
-             "model": {k: v.cpu() for k, v in model.state_dict().items()}}
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+             "model": model.state_dict(), **training_state}
+    atomic_write(path, lambda tmp: torch.save(to_cpu(state), tmp))
+
+
+def read_checkpoint(path, device="cpu"):
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{path} not found; train with mim.py --out first") from None
+    except Exception as e:  # torch raises several types for truncated / foreign files
+        raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}); "
+                         "train again") from None
+
+
+def model_from_state(state, device="cpu"):
+    cfg = Config(**state["config"])
+    info = state["data"]
+    shape = info.get("image_shape")
+    model = build_model(cfg, info["x_dim"], info["binary"],
+                        image_shape=tuple(shape) if shape else None)
+    model.load_state_dict(state["model"])
+    return model.to(device), cfg
 
 
 def load_checkpoint(path, device="cpu"):
     """(model, cfg) from a checkpoint written by `save_checkpoint`."""
-    state = torch.load(path, map_location=device, weights_only=True)
-    cfg = Config(**state["config"])
-    model = build_model(cfg, state["data"]["x_dim"], state["data"]["binary"])
-    model.load_state_dict(state["model"])
-    return model.to(device), cfg
+    return model_from_state(read_checkpoint(path, device), device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -610,12 +1035,21 @@ def parse_args(argv=None):
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
                             choices=choices, help=f.metadata["help"] +
                             (f" (default: {f.default})" if f.default is not None else ""))
-    cfg = Config(**vars(parser.parse_args(argv)))
-    for name in ("hidden", "z_dim", "components", "epochs", "batch_size", "nll_samples"):
-        if getattr(cfg, name) < 1:
+    args = vars(parser.parse_args(argv))
+    if args["resume"]:
+        extra = [k for k, v in args.items() if k not in ("resume", "device")
+                 and v != parser.get_default(k)]
+        if extra:
+            parser.error(f"--resume continues with the run's saved configuration; drop "
+                         f"--{extra[0].replace('_', '-')}")
+    cfg = Config(**args)
+    for name in ("hidden", "z_dim", "components", "prior_components", "pca_dim", "epochs",
+                 "batch_size", "train_size"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.lr <= 0 or cfg.std_floor <= 0 or cfg.warmup < 0:
-        parser.error("--lr and --std-floor must be positive and --warmup not negative")
+    if cfg.lr <= 0 or cfg.std_floor <= 0 or cfg.warmup < 0 or (cfg.nll_samples or 0) < 0:
+        parser.error("--lr and --std-floor must be positive, --warmup and --nll-samples "
+                     "not negative")
     return cfg
 
 
@@ -626,35 +1060,73 @@ def choose_device(name):
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
-def run(cfg):
-    """Train and evaluate as `cfg` says; returns the results dict."""
+def load_data(cfg):
     import datasets
+    try:
+        return datasets.load_dataset(cfg.data, seed=cfg.data_seed, data_dir=cfg.data_dir,
+                                     pca_dim=cfg.pca_dim)
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+
+
+def resumed_config(cfg):
+    """The saved config and training state of the run in cfg.resume (from its last.pt)."""
+    state = read_checkpoint(os.path.join(cfg.resume, "last.pt"))
+    saved = Config(**{**state["config"], "resume": cfg.resume, "out": cfg.resume,
+                      "device": cfg.device})
+    return saved, state
+
+
+def run(cfg):
+    """Train (or resume) and evaluate as `cfg` says; returns the results dict."""
     import evaluate
 
     device = choose_device(cfg.device)
-    try:
-        data = datasets.load_dataset(cfg.data, seed=cfg.data_seed)
-    except (ValueError, OSError) as e:
-        raise UsageError(str(e)) from None
-    torch.manual_seed(cfg.seed)
+    cfg, resume = resumed_config(cfg) if cfg.resume else (cfg, None)
+    data = load_data(cfg)
+    if cfg.train_size is not None:
+        data = dataclasses.replace(data, x_train=data.x_train[:cfg.train_size],
+                                   y_train=data.y_train[:cfg.train_size])
+    if len(data.x_train) < cfg.batch_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {len(data.x_train)} "
+                         "training points; lower it")
     data = data.to(device)
-    model = build_model(cfg, data.x_dim, data.binary, x_init=data.x_train).to(device)
+    if cfg.nll_samples is None:  # images: the IWAE NLL is evaluate.py's job
+        cfg = dataclasses.replace(cfg, nll_samples=0 if data.image_shape else 1000)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.x_dim, data.binary, x_init=data.x_train,
+                        image_shape=data.image_shape).to(device)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+    data_info = {"x_dim": data.x_dim, "binary": data.binary,
+                 "image_shape": list(data.image_shape) if data.image_shape else None}
+    checkpoint = None
     if cfg.out:
         os.makedirs(cfg.out, exist_ok=True)
         write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
+        checkpoint = save_training_state(cfg, model, data_info)
 
-    start = time.perf_counter()
-    best_state, best_epoch, epochs, history = train(model, cfg, data.x_train, data.x_val)
-    seconds = time.perf_counter() - start
+    best_state, best_epoch, epochs, history = train(
+        model, cfg, data.x_train, data.x_val, binarize=data.dynamic, checkpoint=checkpoint,
+        resume=resume)
     model.load_state_dict(best_state)
     results = {**evaluate.test_metrics(model, data, cfg.nll_samples),
-               "best_epoch": best_epoch, "epochs": epochs, "train_seconds": seconds}
+               "best_epoch": best_epoch, "epochs": epochs,
+               "train_seconds": sum(row["seconds"] for row in history)}
     if cfg.out:
-        data_info = {"x_dim": data.x_dim, "binary": data.binary}
         save_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info)
         write_csv(os.path.join(cfg.out, "log.csv"), history)
         write_json(os.path.join(cfg.out, "results.json"), results)
     return results
+
+
+def save_training_state(cfg, model, data_info):
+    """The per-epoch checkpoint: last.pt always, best.pt when validation improved."""
+    def checkpoint(state, improved):
+        if improved:
+            save_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info)
+        save_checkpoint(os.path.join(cfg.out, "last.pt"), model, cfg, data_info, **state)
+    return checkpoint
 
 
 def main(argv=None):

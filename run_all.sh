@@ -1,29 +1,49 @@
 #!/usr/bin/env bash
-# Reproduces the paper's experiments that fit on a CPU, into results/:
+# Reproduces the paper's experiments, into results/:
 #   fig2-paper/, fig2-authors/  Fig. 1-2: MIM vs VAE on the 2-D GMM against hidden width,
 #                               with the warm-up of Sec. 5 and with the authors' warm-up
 #   f2/                         App. F.2: L_MIM vs L_CE on 1-D data, mixture priors (trained
 #                               to convergence: patience 20 rather than the warm-up length)
+#   fig3/                       Fig. 3: MIM vs VAE on 20-D PCA Fashion-MNIST against the
+#                               latent dimension
+#   images/                     Sec. 5.2-5.3, Fig. 4 (NLL), Fig. 6 (5-NN) and Fig. 7-8
+#                               (t-SNE): MIM / A-MIM vs VAE, convHVAE and PixelHVAE, standard
+#                               and VampPrior priors, on MNIST, Fashion-MNIST and Omniglot
 # Each run is a folder written by `mim.py --out`; each experiment gets summary.md (mean and
-# std over seeds) and summary.png; evaluate.py draws fig1.png / consistency.png per run.
+# std over seeds) and, where there is an x-axis, summary.png; evaluate.py writes eval.json
+# and the figures of single runs (fig1.png, consistency.png, tsne.png, reconstructions.png,
+# samples.png) next to them.
 #
-#   ./run_all.sh           the paper's protocol: 10 seeds, widths 5-500, S = 1000 (about 1.5
-#                          hours on two cores)
-#   ./run_all.sh --quick   3 seeds, widths 5, 20, 500, S = 100 (about 9 minutes)
+#   ./run_all.sh           the paper's protocol: 10 seeds; toy widths 5-500; images with
+#                          100 warm-up epochs, early stopping and S = 5000 importance samples,
+#                          which is meant for a GPU (many days on a CPU)
+#   ./run_all.sh --quick   a CPU budget of about an hour: 3 seeds and widths 5, 20, 500 on the
+#                          toys, S = 100; Fig. 3 at latent dimensions 2, 10 and 20 with one
+#                          seed; the image models on MNIST only, one seed, trained for 2
+#                          epochs on 2,000 images and evaluated on 250 test images
 #
 # Finished runs (those with results.json) are skipped, so an interrupted call can be rerun.
-# JOBS=N sets how many runs go side by side (default: the number of cores).
+# JOBS=N sets how many small runs go side by side (default: the number of cores); image
+# runs go one at a time, each using every core. DATA_DIR=PATH is passed to mim.py as
+# --data-dir (e.g. ../shared/data/mnist-subset offline).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 case "${1:-}" in
-  --quick) seeds="1 2 3"; widths="5 20 500"; nll=100 ;;
-  "") seeds="1 2 3 4 5 6 7 8 9 10"; widths="5 20 50 100 200 300 400 500"; nll=1000 ;;
+  --quick) seeds="1 2 3"; widths="5 20 500"; nll=100
+           pca_seeds="1"; pca_dims="2 10 20"
+           image_seeds="1"; image_sets="mnist"; image_nll=100
+           image_flags="--epochs 2 --warmup 1 --train-size 2000"
+           image_eval="--test-size 250 --knn-train 5000" ;;
+  "") seeds="1 2 3 4 5 6 7 8 9 10"; widths="5 20 50 100 200 300 400 500"; nll=1000
+      pca_seeds=$seeds; pca_dims="2 4 6 8 10 12 14 16 18 20"
+      image_seeds=$seeds; image_sets="mnist fashion_mnist omniglot"; image_nll=5000
+      image_flags="--epochs 2000 --warmup 100"; image_eval="" ;;
   *) echo "run_all.sh: error: unknown option '$1' (use --quick, or nothing for the full run)" >&2
      exit 2 ;;
 esac
 jobs=${JOBS:-$(nproc)}
-export OMP_NUM_THREADS=1  # small networks: separate processes beat threads within one
+data_dir=${DATA_DIR:+--data-dir $DATA_DIR}
 
 train() {  # train OUT_DIR MIM_FLAGS...: one run, skipped if it has finished before
   local out=$1; shift
@@ -52,12 +72,40 @@ export -f train
            "--prior mog --q-x mog --loss $loss --patience 20 --seed $seed --nll-samples $nll"
     done
   done
-} | xargs -P "$jobs" -L 1 bash -c 'train "$@"' train
+  for seed in $pca_seeds; do
+    for z in $pca_dims; do
+      for loss in mim vae; do
+        echo "results/fig3/$loss-z$z-s$seed --data pca_fashion_mnist --z-dim $z --hidden 50" \
+             "--loss $loss --seed $seed --nll-samples $nll $data_dir"
+      done
+    done
+  done
+} | OMP_NUM_THREADS=1 xargs -P "$jobs" -L 1 bash -c 'train "$@"' train  # small networks:
+                                                   # separate processes beat threads
 
 for mode in paper authors; do
   python evaluate.py --summary "results/fig2-$mode" --x hidden
-  python evaluate.py results/fig2-$mode/{mim,vae}-h{5,20,500}-s1
+  python evaluate.py results/fig2-$mode/{mim,vae}-h{5,20,500}-s1 --nll-samples "$nll"
 done
 python evaluate.py --summary results/f2
-python evaluate.py results/f2/{mim,ce}-s1
-echo "tables: results/*/summary.md; figures: results/*/summary.png, */fig1.png, */consistency.png"
+python evaluate.py results/f2/{mim,ce}-s1 --nll-samples "$nll"
+python evaluate.py --summary results/fig3 --x z_dim
+
+# Sec. 5.2: MIM (convHVAE) and A-MIM (PixelHVAE, whose sampling is too slow for MIM's
+# decoder samples) against the VAE with the same network, each prior.
+for seed in $image_seeds; do
+  for data in $image_sets; do
+    for prior in normal vamp; do
+      for arch_loss in convhvae:mim convhvae:vae pixelhvae:amim pixelhvae:vae; do
+        arch=${arch_loss%:*}; loss=${arch_loss#*:}
+        out=results/images/$data-$arch-$prior-$loss-s$seed
+        train "$out" --data "$data" --arch "$arch" --prior "$prior" --loss "$loss" \
+              --seed "$seed" $image_flags $data_dir
+        [[ -f $out/eval.json ]] || python evaluate.py "$out" --nll-samples "$image_nll" \
+              $image_eval > "$out.eval.log"
+      done
+    done
+  done
+done
+python evaluate.py --summary results/images
+echo "tables: results/*/summary.md; figures: results/*/summary.png and the run folders"

@@ -9,17 +9,27 @@
 
 Run with `pytest -q` (a few minutes on two CPU cores).
 """
+import gzip
+import hashlib
+import io
+import itertools
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
+import time
+import types
+import urllib.request
 
 import numpy as np
 import pytest
+import scipy.io
 import torch
 from scipy.special import expit, logsumexp
 from scipy.stats import multivariate_normal, norm
+from sklearn.decomposition import PCA
 
 import datasets
 import evaluate
@@ -517,8 +527,8 @@ def test_cli_trains_and_writes_its_files(trained_run):
 
 def test_evaluate_cli_plots_a_trained_run(trained_run):
     out, _ = trained_run
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), str(out),
+                           "--nll-samples", "10"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (out / "fig1.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -549,3 +559,888 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, args, needle):
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "bad" / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# Image networks (Sec. 5.2): shapes, normalization, causality, VampPrior
+# ----------------------------------------------------------------------------------------
+
+TINY = (1, 4, 4)  # 16 pixels: small enough to sum over all 2^16 binary images
+
+
+def tiny_model(arch, prior="normal", z_dim=1, seed=0):
+    torch.manual_seed(seed)
+    cfg = mim.Config(arch=arch, prior=prior, z_dim=z_dim, prior_components=3)
+    x_init = torch.rand(10, math.prod(TINY))
+    return mim.build_model(cfg, math.prod(TINY), True, x_init=x_init,
+                           image_shape=TINY).double()
+
+
+def all_binary_images(dim):
+    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=dim)), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("decoder", [mim.ConvDecoder, mim.PixelDecoder])
+def test_image_decoders_are_normalized_over_all_binary_images(decoder):
+    torch.manual_seed(0)
+    shape = (1, 3, 4)                                # 12 pixels: 4096 binary images
+    p_x_given_z = decoder(shape, 2).double()
+    x = all_binary_images(12)                                           # (4096, 12)
+    with torch.no_grad():
+        for z in torch.randn(3, 4, dtype=torch.float64):
+            log_p = p_x_given_z(z.expand(len(x), 4)).log_prob(x)        # (4096,)
+            assert log_p.shape == (len(x),)
+            assert torch.logsumexp(log_p, 0).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def grid_2d(limit=9.0, n=401):
+    v = torch.linspace(-limit, limit, n, dtype=torch.float64)
+    g1, g2 = torch.meshgrid(v, v, indexing="ij")
+    return torch.stack([g1, g2], -1).view(-1, 2), (v[1] - v[0]).item() ** 2
+
+
+@pytest.mark.parametrize("prior", ["normal", "vamp"])
+def test_two_level_posterior_and_prior_integrate_to_one(prior):
+    """z = (z1, z2) with one dimension per level: quadrature on a grid."""
+    model = tiny_model("convhvae", prior)
+    z, cell = grid_2d()
+    x = torch.bernoulli(torch.full((1, math.prod(TINY)), 0.5, dtype=torch.float64))
+    with torch.no_grad():
+        log_q = model.q_z_given_x(x).log_prob(z[:, None, :])             # (N, 1)
+        assert log_q.shape == (len(z), 1)
+        assert (log_q.exp().sum() * cell).item() == pytest.approx(1.0, abs=1e-6)
+        p_z = model.p_z()
+        assert (p_z.log_prob(z).exp().sum() * cell).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_two_level_samples_have_the_shapes_of_the_latent_groups():
+    model = tiny_model("convhvae", "vamp", z_dim=3)
+    x = torch.bernoulli(torch.rand(5, 16, dtype=torch.float64))
+    q = model.q_z_given_x(x)
+    assert model.latent_groups == {"z1": (0, 3), "z2": (3, 6)}
+    assert q.rsample().shape == (5, 6) and q.sample((7,)).shape == (7, 5, 6)
+    assert q.log_prob(q.sample((7,))).shape == (7, 5) and q.mean.shape == (5, 6)
+    assert model.p_z().sample((4,)).shape == (4, 6)
+    assert model.p_x_given_z(q.sample()).log_prob(x).shape == (5,)
+
+
+def test_two_level_mean_is_the_mean_of_samples():
+    model = tiny_model("convhvae", z_dim=2)
+    x = torch.bernoulli(torch.rand(3, 16, dtype=torch.float64))
+    q = model.q_z_given_x(x)
+    torch.manual_seed(1)
+    samples = q.sample((20000,))                                        # (S, 3, 4)
+    se = samples.std(0) / math.sqrt(len(samples))
+    mean_se = se * math.sqrt(1 + len(samples) / mim.MEAN_SAMPLES)       # both are noisy
+    assert ((q.mean - samples.mean(0)).abs() < 4.5 * mean_se).all()
+
+
+def test_vamp_prior_is_the_mixture_of_encoded_pseudo_inputs():
+    model = tiny_model("convhvae", "vamp", z_dim=2)
+    z2 = torch.randn(6, 2, dtype=torch.float64)
+    u = model.prior.pseudo_inputs.clamp(0, 1)                           # (K, D)
+    q = model.q_z_given_x.q_z2_given_x(u)
+    mean, std = q.base_dist.loc, q.base_dist.scale                      # (K, 2)
+    log_n = (-0.5 * ((z2[:, None] - mean) / std) ** 2 - torch.log(std)
+             - 0.5 * math.log(2 * math.pi)).sum(-1)                     # (6, K)
+    explicit = torch.logsumexp(log_n, 1) - math.log(len(u))
+    assert torch.allclose(model.prior(model.q_top).log_prob(z2), explicit, atol=1e-10)
+    z = torch.cat([torch.randn(6, 2, dtype=torch.float64), z2], -1)
+    expected = explicit + model.p_z1_given_z2(z2).log_prob(z[:, :2])
+    assert torch.allclose(model.log_p_z(z), expected, atol=1e-10)
+
+
+def test_encoder_log_variances_are_bounded():
+    model = tiny_model("convhvae", z_dim=2)
+    for p in model.parameters():
+        p.data.mul_(1e3)                                                # push to the limits
+    q = model.q_z_given_x(torch.bernoulli(torch.rand(4, 16, dtype=torch.float64)))
+    for scale in (q.top.base_dist.scale, q.conditional(q.top.sample()).base_dist.scale):
+        logvar = 2 * scale.log()
+        assert (logvar >= mim.LOGVAR_BOUNDS[0] - 1e-9).all()
+        assert (logvar <= mim.LOGVAR_BOUNDS[1] + 1e-9).all()
+
+
+def test_pixelcnn_is_causal():
+    """d logits[i] / d x[j] is zero for every j >= i (raster order) and not for all j < i."""
+    torch.manual_seed(0)
+    net = mim.PixelCNN(1, 2).double()
+    h, w = 5, 5
+    x = torch.bernoulli(torch.full((1, 1, h, w), 0.5, dtype=torch.float64)).requires_grad_()
+    cond = torch.randn(1, 2, h, w, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: net(v, cond).flatten(), x)
+    jac = jac.reshape(h * w, h * w)                                     # (output, input)
+    upper = torch.triu(torch.ones(h * w, h * w, dtype=torch.bool))      # j >= i
+    assert (jac[upper] == 0).all()
+    assert (jac[~upper].abs() > 0).float().mean() > 0.5                 # the past does matter
+
+
+def test_pixelcnn_sampling_window_sees_the_whole_receptive_field():
+    torch.manual_seed(0)
+    net = mim.PixelCNN(1, 2).double()
+    x = torch.bernoulli(torch.full((2, 1, 14, 6), 0.5, dtype=torch.float64))
+    cond = torch.randn(2, 2, 14, 6, dtype=torch.float64)
+    full = net(x, cond)
+    for row in range(14):
+        top = max(0, row - net.receptive_rows)
+        crop = net(x[:, :, top:row + 1], cond[:, :, top:row + 1])
+        assert torch.allclose(crop[:, :, row - top], full[:, :, row], atol=1e-12)
+
+
+def test_pixelcnn_samples_follow_its_log_prob():
+    """Frequencies of 4,000 autoregressive samples of a 2x2 image against exp(log_prob)."""
+    torch.manual_seed(0)
+    net = mim.PixelCNN(1, 2)
+    cond = torch.randn(1, 2, 2, 2).expand(4000, -1, -1, -1)
+    dist = mim.PixelCNNBernoulli(net, cond, (1, 2, 2))
+    samples = dist.sample()                                             # (4000, 4)
+    images = all_binary_images(4).float()
+    probs = mim.PixelCNNBernoulli(net, cond[:16], (1, 2, 2)).log_prob(images).exp()
+    counts = (samples[:, None, :] == images[None]).all(-1).sum(0).float()
+    expected = probs.detach() * len(samples)
+    chi2 = (((counts - expected) ** 2) / expected).sum().item()
+    assert abs(probs.sum().item() - 1) < 1e-5
+    assert chi2 < 37.7          # chi-square, 15 degrees of freedom, p = 0.001
+
+
+@pytest.mark.parametrize("arch,loss", [("convhvae", "mim"), ("convhvae", "amim"),
+                                       ("convhvae", "vae"), ("pixelhvae", "mim"),
+                                       ("pixelhvae", "amim")])
+def test_image_objectives_have_finite_gradients(arch, loss):
+    model = tiny_model(arch, "vamp", z_dim=2).float()
+    x = torch.bernoulli(torch.rand(6, 16))
+    value, stats = mim.LOSSES[loss](model, x)
+    value.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert math.isfinite(value.item()) and all(torch.isfinite(g).all() for g in grads)
+    assert model.prior.pseudo_inputs.grad is not None                    # the prior learns
+
+
+# ----------------------------------------------------------------------------------------
+# Image data sets: parsers, splits, binarization, search and download
+# ----------------------------------------------------------------------------------------
+
+MNIST_SUBSET = os.path.join(HERE, "..", "shared", "data", "mnist-subset")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled in tests")
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """No real data reachable: HOME, MIM_DATA_DIR and Debian's folder point into tmp."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MIM_DATA_DIR", raising=False)
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST_DIR", str(tmp_path / "debian"))
+    return tmp_path
+
+
+def idx_bytes(array):
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(f">BBBB{array.ndim}i", 0, 0, 0x08, array.ndim, *array.shape)
+    return header + array.tobytes()
+
+
+def write_idx(path, array, compress):
+    raw = idx_bytes(array)
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+def write_idx_set(folder, n_train=60, n_test=12, label_offset=0, compress=True):
+    """Four IDX files; image i is constant at grey level i (train) or 128 (test)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    train = np.repeat(np.arange(n_train, dtype=np.uint8), 784).reshape(n_train, 28, 28)
+    test = np.full((n_test, 28, 28), 128, np.uint8)
+    files = {"train-images-idx3-ubyte": train,
+             "train-labels-idx1-ubyte": (np.arange(n_train) + label_offset) % 10,
+             "t10k-images-idx3-ubyte": test,
+             "t10k-labels-idx1-ubyte": np.arange(n_test) % 10}
+    for stem, array in files.items():
+        write_idx(folder / (stem + (".gz" if compress else "")), array, compress)
+    return train, test
+
+
+# ---------------------------------------------------------------- parsers
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_read_idx_round_trip_by_magic_not_name(tmp_path, compress):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / "images.bin"               # the name says nothing about gzip
+    write_idx(path, images, compress)
+    out = datasets.read_idx(path)
+    assert out.dtype == np.uint8 and out.shape == (2, 3, 4)
+    assert out[1, 2, 3] == 23 and out[0, 1, 0] == 4      # C order: row, then column
+    labels = tmp_path / "labels.gz"
+    write_idx(labels, [7, 0, 255], compress)
+    assert datasets.read_idx(labels).tolist() == [7, 0, 255]
+
+
+@pytest.mark.parametrize("corrupt, problem", [
+    (lambda raw: raw[:-5], "header says"),                      # truncated payload
+    (lambda raw: raw + b"\0", "header says"),                   # trailing bytes
+    (lambda raw: raw[:2] + b"\x0d" + raw[3:], "not an IDX"),    # float type code
+    (lambda raw: b"\x00\x01" + raw[2:], "not an IDX"),          # bad magic
+    (lambda raw: raw[:6], "header truncated"),
+    (lambda raw: gzip.compress(raw)[:-20], "corrupt gzip"),     # truncated gzip
+])
+def test_read_idx_rejects_a_bad_file_in_one_line_naming_it(tmp_path, corrupt, problem):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(corrupt(idx_bytes(np.zeros((2, 28, 28)))))
+    with pytest.raises(ValueError, match=problem) as err:
+        datasets.read_idx(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def upright_test_image():
+    """An asymmetric glyph: a full top row and a short left column (an upside-down L
+    mirrored), so a transpose or a flip changes it."""
+    image = np.zeros((28, 28), np.float32)
+    image[2, 3:25] = 1.0
+    image[2:12, 3] = 0.5
+    return image
+
+
+def write_chardata(path, n_train=60, n_test=7, labels=("target", "targetchar")):
+    """A chardata.mat laid out as Burda et al.'s: images as MATLAB columns (column-major),
+    (784, N); image i of the training set has the asymmetric glyph scaled by (i+1)/n."""
+    glyph = upright_test_image()
+    train = np.stack([glyph * (i + 1) / n_train for i in range(n_train)])
+    test = np.stack([glyph] * n_test)
+    alphabet = np.arange(n_train) % 50
+    mat = {"data": train.reshape(n_train, -1, order="F").T,      # MATLAB's image(:)
+           "testdata": test.reshape(n_test, -1, order="F").T}
+    if "target" in labels:
+        mat["target"] = np.eye(50)[alphabet].T                   # one-hot (50, N)
+        mat["testtarget"] = np.eye(50)[np.arange(n_test)].T
+    if "targetchar" in labels:
+        mat["targetchar"] = (np.arange(n_train) % 20 + 1)[None]  # 1-based, (1, N)
+        mat["testtargetchar"] = (np.arange(n_test) + 1)[None]
+    scipy.io.savemat(path, mat)
+    return train, alphabet
+
+
+def test_chardata_images_come_out_upright_as_in_the_authors_loader(tmp_path):
+    write_chardata(tmp_path / "chardata.mat")
+    x, y, x_test, y_test = datasets.read_chardata(tmp_path / "chardata.mat")
+    assert x.shape == (60, 784) and x.dtype == np.float32
+    assert np.array_equal(x_test[0].reshape(28, 28), upright_test_image())
+    raw = scipy.io.loadmat(tmp_path / "chardata.mat")["data"]
+    authors = raw.T.reshape((-1, 28, 28)).reshape((-1, 28 * 28), order="F")
+    assert np.array_equal(x, authors.astype(np.float32))
+    assert y.tolist() == (np.arange(60) % 50).tolist() and y_test.tolist() == list(range(7))
+
+
+def test_chardata_falls_back_to_character_labels_and_rejects_wrong_layout(tmp_path):
+    write_chardata(tmp_path / "chars.mat", labels=("targetchar",))
+    _, y, _, y_test = datasets.read_chardata(tmp_path / "chars.mat")
+    assert y[:22].tolist() == [*range(20), 0, 1] and y_test.tolist() == list(range(7))
+    write_chardata(tmp_path / "none.mat", labels=())
+    with pytest.raises(ValueError, match="no labels"):
+        datasets.read_chardata(tmp_path / "none.mat")
+    scipy.io.savemat(tmp_path / "bad.mat", {"data": np.zeros((10, 3)),
+                                           "testdata": np.zeros((784, 3))})
+    with pytest.raises(ValueError, match="784, N"):
+        datasets.read_chardata(tmp_path / "bad.mat")
+    (tmp_path / "junk.mat").write_bytes(b"MATLAB 5.0 MAT-file" + b"\0" * 30)
+    with pytest.raises(ValueError, match="not a readable .mat") as err:
+        datasets.read_chardata(tmp_path / "junk.mat")
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- splits, binarization
+
+
+def test_idx_data_set_splits_grey_levels_and_binarizes_evaluation_once(isolated):
+    train, _ = write_idx_set(isolated / "data" / "mnist", n_train=60, n_test=12)
+    data = datasets.load_dataset("mnist", data_dir=isolated / "data")
+    assert (len(data.x_train), len(data.x_val), len(data.x_test)) == (50, 10, 12)
+    assert data.binary and data.dynamic and data.image_shape == (1, 28, 28)
+    assert data.x_train.dtype == torch.float32 and data.y_train.dtype == torch.int64
+    assert data.x_train[:, 0].tolist() == pytest.approx([i / 255 for i in range(50)])
+    assert data.y_val.tolist() == [i % 10 for i in range(50, 60)]   # the LAST ten
+    grey_val = torch.arange(50, 60) / 255                           # 784 bits each
+    assert torch.allclose(data.x_val.mean(1), grey_val, atol=4 * 0.5 / 28)
+    assert torch.equal(data.x_val.unique(), torch.tensor([0.0, 1.0]))
+    # test images are all grey 128/255: their bits have that mean (9,408 draws)
+    assert data.x_test.mean().item() == pytest.approx(128 / 255, abs=4 * 0.5 / 97)
+    again = datasets.load_dataset("mnist", data_dir=isolated / "data")
+    other = datasets.load_dataset("mnist", seed=1, data_dir=isolated / "data")
+    assert torch.equal(data.x_test, again.x_test) and torch.equal(data.x_val, again.x_val)
+    assert not torch.equal(data.x_test, other.x_test)
+    moved = data.to("cpu")
+    assert moved.dynamic and moved.image_shape == (1, 28, 28)
+
+
+def test_images_and_labels_of_different_lengths_are_refused(isolated):
+    write_idx_set(isolated / "data")
+    write_idx(isolated / "data" / "train-labels-idx1-ubyte.gz", np.zeros(59), True)
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.gz and its labels"):
+        datasets.load_dataset("mnist", data_dir=isolated / "data")
+
+
+def test_validation_size_rule():
+    assert datasets.validation_size(60_000) == 10_000     # the paper's 50,000 / 10,000
+    assert datasets.validation_size(8_000) == 1_333       # the offline subset
+    assert datasets.validation_size(24_345, datasets.OMNIGLOT_VALIDATION) == 1_345
+
+
+def test_omniglot_shuffles_images_with_their_labels_before_the_cut(isolated):
+    folder = isolated / "data" / "omniglot"
+    folder.mkdir(parents=True)
+    train, alphabet = write_chardata(folder / "chardata.mat", n_train=60)
+    data = datasets.load_dataset("omniglot", seed=3, data_dir=isolated / "data")
+    assert (len(data.x_train), len(data.x_val), len(data.x_test)) == (50, 10, 7)
+    assert data.dynamic and data.image_shape == (1, 28, 28)
+    index = np.rint(data.x_train[:, 2 * 28 + 10].numpy() * 60).astype(int) - 1
+    assert sorted(index.tolist()) != index.tolist()                  # shuffled
+    assert data.y_train.tolist() == alphabet[index].tolist()         # labels follow
+    assert np.allclose(data.x_train.numpy(), train[index].reshape(50, 784))
+    assert set(data.x_val.unique().tolist()) <= {0.0, 1.0}
+
+
+# ---------------------------------------------------------------- principal components
+
+
+def test_principal_components_match_sklearn_up_to_sign():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((400, 6)) @ rng.standard_normal((6, 6)) + 3.0
+    ours = datasets.principal_components(x, 3)
+    theirs = PCA(n_components=3, svd_solver="full").fit(x)
+    signs = np.sign(np.sum(ours.components * theirs.components_, axis=1))
+    assert np.allclose(np.abs(signs), 1)
+    assert np.allclose(ours.components, signs[:, None] * theirs.components_, atol=1e-5)
+    assert np.allclose(ours.project(x), signs * theirs.transform(x), atol=1e-4)
+    assert ours.explained_variance_ratio == pytest.approx(
+        theirs.explained_variance_ratio_.sum(), rel=1e-6)
+
+
+def test_pca_fashion_mnist_uses_the_training_basis_for_every_split(isolated):
+    folder = isolated / "data" / "fashion_mnist"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    train = rng.integers(0, 256, (60, 28, 28))
+    test = rng.integers(0, 256, (12, 28, 28))
+    for stem, array in {"train-images-idx3-ubyte": train,
+                        "train-labels-idx1-ubyte": np.arange(60) % 10,
+                        "t10k-images-idx3-ubyte": test,
+                        "t10k-labels-idx1-ubyte": np.arange(12) % 10}.items():
+        write_idx(folder / stem, array, compress=False)
+    data = datasets.load_dataset("pca_fashion_mnist", data_dir=isolated / "data", pca_dim=5)
+    assert data.x_train.shape == (50, 5) and data.x_test.shape == (12, 5)
+    assert not data.binary and not data.dynamic and data.image_shape is None
+    pca = PCA(n_components=5, svd_solver="full").fit(train[:50].reshape(50, -1) / 255)
+    expected = pca.transform(test.reshape(12, -1) / 255)
+    signs = np.sign(np.sum(data.x_test.numpy() * expected, axis=0))
+    assert np.allclose(data.x_test.numpy(), signs * expected, atol=1e-4)
+    assert data.x_train.mean(0).abs().max() < 1e-4               # centred, not scaled
+    assert data.y_val.tolist() == [i % 10 for i in range(50, 60)]
+    with pytest.raises(ValueError, match="pca_dim"):
+        datasets.load_dataset("pca_fashion_mnist", data_dir=isolated / "data", pca_dim=0)
+
+
+# ---------------------------------------------------------------- finding, downloading
+
+
+def test_search_order_data_dir_then_environment_then_cache(isolated, monkeypatch):
+    write_idx_set(isolated / "given", label_offset=1)
+    write_idx_set(isolated / "env" / "mnist", label_offset=2, compress=False)
+    write_idx_set(isolated / "home" / ".cache" / "mim", label_offset=3)
+    monkeypatch.setenv("MIM_DATA_DIR", str(isolated / "env"))
+
+    def first_label(**kwargs):
+        return datasets.load_dataset("mnist", **kwargs).y_train[0].item()
+    assert first_label(data_dir=isolated / "given") == 1
+    assert first_label() == 2
+    monkeypatch.delenv("MIM_DATA_DIR")
+    assert first_label(data_dir=isolated / "empty") == 3
+
+
+def test_debian_folder_is_searched_for_fashion_mnist_only(isolated):
+    write_idx_set(isolated / "debian")
+    assert len(datasets.load_dataset("fashion_mnist").x_train) == 50
+    with pytest.raises(OSError, match="mnist files not found"):
+        datasets.load_dataset("mnist")
+
+
+def test_missing_data_with_failing_download_names_every_folder(isolated, monkeypatch):
+    def offline(url, path, checksum):
+        raise OSError(f"{url}: <urlopen error [Errno -3] no network>")
+    monkeypatch.setattr(datasets, "download", offline)
+    monkeypatch.setenv("MIM_DATA_DIR", str(isolated / "env"))
+    with pytest.raises(OSError) as err:
+        datasets.load_dataset("fashion_mnist", data_dir=isolated / "given")
+    message = str(err.value)
+    assert "\n" not in message and "no network" in message
+    for folder in ["given", "given/fashion_mnist", "env", "env/fashion_mnist",
+                   "home/.cache/mim", "home/.cache/mim/fashion_mnist", "debian"]:
+        assert str(isolated / folder) in message
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k" in message
+    assert "--data-dir" in message
+
+
+def test_download_goes_to_the_cache_and_tries_each_mirror(isolated, monkeypatch):
+    calls = []
+
+    def fake_download(url, path, checksum):
+        calls.append(url)
+        if "ossci" in url:
+            raise OSError("mirror down")
+        assert checksum == datasets.SOURCES["mnist"].checksums[os.path.basename(path)]
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:                 # stands in for a verified download
+            f.write(gzip.compress(idx_bytes(np.zeros((12, 28, 28)) if "images" in url
+                                            else np.zeros(12))))
+    monkeypatch.setattr(datasets, "download", fake_download)
+    data = datasets.load_dataset("mnist")
+    assert len(calls) == 8 and "cvdf-datasets" in calls[1]
+    assert len(data.x_train) == 10 and len(data.x_val) == 2
+    cached = isolated / "home" / ".cache" / "mim" / "mnist"
+    assert sorted(os.listdir(cached)) == sorted(datasets.IDX_FILES)
+
+
+def test_download_verifies_the_checksum_and_leaves_nothing_half_written(tmp_path,
+                                                                        monkeypatch):
+    good = b"the right bytes"
+    checksum = "sha256:" + hashlib.sha256(good).hexdigest()
+    served = {"bytes": b"the wrong bytes"}
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda url, timeout: io.BytesIO(served["bytes"]))
+    target = tmp_path / "cache" / "file.gz"
+    with pytest.raises(OSError, match="checksum mismatch"):
+        datasets.download("https://example.org/file.gz", str(target), checksum)
+    assert os.listdir(tmp_path / "cache") == []
+    served["bytes"] = good
+    datasets.download("https://example.org/file.gz", str(target), checksum)
+    assert target.read_bytes() == good and os.listdir(tmp_path / "cache") == ["file.gz"]
+
+
+def test_git_blob_digest_matches_git_hash_object(tmp_path):
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "hello").write_bytes(b"hello\n")
+    # `git hash-object` of an empty file and of "hello\n"
+    assert datasets.file_digest(tmp_path / "empty", "git-blob-sha1") == \
+        "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
+    assert datasets.file_digest(tmp_path / "hello", "git-blob-sha1") == \
+        "ce013625030ba8dba906f756967f9e9ca394464a"
+
+
+def test_unknown_name_lists_every_data_set():
+    with pytest.raises(ValueError) as err:
+        datasets.load_dataset("cifar10")
+    for name in ["toy2d", "toy20d", "toy1d", "mnist", "fashion_mnist", "omniglot",
+                 "pca_fashion_mnist"]:
+        assert name in str(err.value)
+
+
+# ---------------------------------------------------------------- real files
+
+
+@pytest.mark.skipif(not os.path.isdir(MNIST_SUBSET), reason="MNIST subset absent")
+def test_real_mnist_subset():
+    data = datasets.load_dataset("mnist", data_dir=MNIST_SUBSET)
+    assert (len(data.x_train), len(data.x_val), len(data.x_test)) == (6_667, 1_333, 2_000)
+    assert data.x_train.shape[1] == 784
+    assert 0 <= data.x_train.min() and data.x_train.max() <= 1
+    assert len(data.x_train.unique()) > 100                        # grey levels
+    for x in (data.x_val, data.x_test):
+        assert torch.equal(x.unique(), torch.tensor([0.0, 1.0]))
+    labels = torch.cat([data.y_train, data.y_val, data.y_test])
+    assert labels.min() == 0 and labels.max() == 9 and len(labels.unique()) == 10
+    again = datasets.load_dataset("mnist", data_dir=MNIST_SUBSET)
+    assert torch.equal(data.x_val, again.x_val)
+    # binarization keeps the ink: bits and grey levels of the same images agree
+    grey = datasets.grey_splits("mnist", MNIST_SUBSET)[1][0]
+    assert data.x_val.mean().item() == pytest.approx(grey.mean(), abs=0.003)
+
+
+def fashion_mnist_present():
+    return all(datasets.locate(datasets.DEBIAN_FASHION_MNIST_DIR, f)
+               for f in datasets.IDX_FILES)
+
+
+@pytest.mark.skipif(not fashion_mnist_present(), reason="apt-get install "
+                    "dataset-fashion-mnist to run this test")
+def test_real_fashion_mnist_and_its_principal_components():
+    data = datasets.load_dataset("fashion_mnist")
+    sizes = (len(data.x_train), len(data.x_val), len(data.x_test))
+    assert sizes == (50_000, 10_000, 10_000)
+    # known answers: the first labels of the official files (ankle boot, T-shirt, ...)
+    assert data.y_train[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    assert data.y_test[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
+    assert torch.bincount(data.y_test).tolist() == [1_000] * 10
+    train = datasets.grey_splits("fashion_mnist")[0][0]
+    pca = datasets.principal_components(train, datasets.PCA_DIM)
+    assert pca.explained_variance_ratio == pytest.approx(0.785, abs=0.002)  # Sec. 5.1
+
+
+# ----------------------------------------------------------------------------------------
+# Image evaluation: active units, IWAE in bits/dim, KSG refusal, plots, CLI
+# ----------------------------------------------------------------------------------------
+
+
+
+def tiny_binary_model(z_dim=4, x_dim=16, seed=0):
+    torch.manual_seed(seed)
+    return mim.build_model(mim.Config(z_dim=z_dim, hidden=20), x_dim=x_dim, binary=True).eval()
+
+
+def binary_data(n, x_dim, seed=0):
+    return torch.bernoulli(torch.full((n, x_dim), 0.5),
+                           generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------
+# Active units
+# ----------------------------------------------------------------------------------------
+
+def encoder_means_by_hand(encoder, x):
+    """The first half of the encoder's output, by numpy: tanh MLP, loc = out[:, :Z]."""
+    (w1, b1), (w2, b2) = [(layer.weight.detach().double().numpy(),
+                           layer.bias.detach().double().numpy())
+                          for layer in (encoder.net[0], encoder.net[2])]
+    out = np.tanh(x.double().numpy() @ w1.T + b1) @ w2.T + b2
+    return out[:, :out.shape[1] // 2]
+
+
+def test_active_units_match_a_numpy_covariance():
+    model, x = tiny_binary_model(), binary_data(12, 16)
+    counts, variance = evaluate.active_units(model, x)
+    expected = np.diag(np.cov(encoder_means_by_hand(model.q_z_given_x, x).T))   # ddof = 1
+    assert variance.numpy() == pytest.approx(expected, rel=1e-5)
+    biased = np.var(encoder_means_by_hand(model.q_z_given_x, x), axis=0)         # ddof = 0
+    assert not np.allclose(variance.numpy(), biased, rtol=1e-3)    # 12/11 apart: ddof shows
+    assert counts == {"test_au_z": int((expected > 0.01).sum())}
+
+
+@torch.no_grad()
+def test_active_units_find_the_dimensions_that_depend_on_x():
+    """Mean outputs 1 and 3 ignore x (zero weights, constant bias): inactive; outputs 0
+    and 2 get large weights: Cov_x far above 0.01."""
+    model, x = tiny_binary_model(), binary_data(500, 16)
+    last = model.q_z_given_x.net[2]                  # rows 0-3: loc, rows 4-7: raw scale
+    last.weight[[1, 3]] = 0.0
+    last.bias[[1, 3]] = 0.7
+    last.weight[[0, 2]] *= 20
+    counts, variance = evaluate.active_units(model, x)
+    assert counts == {"test_au_z": 2}
+    assert variance[[1, 3]].abs().max() < 1e-12 and variance[[0, 2]].min() > 0.1
+    model.latent_groups = {"z1": (0, 1), "z2": (1, 4)}       # a two-level split of z
+    assert evaluate.active_units(model, x)[0] == {"test_au_z1": 1, "test_au_z2": 1}
+    assert evaluate.active_units(model, x, threshold=1e6)[0] == {"test_au_z1": 0,
+                                                                 "test_au_z2": 0}
+
+
+# ----------------------------------------------------------------------------------------
+# NLL: bits/dim and chunking over samples
+# ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_nll_of_fair_coin_pixels_is_one_bit_per_dimension():
+    """Decoder logits 0 make p(x|z) = 2^-D for every z, and an encoder q(z|x) = N(0, I) =
+    p(z) makes every importance weight exactly p(x): NLL = D ln 2 nats = 1 bit/dim."""
+    D = 784
+    model = mim.build_model(mim.Config(z_dim=3, hidden=8), x_dim=D, binary=True)
+    decoder_out, encoder_out = model.p_x_given_z.net[2], model.q_z_given_x.net[2]
+    for layer in (decoder_out, encoder_out):
+        layer.weight.zero_()
+        layer.bias.zero_()
+    encoder_out.bias[3:] = math.log(math.expm1(1.0 - mim.STD_FLOOR))   # scale exactly 1
+    x = binary_data(7, D)
+    nll = evaluate.iwae_nll(model, x, 50)
+    assert nll.numpy() == pytest.approx(D * math.log(2), rel=1e-5)
+    assert evaluate.bits_per_dim(float(nll.mean()), D) == pytest.approx(1.0, rel=1e-5)
+    assert evaluate.bits_per_dim(100.0, 10) == pytest.approx(100 / (10 * math.log(2)))
+
+
+class FixedNoise:
+    """q(z|x) whose samples come, in order, from a fixed table of standard-normal noise."""
+
+    def __init__(self, q, eps):
+        self.q, self.eps, self.used = q, eps, 0
+
+    def sample(self, shape):
+        n = shape[0]
+        eps = self.eps[self.used:self.used + n]
+        self.used += n
+        return self.q.base_dist.loc + self.q.base_dist.scale * eps
+
+    def log_prob(self, z):
+        return self.q.log_prob(z)
+
+
+class FixedNoiseModel:
+    """A model whose encoder draws point i's samples from eps[:, i] in every chunking."""
+
+    def __init__(self, model, eps):
+        self.model, self.eps, self.point = model, eps, 0
+        self.p_x_given_z, self.p_z = model.p_x_given_z, model.p_z
+
+    def q_z_given_x(self, x):
+        eps = self.eps[:, self.point:self.point + len(x)]
+        self.point += len(x)
+        return FixedNoise(self.model.q_z_given_x(x), eps)
+
+
+@torch.no_grad()
+def test_iwae_chunked_over_samples_equals_one_pass():
+    model, x = tiny_binary_model(), binary_data(5, 16)
+    S = 300
+    eps = torch.randn(S, len(x), 4, generator=torch.Generator().manual_seed(1))
+    q = model.q_z_given_x(x)
+    z = q.base_dist.loc + q.base_dist.scale * eps                              # (S, N, Z)
+    log_w = (model.p_x_given_z(z).log_prob(x.expand(S, -1, -1)) + model.p_z().log_prob(z)
+             - q.log_prob(z))
+    direct = (math.log(S) - torch.logsumexp(log_w, 0)).numpy()
+    one_pass = evaluate.iwae_nll(FixedNoiseModel(model, eps), x, S, max_batch=10 ** 6)
+    chunked = evaluate.iwae_nll(FixedNoiseModel(model, eps), x, S, max_batch=64)
+    assert one_pass.numpy() == pytest.approx(direct, abs=1e-5)
+    assert chunked.numpy() == pytest.approx(direct, abs=1e-5)
+    assert evaluate.sample_chunks(300, 64) == [64, 64, 64, 64, 44]
+
+
+# ----------------------------------------------------------------------------------------
+# KSG on binary x
+# ----------------------------------------------------------------------------------------
+
+def test_ksg_refuses_high_dimensional_binary_x():
+    x = binary_data(500, 784).numpy()
+    z = np.random.default_rng(0).standard_normal((500, 2))
+    with pytest.raises(ValueError, match="binary.*pca_fashion_mnist"):
+        evaluate.ksg_mi(x, z)
+    assert evaluate.ksg_counts_ties(x, 5)
+    assert evaluate.ksg_counts_ties(binary_data(10_000, 11).numpy(), 5)   # log2(2000) < 11
+
+
+def test_ksg_accepts_continuous_features_and_low_dimensional_binary_x():
+    """20 continuous features (as PCA data) are accepted. Binary x of 2 dimensions equal to
+    the signs of z ~ N(0, I): I(x; z) = H(x) = 2 ln 2 exactly."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 20))
+    assert not evaluate.ksg_counts_ties(x, 5)
+    assert evaluate.ksg_mi(x, x[:, :2] + 0.1 * rng.standard_normal((2000, 2))) > 0.3
+    z = rng.standard_normal((4000, 2))
+    signs = (z > 0).astype(float)
+    assert not evaluate.ksg_counts_ties(signs, 5)
+    assert evaluate.ksg_mi(signs, z) == pytest.approx(2 * math.log(2), abs=0.05)
+
+
+# ----------------------------------------------------------------------------------------
+# test_metrics on binary images, figures
+# ----------------------------------------------------------------------------------------
+
+def fake_image_data(n=120, seed=0):
+    """A stand-in for a binarized-image data set: 784-D binary x, 3 classes."""
+    x = binary_data(3 * n, 784, seed)
+    y = torch.arange(3 * n) % 3
+    return types.SimpleNamespace(
+        x_train=x[:n], y_train=y[:n], x_val=x[n:2 * n], y_val=y[n:2 * n], x_test=x[2 * n:],
+        y_test=y[2 * n:], binary=True, anchor=None, x_dim=784, image_shape=(1, 28, 28))
+
+
+def test_metrics_on_binary_images_skip_ksg_and_rmse():
+    model, data = tiny_binary_model(z_dim=4, x_dim=784), fake_image_data()
+    torch.manual_seed(0)
+    results = evaluate.test_metrics(model, data, 20, knn_train_size=50)
+    assert set(results) == {"test_nll", "test_nll_bpd", "test_knn5_acc", "nll_samples",
+                            "test_au_z"}
+    assert results["test_nll_bpd"] == pytest.approx(results["test_nll"] / (784 * math.log(2)))
+    assert 0 <= results["test_knn5_acc"] <= 1 and 0 <= results["test_au_z"] <= 4
+    skipped = evaluate.test_metrics(model, data, 0)
+    assert "test_nll" not in skipped and skipped["nll_samples"] == 0
+    text = evaluate.format_results(results)
+    assert "bits/dim" in text and "nats" in text and "active units of z" in text
+
+
+def test_knn_training_images_are_binarized_once_when_dynamic():
+    grey = types.SimpleNamespace(x_train=torch.full((400, 784), 0.3), dynamic=True)
+    bits = evaluate.knn_train_inputs(grey, 300)
+    assert bits.shape == (300, 784) and set(bits.unique().tolist()) == {0.0, 1.0}
+    assert bits.mean().item() == pytest.approx(0.3, abs=0.01)
+    assert torch.equal(bits, evaluate.knn_train_inputs(grey, 300))          # one fixed draw
+    fixed = types.SimpleNamespace(x_train=grey.x_train, dynamic=False)
+    assert torch.equal(evaluate.knn_train_inputs(fixed), grey.x_train)
+
+
+class NoMeanDecoder:
+    """A decoder like the PixelCNN one: .mean raises, .sample works."""
+    @property
+    def mean(self):
+        raise NotImplementedError
+
+    def sample(self):
+        return torch.ones(2, 4)
+
+
+def test_decoded_images_fall_back_to_samples_and_mosaic_places_images():
+    assert torch.equal(evaluate.decoded_images(NoMeanDecoder()), torch.ones(2, 4))
+    top, bottom = torch.zeros(3, 4), torch.arange(12.0).view(3, 4) / 12
+    grid = evaluate.image_mosaic([top, bottom], (1, 2, 2))
+    assert grid.shape == (6, 9)
+    assert grid[3:5, 3:5] == pytest.approx((bottom[1].view(2, 2)).numpy())    # row 1, image 1
+    assert grid[:2, :2] == pytest.approx(np.zeros((2, 2))) and grid[2].min() == 1.0
+
+
+def test_plot_run_draws_image_figures(tmp_path, monkeypatch):
+    model, data = tiny_binary_model(z_dim=4, x_dim=784), fake_image_data(n=60)
+    cfg = mim.Config(z_dim=4, hidden=20)
+    paths = evaluate.plot_run(model, data, cfg, str(tmp_path))
+    assert sorted(os.path.basename(p) for p in paths) == ["reconstructions.png",
+                                                          "samples.png", "tsne.png"]
+    for path in paths:
+        assert open(path, "rb").read(4) == b"\x89PNG"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    monkeypatch.setattr(evaluate, "plot_tsne", lambda *args: None)   # t-SNE costs seconds
+    no_images = types.SimpleNamespace(**{**vars(data), "image_shape": None})   # as PCA data
+    assert [os.path.basename(p) for p in evaluate.plot_run(model, no_images, cfg, "")] \
+        == ["tsne.png"]
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+def run_script(script, *args):
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=HERE,
+                          capture_output=True, text=True, timeout=300)
+
+
+def toy2d_run(folder):
+    """A run directory as mim.py --out writes it (config.json, best.pt) for an untrained
+    toy2d model: evaluate.py only reads the checkpoint and reloads the data."""
+    cfg = mim.Config(data="toy2d", hidden=8, out=str(folder))
+    torch.manual_seed(0)
+    model = mim.build_model(cfg, x_dim=2)
+    os.makedirs(folder)
+    mim.write_json(os.path.join(folder, "config.json"), vars(cfg))
+    mim.save_checkpoint(os.path.join(folder, "best.pt"), model, cfg,
+                        {"x_dim": 2, "binary": False})
+    return folder
+
+
+def test_evaluate_cli_writes_eval_json_and_fig1(tmp_path, capsys):
+    out = toy2d_run(tmp_path / "run")
+    proc = run_script("evaluate.py", str(out), "--nll-samples", "10", "--test-size", "2000")
+    assert proc.returncode == 0, proc.stderr
+    assert "nats" in proc.stdout and "fraction" in proc.stdout
+    results = json.loads((out / "eval.json").read_text())
+    for key in ("test_mi_ksg", "test_nll", "test_rmse", "test_knn5_acc"):
+        assert math.isfinite(results[key]), key
+    assert results["nll_samples"] == 10 and results["test_size"] == 2000
+    assert results["knn_train_size"] == 10_000 and results["test_au_z"] in (0, 1, 2)
+    assert (out / "fig1.png").read_bytes()[:4] == b"\x89PNG"
+    evaluate.main([str(out), "--nll-samples", "0", "--test-size", "300", "--knn-train", "500",
+                   "--device", "cpu"])
+    small = json.loads((out / "eval.json").read_text())
+    assert small["test_size"] == 300 and small["knn_train_size"] == 500
+    assert "test_nll" not in small and "test_size" in capsys.readouterr().out
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_evaluate_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
+    proc = run_script("evaluate.py", str(tmp_path / "missing"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "best.pt not found" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--nll-samples", "-1"], "--nll-samples"),
+    (["--test-size", "0"], "--test-size"),
+    (["--knn-train", "x"], "--knn-train"),
+    (["--device", "tpu"], "--device"),
+    ([], "best.pt not found"),
+])
+def test_evaluate_cli_rejects_bad_flags_in_one_line(tmp_path, capsys, args, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([str(tmp_path / "missing"), *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------
+# Image runs end to end: training, checkpoints, resuming after kill -9, evaluation
+# ----------------------------------------------------------------------------------------
+
+def image_folder(tmp_path, n_train):
+    """Four IDX files of random grey-level 28x28 images, the layout of MNIST."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (60, 28, 28)),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, 60)}
+    for stem, array in arrays.items():
+        write_idx(folder / stem, array, compress=False)
+    return folder
+
+
+def start_mim(*args):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "mim.py"), *args], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_resume_after_kill_ends_with_the_same_weights(tmp_path):
+    """Dynamic binarization, shuffling, Adam and early stopping all continue exactly."""
+    flags = ["--data", "mnist", "--data-dir", str(image_folder(tmp_path, 1200)),
+             "--arch", "mlp", "--hidden", "16", "--z-dim", "3", "--batch-size", "8",
+             "--epochs", "4", "--warmup", "1", "--nll-samples", "5"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert start_mim(*flags, "--out", str(whole)).wait(timeout=300) == 0
+    proc = start_mim(*flags, "--out", str(cut))
+    while not (cut / "last.pt").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.2)                                     # into the second epoch
+    proc.kill()                                         # SIGKILL: no chance to clean up
+    proc.wait()
+    done = torch.load(cut / "last.pt", weights_only=True)["progress"]["epoch"]
+    assert 1 <= done < 4
+    resumed = start_mim("--resume", str(cut))
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"epoch {done + 1:3d} |" in out and f"epoch {done:3d} |" not in out
+    for name in ("best.pt", "last.pt"):
+        a, b = (torch.load(d / name, weights_only=True)["model"] for d in (whole, cut))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (json.loads((whole / "results.json").read_text())["best_epoch"]
+            == json.loads((cut / "results.json").read_text())["best_epoch"])
+
+
+def test_resume_takes_no_other_flags(tmp_path):
+    proc = run_script("mim.py", "--resume", str(tmp_path), "--epochs", "3")
+    assert proc.returncode == 2 and "drop --epochs" in proc.stderr
+    proc = run_script("mim.py", "--resume", str(tmp_path / "none"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "last.pt not found" in proc.stderr
+
+
+def test_convhvae_vamp_mim_trains_and_evaluates_on_images(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("mim.py", "--data", "mnist", "--data-dir", str(image_folder(tmp_path, 150)),
+                      "--arch", "convhvae", "--prior", "vamp", "--prior-components", "10",
+                      "--loss", "mim", "--epochs", "1", "--batch-size", "32", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert {"best.pt", "last.pt", "config.json", "log.csv", "results.json"} <= set(
+        os.listdir(out))
+    model, cfg = mim.load_checkpoint(out / "best.pt")
+    assert cfg.z_dim == 40 and model.latent_groups == {"z1": (0, 40), "z2": (40, 80)}
+    assert model.prior.pseudo_inputs.shape == (10, 784)
+    proc = run_script("evaluate.py", str(out), "--nll-samples", "4")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "eval.json").read_text())
+    for key in ("test_nll", "test_nll_bpd", "test_au_z1", "test_au_z2", "test_knn5_acc"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["test_nll_bpd"] == pytest.approx(metrics["test_nll"] / (784 * math.log(2)))
+    for png in ("tsne.png", "reconstructions.png", "samples.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_image_architectures_refuse_non_image_data():
+    proc = run_script("mim.py", "--data", "toy2d", "--arch", "convhvae", "--epochs", "1")
+    assert proc.returncode == 2 and "--arch convhvae models binary images" in proc.stderr

@@ -132,11 +132,6 @@ def encoder_means(model, x, batch_size=None):
     return torch.cat([model.q_z_given_x(xb).mean for xb in x.split(batch_size)])
 
 
-def latent_groups(model, z_dim):
-    """Column ranges of z by name: {"z": (0, Z)} for one-level models."""
-    return getattr(model, "latent_groups", {"z": (0, z_dim)})
-
-
 def active_units(model, x, threshold=AU_THRESHOLD, batch_size=None):
     """Active units (Burda, Grosse & Salakhutdinov 2016, Sec. 5.2): dimension u of z is
     active if A_u = Cov_x(E_q(z|x)[z_u]) > threshold, the covariance taken over the rows
@@ -144,7 +139,7 @@ def active_units(model, x, threshold=AU_THRESHOLD, batch_size=None):
     means = encoder_means(model, x, batch_size).double()
     variance = means.var(dim=0, correction=AU_DDOF)
     counts = {AU_PREFIX + name: int((variance[start:stop] > threshold).sum())
-              for name, (start, stop) in latent_groups(model, len(variance)).items()}
+              for name, (start, stop) in model.latent_groups.items()}
     return counts, variance
 
 
@@ -206,7 +201,7 @@ def knn_train_inputs(data, n=None):
     """The first n training points, as binary images where the training set holds grey
     levels for dynamic binarization: one fixed draw (the authors' code draws one too)."""
     x = data.x_train[:n]
-    if not getattr(data, "dynamic", False):
+    if not data.dynamic:
         return x
     generator = torch.Generator(device=x.device).manual_seed(KNN_BINARIZATION_SEED)
     return torch.bernoulli(x, generator=generator)
@@ -578,26 +573,17 @@ def plot_run(model, data, cfg, run_dir):
         return [out("consistency.png")]
     x = data.x_test[:TSNE_POINTS]
     plot_tsne(encode(model, x).cpu(), data.y_test[:TSNE_POINTS].cpu(), title, out("tsne.png"))
-    image_shape = getattr(data, "image_shape", None)
-    if image_shape is None:
+    if data.image_shape is None:
         return [out("tsne.png")]
-    plot_reconstructions(model, x[:RECON_COLUMNS], image_shape, title,
+    plot_reconstructions(model, x[:RECON_COLUMNS], data.image_shape, title,
                          out("reconstructions.png"))
-    plot_samples(model, image_shape, title, out("samples.png"))
+    plot_samples(model, data.image_shape, title, out("samples.png"))
     return [out(name) for name in ("tsne.png", "reconstructions.png", "samples.png")]
 
 
 # ----------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------
-
-def load_data(cfg):
-    """The data set a run was trained on; data_dir and pca_dim are passed where the
-    config has them (configs written before they existed have not)."""
-    import datasets
-    extra = {k: getattr(cfg, k) for k in ("data_dir", "pca_dim") if hasattr(cfg, k)}
-    return datasets.load_dataset(cfg.data, seed=cfg.data_seed, **extra)
-
 
 def first_test_points(data, n):
     """data with its test split cut to the first n points (all if n is None)."""
@@ -612,7 +598,7 @@ def evaluate_run(run_dir, device, nll_samples=NLL_SAMPLES, test_size=None,
     if not os.path.exists(path):
         raise ValueError(f"{run_dir}/best.pt not found; train with mim.py --out {run_dir} first")
     model, cfg = mim.load_checkpoint(path, device)
-    data = first_test_points(load_data(cfg), test_size).to(device)
+    data = first_test_points(mim.load_data(cfg), test_size).to(device)
     results = test_metrics(model, data, nll_samples, knn_train_size, max_batch,
                            with_active_units=True)
     results.update(test_size=len(data.x_test), knn_train_size=len(

@@ -875,7 +875,7 @@ def train(model, cfg, x_train, x_val, on_epoch=log_line, binarize=False, checkpo
     patience = max(1, cfg.warmup) if patience is None else patience
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     progress = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "history": [],
-                "seconds": 0.0, "finished": False}
+                "finished": False}
     best_state = None
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
@@ -898,7 +898,6 @@ def train(model, cfg, x_train, x_val, on_epoch=log_line, binarize=False, checkpo
         stop = (not improved and epoch >= cfg.warmup
                 and epoch - progress["best_epoch"] >= patience)
         progress.update(epoch=epoch, history=progress["history"] + [row],
-                        seconds=progress["seconds"] + row["seconds"],
                         finished=stop or epoch >= cfg.epochs)
         if checkpoint is not None:
             checkpoint({"optimizer": opt.state_dict(), "progress": progress,
@@ -998,19 +997,15 @@ def read_checkpoint(path, device="cpu"):
                          "train again") from None
 
 
-def model_from_state(state, device="cpu"):
-    cfg = Config(**state["config"])
-    info = state["data"]
+def load_checkpoint(path, device="cpu"):
+    """(model, cfg) from a checkpoint written by `save_checkpoint`."""
+    state = read_checkpoint(path, device)
+    cfg, info = Config(**state["config"]), state["data"]
     shape = info.get("image_shape")
     model = build_model(cfg, info["x_dim"], info["binary"],
                         image_shape=tuple(shape) if shape else None)
     model.load_state_dict(state["model"])
     return model.to(device), cfg
-
-
-def load_checkpoint(path, device="cpu"):
-    """(model, cfg) from a checkpoint written by `save_checkpoint`."""
-    return model_from_state(read_checkpoint(path, device), device)
 
 
 # ----------------------------------------------------------------------------------------

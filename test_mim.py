@@ -1240,7 +1240,8 @@ def fake_image_data(n=120, seed=0):
     y = torch.arange(3 * n) % 3
     return types.SimpleNamespace(
         x_train=x[:n], y_train=y[:n], x_val=x[n:2 * n], y_val=y[n:2 * n], x_test=x[2 * n:],
-        y_test=y[2 * n:], binary=True, anchor=None, x_dim=784, image_shape=(1, 28, 28))
+        y_test=y[2 * n:], binary=True, dynamic=False, anchor=None, x_dim=784,
+        image_shape=(1, 28, 28))
 
 
 def test_metrics_on_binary_images_skip_ksg_and_rmse():

@@ -7,6 +7,8 @@
     iwae_nll               importance-weighted estimate of -log p(x), nats, chunked over
                            points and samples; bits_per_dim converts nats to bits/dim
     active_units           latent dimensions u with Cov_x(E_q(z|x)[z_u]) > 0.01 (Burda et al.)
+    posterior_kl_terms     the ELBO's KL term and the minibatch MI estimate (Hoffman &
+                           Johnson 2016), at most log(batch size)
     consistency_1d         App. F.2: do the marginals of encoder and decoder match the priors?
     test_metrics           the metrics of one trained model on the test split
 
@@ -44,6 +46,10 @@ METRICS = {  # results.json / eval.json key: (label, unit)
     "test_nll_bpd": ("NLL (IWAE)", "bits/dim"),
     "test_rmse": ("reconstruction RMSE", "data units"),
     "test_knn5_acc": ("5-NN accuracy", "fraction"),
+    "test_kl": ("KL term of the ELBO", "nats"),
+    "test_marginal_kl": ("KL(q(z) || p(z))", "nats"),
+    "test_mi_batch": ("MI (minibatch)", "nats"),
+    "test_mi_batch_cap": ("cap of MI (minibatch), log B", "nats"),
     "train_seconds": ("training time", "s"),
 }
 AU_PREFIX = "test_au_"          # test_au_<latent group>: number of active units
@@ -61,6 +67,9 @@ KSG_K = 5                       # neighbours of the KSG estimator (Fig. 2: "KSG,
 EVAL_MAX_VALUES = 2 ** 22
 ENCODE_BATCH = 10_000           # points per encoder pass on low-dimensional x
 IWAE_MAX_CODES = 2 ** 20        # codes per decoder pass on low-dimensional x
+MI_BATCH = 1000                 # points per batch of the minibatch MI estimate: at most
+                                # log(1000) = 6.91 nats
+PAIRS_PER_PASS = 2 ** 14        # (x, z) pairs per encoder pass in that estimate
 
 
 def batch_limit(x_dim, cap):
@@ -144,6 +153,40 @@ def active_units(model, x, threshold=AU_THRESHOLD, batch_size=None):
 
 
 @torch.no_grad()
+def log_aggregate_posterior(q_z_given_x, z):
+    """log q_B(z_i) = log 1/B sum_j q(z_i|x_j), the aggregate posterior of the batch
+    behind q_z_given_x (batch B) at codes z (N, Z), in chunks of codes. (N,)"""
+    chunk = max(1, PAIRS_PER_PASS // q_z_given_x.batch_shape[0])
+    log_q = [mim.pairwise_log_prob(q_z_given_x, zc).logsumexp(0) for zc in z.split(chunk)]
+    return torch.cat(log_q) - math.log(q_z_given_x.batch_shape[0])
+
+
+@torch.no_grad()
+def posterior_kl_terms(model, x, batch=MI_BATCH):
+    """The ELBO's KL term and the minibatch estimate of I_q(x; z) that the critics paper
+    reports (its Sec. 4.2), after Hoffman & Johnson (2016). With z_i ~ q(z|x_i) and the
+    aggregate posterior q(z) estimated on a batch of B points by log_aggregate_posterior,
+        test_kl           E[log q(z|x) - log p(z)]     = E_x KL(q(z|x) || p(z))
+        test_marginal_kl  E[log q_B(z) - log p(z)]     ~ KL(q(z) || p(z))
+        test_mi_batch     their difference, E[log q(z_i|x_i) - log q_B(z_i)], which is at
+                          most test_mi_batch_cap = log B (every term is) and converges to
+                          I_q(x; z) from below as B grows.
+    The rows of x go in batches of B = min(batch, N); a last partial batch is dropped.
+    """
+    size = min(batch, len(x))
+    p_z, terms = model.p_z(), []
+    for xb in x[:len(x) // size * size].split(size):
+        q_z_given_x = model.q_z_given_x(xb)
+        z = q_z_given_x.sample()                                          # (B, Z)
+        log_q, log_p = q_z_given_x.log_prob(z), p_z.log_prob(z)
+        terms.append(torch.stack([log_q - log_p, log_aggregate_posterior(q_z_given_x, z)
+                                  - log_p]))
+    kl, marginal_kl = torch.cat(terms, dim=1).double().mean(1).tolist()
+    return {"test_kl": kl, "test_marginal_kl": marginal_kl, "test_mi_batch": kl - marginal_kl,
+            "test_mi_batch_cap": math.log(size)}
+
+
+@torch.no_grad()
 def reconstruction_rmse(model, x):
     """sqrt(mean_i |x_i - xhat_i|^2), Euclidean over the dimensions of x, where xhat_i is the
     mean of p(x | z_i) for one code z_i ~ q(z|x_i).
@@ -208,15 +251,16 @@ def knn_train_inputs(data, n=None):
 
 
 def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
-                 with_active_units=None):
+                 with_posterior_stats=None):
     """The metrics of Fig. 2-3 on the test split (those of App. F.2 too for 1-D models).
 
     Binary (image) data, Sec. 5.2-5.3 and Table 4-6: no KSG (it counts ties there, see
     ksg_counts_ties) and no RMSE (the paper reports none for images, and the PixelCNN
-    decoder has no mean); the NLL also in bits/dim. Active units are added when
-    with_active_units is true (default: for binary data, so that the toy results keep
-    their keys). nll_samples = 0 skips the NLL. The 5-NN classifier is fitted on the codes
-    of the first knn_train_size training points (default: all).
+    decoder has no mean); the NLL also in bits/dim. Active units, the ELBO's KL term and
+    the minibatch MI estimate are added when with_posterior_stats is true (default: for
+    binary data, so that the toy results keep their keys). nll_samples = 0 skips the NLL.
+    The 5-NN classifier is fitted on the codes of the first knn_train_size training
+    points (default: all).
     """
     model.eval()
     x_test, binary = data.x_test, data.binary
@@ -235,8 +279,9 @@ def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
         z_train.cpu(), data.y_train[:knn_train_size].cpu(), z_test.cpu(),
         data.y_test.cpu(), k=KNN_K)
     results["nll_samples"] = nll_samples
-    if binary if with_active_units is None else with_active_units:
+    if binary if with_posterior_stats is None else with_posterior_stats:
         results.update(active_units(model, x_test, batch_size=max_batch)[0])
+        results.update(posterior_kl_terms(model, x_test))
     if data.x_dim == 1 and z_test.shape[1] == 1 and data.anchor is not None:
         results.update(consistency_1d(model, data.anchor))
     return results
@@ -392,7 +437,10 @@ def plot_summary(varying, table, metrics, x_key, path):
                         yerr=[p[1][m][1] for p in points], marker="o", capsize=3, label=name)
         label, unit = describe(m)
         ax.set(title=label or m, xlabel=x_key, ylabel=unit)
-    np.atleast_1d(axes)[0].legend()
+        if isinstance(points[0][0], str):                 # categories, e.g. --x loss
+            ax.tick_params(axis="x", labelrotation=60)
+    if len(series) > 1:
+        np.atleast_1d(axes)[0].legend()
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
 
@@ -600,7 +648,7 @@ def evaluate_run(run_dir, device, nll_samples=NLL_SAMPLES, test_size=None,
     model, cfg = mim.load_checkpoint(path, device)
     data = first_test_points(mim.load_data(cfg), test_size).to(device)
     results = test_metrics(model, data, nll_samples, knn_train_size, max_batch,
-                           with_active_units=True)
+                           with_posterior_stats=True)
     results.update(test_size=len(data.x_test), knn_train_size=len(
         data.x_train[:knn_train_size]))
     mim.write_json(os.path.join(run_dir, "eval.json"), results)

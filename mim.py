@@ -24,6 +24,9 @@ Notation
     L_CE                ce_loss                       CE(M_S, M_theta), Eq. 7
     L_A-MIM             amim_loss                     Eq. 8 with M_S^q = q(z|x)P(x) only, Eq. 12
     L_VAE               vae_loss                      negative ELBO, Eq. 2 / 26
+    -                   infomax_loss, critic_loss     for comparison: the ELBO plus a bound
+                                                      of I_q(x; z) from a critic (InfoMax-VAE;
+                                                      inference critics)
 
 All log-densities are normalized and in nats. Each objective is a pure function
 `(model, x, weights) -> (loss, stats)`; `train` fits a model with Adam, warm-up and
@@ -37,6 +40,7 @@ also uses datasets.py and evaluate.py from this repository.
 """
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -99,8 +103,19 @@ class Config:
     components: int = _help("components of the mog q(x)", default=10)
     std_floor: float = _help("floor added to every Gaussian standard deviation",
                              default=STD_FLOOR)
-    loss: str = _help("objective: mim (Eq. 8), amim (Eq. 12), vae (negative ELBO) or ce "
-                      "(Eq. 7)", default="mim")
+    loss: str = _help("objective: mim (Eq. 8), amim (Eq. 12), vae (negative ELBO), ce "
+                      "(Eq. 7); for comparison infomax (InfoMax-VAE) or the inference "
+                      "critics critic-self, critic-nn, critic-hybrid", default="mim")
+    alpha: float = _help("infomax: weight of the mutual-information bound (InfoMax-VAE "
+                         "Eq. 3; 10 in its Sec. 6.1)", default=10.0)
+    beta: float = _help("infomax: weight of the ELBO's KL term (InfoMax-VAE Eq. 3)",
+                        default=1.0)
+    mi_bound: str = _help("infomax: f (f-divergence dual with f(t) = t log t, its Eq. 6) or "
+                          "dv (Donsker-Varadhan, its Eq. 12)", default="f")
+    critic_weight: float = _help("critic-*: weight lambda of the InfoNCE term (critics "
+                                 "paper, Alg. 1; Eq. 7 has 1)", default=1.0)
+    critic_lr: float = _help("Adam learning rate of a critic network (InfoMax-VAE App. D)",
+                             default=1e-4)
     warmup: int = _help("warm-up epochs (Sec. 5)", default=3)
     warmup_mode: str = _help("paper: weight on CE(M_S, p(x,z)) rises 0 -> 1/2 (Sec. 5); "
                              "authors: their code's schedule (see warmup_weights)",
@@ -148,6 +163,13 @@ def bernoulli(logits):
 
 def positive_scale(raw, floor):
     return F.softplus(raw) + floor
+
+
+def pairwise_log_prob(q_z_given_x, z):
+    """log q(z_i | x_j) for every pair: an encoder distribution of batch (B_x,) and codes
+    z (B_z, Z) give (B_x, B_z). The codes broadcast against the batch, so each x is encoded
+    once (the inference critics' self-critic and the minibatch MI estimate)."""
+    return q_z_given_x.log_prob(z.unsqueeze(-2)).T                     # (B_z, B_x) -> (B_x, B_z)
 
 
 class StandardNormal(nn.Module):
@@ -290,7 +312,11 @@ class GaussianMLP(nn.Module):
     def __init__(self, in_dim, out_dim, hidden, activation="tanh", floor=STD_FLOOR):
         super().__init__()
         self.net = two_layer_mlp(in_dim, 2 * out_dim, hidden, activation)
-        self.floor = floor
+        self.floor, self.feature_dim = floor, hidden
+
+    def features(self, v):                                  # (B, in_dim) -> (B, hidden)
+        """The first layer: what the hybrid inference critic shares."""
+        return self.net[:2](v)
 
     def forward(self, v):                                   # (B, in_dim)
         loc, raw = self.net(v).chunk(2, dim=-1)             # (B, out_dim) each
@@ -363,7 +389,7 @@ class TwoLevelEncoder(nn.Module):
         super().__init__()
         c, height, width = image_shape
         features = 6 * (height // 4) * (width // 4)
-        self.image_shape, self.z_dim = image_shape, z_dim
+        self.image_shape, self.z_dim, self.feature_dim = image_shape, z_dim, features
         self.z2_features = conv_features(c, 7, 5)
         self.z2_mean, self.z2_logvar = nn.Linear(features, z_dim), nn.Linear(features, z_dim)
         self.z1_features = conv_features(c, 3, 3)
@@ -371,13 +397,16 @@ class TwoLevelEncoder(nn.Module):
         self.z1_joint = gated_dense(2 * features, HIDDEN)
         self.z1_mean, self.z1_logvar = nn.Linear(HIDDEN, z_dim), nn.Linear(HIDDEN, z_dim)
 
-    def q_z2_given_x(self, x):                              # (B, D) -> over (B, Z)
-        h = self.z2_features(x.view(-1, *self.image_shape))
-        return bounded_gaussian(h, self.z2_mean, self.z2_logvar)
+    def features(self, x):                                  # (B, D) -> (B, F)
+        """The convolutions of q(z2|x): what the hybrid inference critic shares."""
+        return self.z2_features(x.view(-1, *self.image_shape))
 
-    def q_z1_given_x_z2(self, h_x, z2):                     # (B, F), (..., B, Z)
-        h_z2 = self.z1_from_z2(z2)                          # (..., B, F)
-        h = self.z1_joint(torch.cat([h_x.expand_as(h_z2), h_z2], dim=-1))
+    def q_z2_given_x(self, x):                              # (B, D) -> over (B, Z)
+        return bounded_gaussian(self.features(x), self.z2_mean, self.z2_logvar)
+
+    def q_z1_given_x_z2(self, h_x, z2):                     # (B, F), (..., B or 1, Z)
+        h_z2 = self.z1_from_z2(z2)                          # (..., B or 1, F)
+        h = self.z1_joint(torch.cat(torch.broadcast_tensors(h_x, h_z2), dim=-1))
         return bounded_gaussian(h, self.z1_mean, self.z1_logvar)
 
     def forward(self, x):
@@ -478,23 +507,74 @@ class PixelDecoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
+# Networks: the critics of two other remedies for posterior collapse (--loss infomax,
+# critic-nn, critic-hybrid). Neither paper gives a critic for our architectures: x goes
+# through a fresh copy of the encoder's first layers (see x_trunk), z through an MLP.
+# ----------------------------------------------------------------------------------------
+
+CRITIC_DIM = 64              # embedding size of g(x) and h(z) in a separable critic
+
+
+def x_trunk(cfg, x_dim, image_shape):
+    """A new network with the design of the encoder's first layers, and its output size:
+    one dense layer on vectors, the gated convolutions of q(z2|x) on images."""
+    if image_shape is None:
+        return nn.Sequential(nn.Linear(x_dim, cfg.hidden), ACTIVATIONS[cfg.activation]()), \
+            cfg.hidden
+    c, height, width = image_shape
+    return (nn.Sequential(nn.Unflatten(1, image_shape), conv_features(c, 7, 5)),
+            6 * (height // 4) * (width // 4))
+
+
+class JointCritic(nn.Module):
+    """InfoMax-VAE's t(x, z) (its Eq. 5-6 and Fig. 1): an MLP on x's features and z."""
+
+    def __init__(self, trunk, feature_dim, z_dim, hidden, activation):
+        super().__init__()
+        self.trunk = trunk
+        self.net = two_layer_mlp(feature_dim + z_dim, 1, hidden, activation)
+
+    def forward(self, x, z):                                # (B, D), (B, Z) -> (B,)
+        return self.net(torch.cat([self.trunk(x), z], dim=-1)).squeeze(-1)
+
+
+class SeparableCritic(nn.Module):
+    """An inference critic scoring every pair at once, score(x_j, z_i) = g(x_j) . h(z_i),
+    with one pass per x and one per z (the critics paper, Sec. 4.5). The neural critic has
+    its own trunk for x; the hybrid one (trunk None) reads the encoder's first layers."""
+
+    def __init__(self, trunk, feature_dim, z_dim, hidden, activation):
+        super().__init__()
+        self.trunk = trunk
+        self.g = nn.Linear(feature_dim, CRITIC_DIM)
+        self.h = two_layer_mlp(z_dim, CRITIC_DIM, hidden, activation)
+
+    def forward(self, x, z, encoder):                       # (B_x, D), (B_z, Z)
+        h_x = encoder.features(x) if self.trunk is None else self.trunk(x)
+        return self.g(h_x) @ self.h(z).T                    # (B_x, B_z)
+
+
+# ----------------------------------------------------------------------------------------
 # The model: encoder, decoder, priors and the latent anchor
 # ----------------------------------------------------------------------------------------
 
 class Model(nn.Module):
-    """q(z|x), p(x|z), p(z), q(x) (None for the marginal of Eq. 16) and the anchor P(z).
+    """q(z|x), p(x|z), p(z), q(x) (None for the marginal of Eq. 16), the anchor P(z) and,
+    for the objectives that train one, a critic network.
 
     `prior` is p(z), or p(z2) of a two-level model (one with `p_z1_given_z2`), whose latent
     z = (z1, z2) has p(z) = p(z2) p(z1|z2) and the anchor P(z) = N(0, I) over both levels.
     """
 
-    def __init__(self, q_z_given_x, p_x_given_z, prior, q_x, z_dim, p_z1_given_z2=None):
+    def __init__(self, q_z_given_x, p_x_given_z, prior, q_x, z_dim, p_z1_given_z2=None,
+                 critic=None):
         super().__init__()
         self.q_z_given_x = q_z_given_x
         self.p_x_given_z = p_x_given_z
         self.prior = prior
         self.q_x = q_x
         self.p_z1_given_z2 = p_z1_given_z2
+        self.critic = critic                                # infomax / critic-nn / -hybrid
         self.z_dim = z_dim
         if p_z1_given_z2 is None:
             self.latent_groups = {"z": (0, z_dim)}
@@ -570,6 +650,20 @@ ARCHS = {"mlp": build_mlp, "convhvae": build_two_level(ConvDecoder),
          "pixelhvae": build_two_level(PixelDecoder)}
 
 
+def build_critic(cfg, x_dim, image_shape, encoder):
+    """The network of --loss infomax, critic-nn or critic-hybrid, else None (the
+    self-critic scores pairs with the encoder itself and adds no parameters)."""
+    flat = cfg.arch == "mlp"
+    hidden, z_dim = (cfg.hidden, cfg.z_dim) if flat else (HIDDEN, 2 * cfg.z_dim)
+    if cfg.loss == "critic-hybrid":
+        return SeparableCritic(None, encoder.feature_dim, z_dim, hidden, cfg.activation)
+    if cfg.loss in ("infomax", "critic-nn"):
+        network = JointCritic if cfg.loss == "infomax" else SeparableCritic
+        trunk, feature_dim = x_trunk(cfg, x_dim, None if flat else image_shape)
+        return network(trunk, feature_dim, z_dim, hidden, cfg.activation)
+    return None
+
+
 def build_model(cfg, x_dim, binary=False, x_init=None, image_shape=None):
     """The model that `cfg` names, for x of x_dim dimensions (binary or continuous, images
     of image_shape (C, H, W) when given); x_init (N, D) are training points to start
@@ -579,7 +673,8 @@ def build_model(cfg, x_dim, binary=False, x_init=None, image_shape=None):
                          "for binary data")
     encoder, decoder, p_z1_given_z2 = ARCHS[cfg.arch](cfg, x_dim, binary, image_shape)
     return Model(encoder, decoder, PRIORS[cfg.prior](cfg, x_dim, x_init, binary),
-                 DATA_PRIORS[cfg.q_x](cfg, x_dim, x_init), cfg.z_dim, p_z1_given_z2)
+                 DATA_PRIORS[cfg.q_x](cfg, x_dim, x_init), cfg.z_dim, p_z1_given_z2,
+                 build_critic(cfg, x_dim, image_shape, encoder))
 
 
 # ----------------------------------------------------------------------------------------
@@ -735,6 +830,20 @@ def ce_loss(model, x, w=FULL):
     return loss, {**cross_entropy_stats(enc, dec), "loss": value}
 
 
+def elbo_terms(model, x):
+    """z ~ q(z|x) (B, Z) and the two terms of the negative ELBO, -log p(x|z) and the
+    one-sample KL estimate log q(z|x) - log p(z), each (B,); also q(z|x) itself."""
+    q_z_given_x = model.q_z_given_x(x)
+    z = q_z_given_x.rsample()                                           # (B, Z)
+    rec = -model.p_x_given_z(z).log_prob(x)                             # (B,)
+    kl = q_z_given_x.log_prob(z) - model.log_p_z(z)                     # (B,)
+    return q_z_given_x, z, rec, kl
+
+
+def elbo_stats(rec, kl):
+    return {"loss": (rec + kl).mean().item(), "rec": rec.mean().item(), "kl": kl.mean().item()}
+
+
 def vae_loss(model, x, w=FULL):
     """L_VAE: the negative ELBO, E_q(z|x)[-log p(x|z) + w.kl (log q(z|x) - log p(z))].
 
@@ -742,15 +851,100 @@ def vae_loss(model, x, w=FULL):
     Eq. 2 up to a constant; Eq. 15 writes the same loss (times 1/2) as cross-entropies.
     The KL term is a one-sample Monte Carlo estimate, valid for any prior p(z).
     """
-    q_z_given_x = model.q_z_given_x(x)
-    z = q_z_given_x.rsample()                                           # (B, Z)
-    rec = -model.p_x_given_z(z).log_prob(x)                             # (B,)
-    kl = q_z_given_x.log_prob(z) - model.log_p_z(z)                     # (B,)
-    stats = {"loss": (rec + kl).mean().item(), "rec": rec.mean().item(), "kl": kl.mean().item()}
-    return (rec + w.kl * kl).mean(), stats
+    _, _, rec, kl = elbo_terms(model, x)
+    return (rec + w.kl * kl).mean(), elbo_stats(rec, kl)
 
 
-LOSSES = {"mim": mim_loss, "amim": amim_loss, "vae": vae_loss, "ce": ce_loss}
+# ----------------------------------------------------------------------------------------
+# Objectives of two other remedies for posterior collapse, for comparison: the ELBO plus a
+# mutual-information term. Their "loss" stat is the negative ELBO, the quantity the
+# critics paper (its Sec. 4) and our early stopping track.
+# ----------------------------------------------------------------------------------------
+
+def shuffled_pairs(z):
+    """z (B, Z) reordered by a random cyclic derangement sigma, so that (x_i, z_sigma(i)),
+    sigma(i) != i, are samples of q(x) q(z) for an i.i.d. batch: the permutation of Alg. 1,
+    line 5 of InfoMax-VAE (a plain permutation would leave one pair matched on average)."""
+    order = torch.randperm(len(z), device=z.device)
+    sigma = torch.empty_like(order)
+    sigma[order] = order.roll(-1)                           # order[k] -> order[k + 1]
+    return z[sigma]
+
+
+def kl_dual(t_joint, t_marginal, bound="f"):
+    """A variational lower bound of KL(P || Q) from critic values on samples of P and Q.
+
+    f:  the f-divergence dual with f(t) = t log t, E_P[t] - E_Q[exp(t - 1)] (InfoMax-VAE
+        Eq. 6); tight at t = 1 + log dP/dQ.
+    dv: Donsker-Varadhan, E_P[t] - log E_Q[exp t] (its App. C, Eq. 12); tight at
+        t = log dP/dQ + any constant, and never below the f bound of the same t + 1.
+    """
+    if bound == "f":
+        return t_joint.mean() - torch.exp(t_marginal - 1).mean()
+    return t_joint.mean() - (torch.logsumexp(t_marginal, 0) - math.log(len(t_marginal)))
+
+
+MI_BOUNDS = ("f", "dv")
+
+
+def infomax_loss(model, x, w=FULL, alpha=10.0, beta=1.0, bound="f"):
+    """InfoMax-VAE (Rezaabad & Vishwanath), its Eq. 3-6 and Algorithm 1: the negative ELBO
+    with weight beta on the KL, minus alpha times a dual bound of I_q(x; z) =
+    KL(q(x, z) || q(x) q(z)) from the critic t(x, z) on matched and shuffled pairs.
+
+    One loss serves both of Algorithm 1's updates: the critic's parameters (their own
+    Adam group, --critic-lr) get alpha times its line-7 gradient, which Adam's scale
+    invariance makes the same step. Defaults: alpha = 10, beta = 1 (its Sec. 6.1).
+    """
+    _, z, rec, kl = elbo_terms(model, x)
+    mi = kl_dual(model.critic(x, z), model.critic(x, shuffled_pairs(z)), bound)
+    loss = (rec + w.kl * beta * kl).mean() - alpha * mi
+    return loss, {**elbo_stats(rec, kl), "mi_dual": mi.item()}
+
+
+def infonce(scores):
+    """The InfoNCE bound of I(x; z) from scores (B, B) with scores[j, i] = f(x_j, z_i):
+    log B plus the critics paper's Eq. 6, the mean over z_i of the log-probability of
+    picking its own x_i. At most log B; log B for a critic that always picks right."""
+    picks = torch.log_softmax(scores, dim=0).diagonal()                # (B,)
+    return picks.mean() + math.log(len(picks))
+
+
+def self_critic_scores(model, x, q_z_given_x, z):
+    """The self-critic f(x, z) = log q(z|x) (the critics paper, Sec. 3.3): no parameters."""
+    return pairwise_log_prob(q_z_given_x, z)
+
+
+def network_critic_scores(model, x, q_z_given_x, z):
+    return model.critic(x, z, model.q_z_given_x)
+
+
+def critic_loss(model, x, w=FULL, weight=1.0, scores=self_critic_scores):
+    """Forget-me-not regularization (Menon, Blei & Vondrick), Eq. 7 and Algorithm 1: the
+    negative ELBO minus weight (lambda) times the InfoNCE objective of Eq. 6 on the batch's
+    pairs (Eq. 5: matched pairs from q(x, z), the others from q(x) q(z)). We add log B to
+    Eq. 6, a constant, so that the reported value is the MI bound of its Eq. 15."""
+    q_z_given_x, z, rec, kl = elbo_terms(model, x)
+    mi = infonce(scores(model, x, q_z_given_x, z))
+    loss = (rec + w.kl * kl).mean() - weight * mi
+    return loss, {**elbo_stats(rec, kl), "infonce": mi.item()}
+
+
+LOSSES = {"mim": mim_loss, "amim": amim_loss, "vae": vae_loss, "ce": ce_loss,
+          "infomax": infomax_loss,
+          "critic-self": critic_loss,
+          "critic-nn": functools.partial(critic_loss, scores=network_critic_scores),
+          "critic-hybrid": functools.partial(critic_loss, scores=network_critic_scores)}
+
+
+def objective(cfg):
+    """The loss function (model, x, w) -> (loss, stats) of --loss, with its weights."""
+    if cfg.loss == "infomax":
+        return functools.partial(infomax_loss, alpha=cfg.alpha, beta=cfg.beta,
+                                 bound=cfg.mi_bound)
+    if cfg.loss.startswith("critic-"):
+        return functools.partial(LOSSES[cfg.loss], weight=cfg.critic_weight)
+    return LOSSES[cfg.loss]
 
 
 # ----------------------------------------------------------------------------------------
@@ -871,9 +1065,9 @@ def train(model, cfg, x_train, x_val, on_epoch=log_line, binarize=False, checkpo
     state. train(..., resume=state) continues from such a state (with model already
     holding its weights) exactly as the uninterrupted run would have.
     """
-    loss_fn, patience = LOSSES[cfg.loss], cfg.patience
+    loss_fn, patience = objective(cfg), cfg.patience
     patience = max(1, cfg.warmup) if patience is None else patience
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = optimizer(model, cfg)
     progress = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "history": [],
                 "finished": False}
     best_state = None
@@ -905,6 +1099,16 @@ def train(model, cfg, x_train, x_val, on_epoch=log_line, binarize=False, checkpo
     if best_state is None:                    # warm-up never ended: keep the last weights
         progress["best_epoch"], best_state = progress["epoch"], snapshot(model)
     return best_state, progress["best_epoch"], progress["epoch"], progress["history"]
+
+
+def optimizer(model, cfg):
+    """Adam; a critic network's parameters form their own group with --critic-lr, which
+    for Adam is the same as the separate optimizer of InfoMax-VAE's Algorithm 1."""
+    critic = set(model.critic.parameters()) if model.critic is not None else set()
+    groups = [{"params": [p for p in model.parameters() if p not in critic], "lr": cfg.lr}]
+    if critic:
+        groups.append({"params": list(model.critic.parameters()), "lr": cfg.critic_lr})
+    return torch.optim.Adam(groups)
 
 
 def rng_state(device):
@@ -1013,7 +1217,7 @@ def load_checkpoint(path, device="cpu"):
 # ----------------------------------------------------------------------------------------
 
 CHOICES = {"arch": ARCHS, "activation": ACTIVATIONS, "prior": PRIORS, "q_x": DATA_PRIORS,
-           "loss": LOSSES, "warmup_mode": WARMUP_MODES, "device": ("auto", "cpu", "cuda")}
+           "loss": LOSSES, "mi_bound": MI_BOUNDS, "warmup_mode": WARMUP_MODES, "device": ("auto", "cpu", "cuda")}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1042,9 +1246,11 @@ def parse_args(argv=None):
                  "batch_size", "train_size"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if cfg.lr <= 0 or cfg.std_floor <= 0 or cfg.warmup < 0 or (cfg.nll_samples or 0) < 0:
-        parser.error("--lr and --std-floor must be positive, --warmup and --nll-samples "
-                     "not negative")
+    if min(cfg.lr, cfg.critic_lr, cfg.std_floor) <= 0:
+        parser.error("--lr, --critic-lr and --std-floor must be positive")
+    if min(cfg.warmup, cfg.nll_samples or 0, cfg.alpha, cfg.beta, cfg.critic_weight) < 0:
+        parser.error("--warmup, --nll-samples, --alpha, --beta and --critic-weight must "
+                     "not be negative")
     return cfg
 
 

@@ -6,6 +6,9 @@
 #                               to convergence: patience 20 rather than the warm-up length)
 #   fig3/                       Fig. 3: MIM vs VAE on 20-D PCA Fashion-MNIST against the
 #                               latent dimension
+#   collapse/                   posterior-collapse remedies side by side on the 20-D GMM of
+#                               App. F.5 with a 20-D latent: VAE, MIM, A-MIM, InfoMax-VAE
+#                               and the three inference critics, same network and budget
 #   images/                     Sec. 5.2-5.3, Fig. 4 (NLL), Fig. 6 (5-NN) and Fig. 7-8
 #                               (t-SNE): MIM / A-MIM vs VAE, convHVAE and PixelHVAE, standard
 #                               and VampPrior priors, on MNIST, Fashion-MNIST and Omniglot
@@ -77,6 +80,12 @@ export -f train
            "--prior mog --q-x mog --loss $loss --patience 20 --seed $seed --nll-samples $nll"
     done
   done
+  for seed in $seeds; do
+    for loss in vae mim amim infomax critic-self critic-nn critic-hybrid; do
+      echo "results/collapse/$loss-s$seed --data toy20d --z-dim 20 --hidden 50 --loss $loss" \
+           "--seed $seed --nll-samples $nll"
+    done
+  done
   for seed in $pca_seeds; do
     for z in $pca_dims; do
       for loss in mim vae; do
@@ -95,6 +104,11 @@ done
 python evaluate.py --summary results/f2
 python evaluate.py results/f2/{mim,ce}-s1 --nll-samples "$nll"
 python evaluate.py --summary results/fig3 --x z_dim
+# eval.json adds active units, the ELBO's KL term and the minibatch MI to each run
+for run in results/collapse/*-s*/; do
+  [[ -f $run/eval.json ]] || python evaluate.py "$run" --nll-samples "$nll" > "${run%/}.eval.log"
+done
+python evaluate.py --summary results/collapse --x loss
 
 # Sec. 5.2: MIM (convHVAE) and A-MIM (PixelHVAE, whose sampling is too slow for MIM's
 # decoder samples) against the VAE with the same network, each prior (arch:prior:loss).

@@ -61,6 +61,9 @@ AU_DDOF = 1                     # the covariance over data points is the unbiase
 KNN_K = 5                       # Sec. 5.3: 5-NN
 KNN_BINARIZATION_SEED = 0       # the one binarization of grey-level training images for 5-NN
 KSG_K = 5                       # neighbours of the KSG estimator (Fig. 2: "KSG, k=5")
+KDTREE_MAX_DIM = 20             # joint dimensions up to which KSG uses k-d trees; above,
+                                # they degrade towards N^2 and a brute-force pass wins
+KSG_CHUNK_VALUES = 2 ** 22      # pairwise distances per chunk of the brute-force pass
 # Forward passes are chunked so that no tensor of x-sized values holds more than
 # EVAL_MAX_VALUES floats (16 MiB): 5,350 images of 784 pixels; hidden activations of
 # the networks are a modest multiple of that. Low-dimensional x keeps the older caps.
@@ -111,12 +114,36 @@ def ksg_mi(x, z, k=5):
                          f"points are max-norm distance 1 apart and KSG counts ties, not "
                          f"information; use continuous x (--data pca_fashion_mnist) or "
                          f"binary x of at most log2(N/k) dimensions")
+    counts = ksg_counts_tree if x.shape[1] + z.shape[1] <= KDTREE_MAX_DIM else ksg_counts_brute
+    n_x1, n_z1 = counts(x, z, k)
+    return float(digamma(k) + digamma(len(x)) - np.mean(digamma(n_x1) + digamma(n_z1)))
+
+
+def ksg_counts_tree(x, z, k):
+    """n_x(i) + 1 and n_z(i) + 1 (each point counts itself) by k-d trees, one query for
+    all points: fast in low dimension, about N log N."""
     joint = np.hstack([x, z])
     eps = cKDTree(joint).query(joint, k=k + 1, p=np.inf, workers=-1)[0][:, k]
     radius = np.nextafter(eps, 0)  # strictly inside eps; the count includes the point itself
     n_x1 = cKDTree(x).query_ball_point(x, radius, p=np.inf, return_length=True, workers=-1)
     n_z1 = cKDTree(z).query_ball_point(z, radius, p=np.inf, return_length=True, workers=-1)
-    return float(digamma(k) + digamma(len(x)) - np.mean(digamma(n_x1) + digamma(n_z1)))
+    return n_x1, n_z1
+
+
+def ksg_counts_brute(x, z, k):
+    """The same counts from all pairwise max-norm distances, in chunks of rows: N^2 work,
+    but without the k-d trees' collapse in high dimension. The joint max-norm distance is
+    the larger of the two marginal ones, so two distance passes suffice; float64 and
+    exact (a max of absolute differences), so the counts equal the trees'."""
+    x, z = torch.from_numpy(x), torch.from_numpy(z)
+    n_x1, n_z1 = [], []
+    for rows in torch.arange(len(x)).split(max(1, KSG_CHUNK_VALUES // len(x))):
+        d_x = torch.cdist(x[rows], x, p=math.inf)                       # (chunk, N)
+        d_z = torch.cdist(z[rows], z, p=math.inf)
+        eps = torch.maximum(d_x, d_z).kthvalue(k + 1, dim=1, keepdim=True).values
+        n_x1.append((d_x < eps).sum(1))                                   # self: 0 < eps
+        n_z1.append((d_z < eps).sum(1))
+    return torch.cat(n_x1).numpy(), torch.cat(n_z1).numpy()
 
 
 def knn_accuracy(z_train, y_train, z_test, y_test, k=5):

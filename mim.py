@@ -128,6 +128,8 @@ class Config:
     lr: float = _help("Adam learning rate", default=1e-3)
     seed: int = _help("seed of initialisation and sampling", default=1)
     device: str = _help("auto, cpu or cuda", default="auto")
+    amp: bool = _help("run the networks in bfloat16 (autocast); log-densities, logsumexp "
+                      "and losses stay in float32", default=False)
     nll_samples: Optional[int] = _help("importance samples per test point for the test NLL "
                                        "(default: 1000; 0 = skip, the default for images, "
                                        "whose NLL evaluate.py computes)", default=None)
@@ -151,14 +153,24 @@ class UsageError(Exception):
 # Distributions: normalized log-densities in nats, reparameterized where possible
 # ----------------------------------------------------------------------------------------
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def full_precision(t):
+    """Network outputs are bf16 under --amp; every density is evaluated in float32 (or in
+    the float64 of a model made .double())."""
+    return t.float() if t.dtype in LOW_PRECISION else t
+
+
 def diag_gaussian(loc, scale):
     """N(loc, diag(scale^2)) over the last dimension: rsample and log_prob (sums over dims)."""
-    return D.Independent(D.Normal(loc, scale, validate_args=False), 1)
+    return D.Independent(D.Normal(full_precision(loc), full_precision(scale),
+                                  validate_args=False), 1)
 
 
 def bernoulli(logits):
     """Independent Bernoulli variables over the last dimension, parameterized by logits."""
-    return D.Independent(D.Bernoulli(logits=logits, validate_args=False), 1)
+    return D.Independent(D.Bernoulli(logits=full_precision(logits), validate_args=False), 1)
 
 
 def positive_scale(raw, floor):
@@ -290,7 +302,7 @@ class PixelCNNBernoulli(D.Distribution):
                 crop_x, crop_c = x[:, :, top:row + 1], self.cond[:, :, top:row + 1]
                 for col in range(self.image_shape[2]):
                     logits = self.net(crop_x, crop_c)[:, :, row - top, col]
-                    x[:, :, row, col] = torch.bernoulli(torch.sigmoid(logits))
+                    x[:, :, row, col] = torch.bernoulli(torch.sigmoid(full_precision(logits)))
             return x.flatten(1)
 
 
@@ -319,7 +331,7 @@ class GaussianMLP(nn.Module):
         return self.net[:2](v)
 
     def forward(self, v):                                   # (B, in_dim)
-        loc, raw = self.net(v).chunk(2, dim=-1)             # (B, out_dim) each
+        loc, raw = full_precision(self.net(v)).chunk(2, dim=-1)  # (B, out_dim) each
         return diag_gaussian(loc, positive_scale(raw, self.floor))
 
 
@@ -351,7 +363,7 @@ PIXELCNN_LAYERS = 8          # masked convolutions: one of type A, then type B
 
 
 def bounded_gaussian(h, mean_layer, logvar_layer):
-    logvar = logvar_layer(h).clamp(*LOGVAR_BOUNDS)
+    logvar = full_precision(logvar_layer(h)).clamp(*LOGVAR_BOUNDS)
     return diag_gaussian(mean_layer(h), torch.exp(0.5 * logvar))
 
 
@@ -879,6 +891,7 @@ def kl_dual(t_joint, t_marginal, bound="f"):
     dv: Donsker-Varadhan, E_P[t] - log E_Q[exp t] (its App. C, Eq. 12); tight at
         t = log dP/dQ + any constant, and never below the f bound of the same t + 1.
     """
+    t_joint, t_marginal = full_precision(t_joint), full_precision(t_marginal)
     if bound == "f":
         return t_joint.mean() - torch.exp(t_marginal - 1).mean()
     return t_joint.mean() - (torch.logsumexp(t_marginal, 0) - math.log(len(t_marginal)))
@@ -906,7 +919,7 @@ def infonce(scores):
     """The InfoNCE bound of I(x; z) from scores (B, B) with scores[j, i] = f(x_j, z_i):
     log B plus the critics paper's Eq. 6, the mean over z_i of the log-probability of
     picking its own x_i. At most log B; log B for a critic that always picks right."""
-    picks = torch.log_softmax(scores, dim=0).diagonal()                # (B,)
+    picks = torch.log_softmax(full_precision(scores), dim=0).diagonal()  # (B,)
     return picks.mean() + math.log(len(picks))
 
 
@@ -988,7 +1001,8 @@ def train_epoch(model, loss_fn, opt, x_train, cfg, epoch, binarize=False):
         x = x_train[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
         x = torch.bernoulli(x) if binarize else x
         w = warmup_weights(cfg.warmup_mode, epoch - 1 + i / n_batches, cfg.warmup)
-        loss, stats = loss_fn(model, x, w)
+        with autocast(x.device, cfg.amp):
+            loss, stats = loss_fn(model, x, w)
         if not torch.isfinite(loss):
             raise UsageError(f"the loss became {loss.item()} in epoch {epoch}; "
                              "lower --lr or raise --std-floor")
@@ -1034,10 +1048,17 @@ def validate(model, loss_fn, x_val, cfg):
     with torch.random.fork_rng(devices=cuda_devices(x_val.device)):
         torch.manual_seed(VALIDATION_SEED)
         for x in x_val.split(cfg.batch_size):
-            _, stats = loss_fn(model, x, FULL)
+            with autocast(x.device, cfg.amp):
+                _, stats = loss_fn(model, x, FULL)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v * len(x) / len(x_val)
     return totals
+
+
+def autocast(device, enabled):
+    """bfloat16 autocast of matrix products and convolutions (--amp); the distributions
+    cast network outputs back to float32 (full_precision)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def cuda_devices(device):
@@ -1229,10 +1250,13 @@ def parse_args(argv=None):
     """A Config from command-line flags, one per field (--z-dim for z_dim)."""
     parser = OneLineParser(prog="mim.py", description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
+        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(flag, action="store_true", help=text)
+            continue
         kind = {Optional[int]: int, Optional[str]: str}.get(f.type, f.type)
         choices = list(CHOICES[f.name]) if f.name in CHOICES else None
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                            choices=choices, help=f.metadata["help"] +
+        parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=text +
                             (f" (default: {f.default})" if f.default is not None else ""))
     args = vars(parser.parse_args(argv))
     if args["resume"]:

@@ -395,11 +395,23 @@ def ksg_by_definition(x, z, k):
     return digamma(k) + digamma(len(x)) - np.mean(digamma(n_x + 1) + digamma(n_z + 1))
 
 
-def test_ksg_equals_its_definition():
+@pytest.mark.parametrize("dims", [(2, 3), (12, 12)])         # k-d trees; brute force
+def test_ksg_equals_its_definition(dims):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((400, 2))
-    z = x @ rng.standard_normal((2, 3)) + 0.5 * rng.standard_normal((400, 3))
+    x = rng.standard_normal((400, dims[0]))
+    z = x @ rng.standard_normal(dims) + 0.5 * rng.standard_normal((400, dims[1]))
+    assert (sum(dims) <= evaluate.KDTREE_MAX_DIM) == (dims == (2, 3))
     assert evaluate.ksg_mi(x, z) == pytest.approx(ksg_by_definition(x, z, 5), abs=1e-9)
+
+
+@pytest.mark.parametrize("dims", [(2, 2), (20, 20)])
+def test_ksg_tree_and_brute_force_counts_agree_also_with_ties(dims):
+    """Rounded values put many points at exactly eps: both must count strictly inside."""
+    rng = np.random.default_rng(1)
+    x = np.round(rng.standard_normal((1500, dims[0])), 1)
+    z = np.round(x[:, :1] + rng.standard_normal((1500, dims[1])), 1)
+    tree, brute = (f(x, z, 5) for f in (evaluate.ksg_counts_tree, evaluate.ksg_counts_brute))
+    assert all(np.array_equal(a, b) for a, b in zip(tree, brute))
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.6, 0.9])
@@ -1667,3 +1679,33 @@ def test_infomax_dv_bound_and_weights_reach_the_objective():
     (l0, s0), (l2, s2) = values[0.0], values[2.0]
     assert l0.item() == pytest.approx(s0["rec"] + s0["kl"], rel=1e-5)
     assert l2.item() == pytest.approx(l0.item() - 2.0 * s2["mi_dual"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# --amp: bfloat16 networks, float32 densities
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("loss", ["vae", "mim", "critic-hybrid"])
+def test_amp_runs_networks_in_bf16_and_densities_in_float32(loss):
+    torch.manual_seed(0)
+    cfg = mim.Config(data="mnist", arch="convhvae", prior="vamp", prior_components=5,
+                     z_dim=4, loss=loss, amp=True)
+    model = mim.build_model(cfg, 784, True, x_init=torch.rand(20, 784), image_shape=(1, 28, 28))
+    x = torch.bernoulli(torch.full((8, 784), 0.3))
+    with mim.autocast(x.device, True):
+        assert model.q_z_given_x.z2_features(x.view(-1, 1, 28, 28)).dtype == torch.bfloat16
+        q_z_given_x = model.q_z_given_x(x)
+        z = q_z_given_x.rsample()
+        assert q_z_given_x.top.base_dist.loc.dtype == torch.float32
+        assert model.p_x_given_z(z).base_dist.logits.dtype == torch.float32
+        assert model.log_p_z(z).dtype == torch.float32
+        torch.manual_seed(1)
+        low, _ = mim.objective(cfg)(model, x, mim.FULL)
+    torch.manual_seed(1)
+    full, _ = mim.objective(cfg)(model, x, mim.FULL)
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(full.item(), rel=0.02)   # bf16 keeps 8 bits
+
+
+def test_amp_is_a_switch():
+    assert mim.parse_args(["--amp"]).amp and not mim.parse_args([]).amp

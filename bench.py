@@ -1,0 +1,272 @@
+"""Speed of mim.py and evaluate.py on this machine, in one process.
+
+    python bench.py [--quick] [--device auto|cpu|cuda] [--out bench.json]
+
+Prints one table per part and writes them all to bench.json:
+
+    peak       the machine's limits measured here: a large fp32 and bf16 matrix product,
+               and a 64-channel 3x3 convolution on 28x28 maps (the decoder's layer) in
+               the default and the channels_last layout
+    train      images/s of one training step at batch 128 (median over timed steps after
+               warm-up steps) for convhvae and pixelhvae, vamp and normal priors, mim /
+               amim / vae, fp32 and --amp; FLOPs per step (torch.utils.flop_counter),
+               achieved GFLOP/s, the fraction of the convolution peak, and memory
+    scaling    step time against batch size (convhvae, vamp, vae)
+    nll        test images/s of the IWAE NLL at S = 5000 (convhvae, vamp)
+    ksg        ksg_mi against a per-point loop (one tree query per point, as NPEET and
+               the authors' code do) on the same data, N = 1k, 10k, 100k, d = 2+2, 20+20
+
+Memory: on CUDA the peak allocated per measurement; on a CPU the process's peak resident
+size so far (ru_maxrss), which only ever grows.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from scipy.special import digamma
+from torch.utils.flop_counter import FlopCounterMode
+
+import evaluate
+import mim
+
+BATCH = 128
+IMAGE = (1, 28, 28)
+X_DIM = math.prod(IMAGE)
+# The authors' code (seraphlabs-ca/MIM) on our 2-core CPU, torch 2.13, batch 128, convHVAE:
+# images/s of one training step, as measured for issue 5; their NLL takes 33 s per image.
+AUTHORS_IMAGES_PER_S = {("vae", "vamp"): 55, ("amim", "vamp"): 55, ("mim", "vamp"): 27,
+                        ("vae", "normal"): 110}
+AUTHORS_NLL_S_PER_IMAGE = 33.0
+NLL_S = 5000
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device, warmup, repeats):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def count_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def reset_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10    # KiB on Linux
+
+
+# ----------------------------------------------------------------------------------------
+# The machine's peak
+# ----------------------------------------------------------------------------------------
+
+def peak(device, repeats):
+    rows = []
+    n = 2048
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        s = median_seconds(lambda: a @ b, device, 1, repeats)
+        rows.append({"what": f"matmul {n}x{n} {str(dtype)[6:]}", "gflop_s": 2 * n ** 3 / s / 1e9})
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(device)
+    x = torch.randn(BATCH, 64, 28, 28, device=device)
+    flops = 2 * BATCH * 64 * 64 * 9 * 28 * 28
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for dtype in (torch.float32, torch.bfloat16):
+            c = conv.to(memory_format=layout)
+            v = x.contiguous(memory_format=layout)
+            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16,
+                                                 enabled=dtype == torch.bfloat16):
+                s = median_seconds(lambda: c(v), device, 1, repeats)
+            name = "channels_last" if layout == torch.channels_last else "default"
+            rows.append({"what": f"conv 64->64 3x3 28x28 {name} {str(dtype)[6:]}",
+                         "gflop_s": flops / s / 1e9})
+    return rows
+
+
+def conv_peak(rows, amp):
+    return max(r["gflop_s"] for r in rows if r["what"].startswith("conv")
+               and r["what"].endswith("bfloat16" if amp else "float32"))
+
+
+# ----------------------------------------------------------------------------------------
+# Training steps and the NLL
+# ----------------------------------------------------------------------------------------
+
+def image_model(arch, prior, loss, device, amp=False):
+    torch.manual_seed(0)
+    cfg = mim.Config(data="mnist", arch=arch, prior=prior, loss=loss, amp=amp)
+    x_init = torch.bernoulli(torch.full((1000, X_DIM), 0.3))
+    return mim.build_model(cfg, X_DIM, True, x_init, IMAGE).to(device), cfg
+
+
+def step_function(model, cfg, x):
+    loss_fn, opt = mim.objective(cfg), mim.optimizer(model, cfg)
+
+    def step():
+        with mim.autocast(x.device, cfg.amp):
+            loss, _ = loss_fn(model, x, mim.FULL)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def train_row(arch, prior, loss, amp, device, peaks, warmup, repeats, batch=BATCH):
+    model, cfg = image_model(arch, prior, loss, device, amp)
+    x = torch.bernoulli(torch.full((batch, X_DIM), 0.3, device=device))
+    step = step_function(model, cfg, x)
+    reset_memory(device)
+    seconds = median_seconds(step, device, warmup, repeats)
+    flops = count_flops(step)
+    row = {"arch": arch, "prior": prior, "loss": loss, "amp": amp, "batch": batch,
+           "step_s": seconds, "images_s": batch / seconds, "gflop_step": flops / 1e9,
+           "gflop_s": flops / seconds / 1e9, "memory_mib": memory_mib(device)}
+    row["of_conv_peak"] = row["gflop_s"] / conv_peak(peaks, amp)
+    authors = AUTHORS_IMAGES_PER_S.get((loss, prior)) if arch == "convhvae" else None
+    if authors and batch == BATCH and device.type == "cpu":
+        row["x_authors"] = row["images_s"] / authors
+    return row
+
+
+def nll_row(device, peaks, images):
+    model, _ = image_model("convhvae", "vamp", "vae", device)
+    model.eval()
+    x = torch.bernoulli(torch.full((images, X_DIM), 0.3, device=device))
+    reset_memory(device)
+    seconds = median_seconds(lambda: evaluate.iwae_nll(model, x, NLL_S), device, 0, 1)
+    flops = count_flops(lambda: evaluate.iwae_nll(model, x, NLL_S))
+    row = {"S": NLL_S, "images": images, "s_per_image": seconds / images,
+           "images_s": images / seconds, "gflop_image": flops / images / 1e9,
+           "gflop_s": flops / seconds / 1e9, "memory_mib": memory_mib(device)}
+    row["limit_s_per_image"] = row["gflop_image"] / conv_peak(peaks, amp=False)
+    row["x_limit"] = row["s_per_image"] / row["limit_s_per_image"]
+    if device.type == "cpu":
+        row["x_authors"] = AUTHORS_NLL_S_PER_IMAGE / row["s_per_image"]
+    return row
+
+
+# ----------------------------------------------------------------------------------------
+# KSG against the per-point loop
+# ----------------------------------------------------------------------------------------
+
+def ksg_loop(x, z, k, points=None):
+    """KSG with one tree query per point, the way NPEET and the authors' code do it;
+    `points` limits the loop to the first ones (for timing only)."""
+    joint = np.hstack([x, z])
+    trees = [cKDTree(a) for a in (joint, x, z)]
+    total = 0.0
+    for i in range(len(x) if points is None else points):
+        eps = trees[0].query(joint[i], k=k + 1, p=np.inf)[0][k]
+        radius = np.nextafter(eps, 0)
+        n_x1 = len(trees[1].query_ball_point(x[i], radius, p=np.inf))
+        n_z1 = len(trees[2].query_ball_point(z[i], radius, p=np.inf))
+        total += digamma(n_x1) + digamma(n_z1)
+    return digamma(k) + digamma(len(x)) - total / len(x)
+
+
+def ksg_row(n, d, loop_points):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, d))
+    z = 0.8 * x + 0.6 * rng.standard_normal((n, d))
+    start = time.perf_counter()
+    value = evaluate.ksg_mi(x, z, evaluate.KSG_K)
+    fast = time.perf_counter() - start
+    points = min(n, loop_points)
+    start = time.perf_counter()
+    loop_value = ksg_loop(x, z, evaluate.KSG_K, points)
+    loop = (time.perf_counter() - start) * n / points
+    row = {"N": n, "d": f"{d}+{d}", "ksg_s": fast, "loop_s": loop,
+           "loop_timed_on": points, "speedup": loop / fast, "mi_nats": value}
+    if points == n:
+        row["abs_difference"] = abs(value - loop_value)
+    return row
+
+
+# ----------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------
+
+def cell(v):
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
+def print_table(title, rows):
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    print(f"\n{title}\n| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |", flush=True)
+
+
+def main(argv=None):
+    parser = mim.OneLineParser(prog="bench.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer timed steps, convhvae only, KSG up to N = 10k")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--out", default="bench.json", help="where the results go")
+    args = parser.parse_args(argv)
+    try:
+        device = mim.choose_device(args.device)
+    except mim.UsageError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    warmup, repeats = (1, 2) if args.quick else (2, 5)
+    report = {"device": str(device), "torch": torch.__version__, "threads":
+              torch.get_num_threads(), "cpus": os.cpu_count()}
+    report["peak"] = peak(device, repeats)
+    print_table("peak (GFLOP/s)", report["peak"])
+
+    archs = ("convhvae",) if args.quick else ("convhvae", "pixelhvae")
+    rows = []
+    for arch in archs:
+        for prior in ("vamp", "normal"):
+            for loss in ("vae", "amim", "mim"):
+                for amp in (False, True):
+                    slow = arch == "pixelhvae" and loss == "mim"   # autoregressive samples
+                    rows.append(train_row(arch, prior, loss, amp, device, report["peak"],
+                                          1 if slow else warmup, 1 if slow else repeats))
+                    print_table("train", rows[-1:])
+    report["train"] = rows
+    print_table("train", rows)
+
+    report["scaling"] = [train_row("convhvae", "vamp", "vae", False, device, report["peak"],
+                                   warmup, repeats, batch=b) for b in (32, 64, 128, 256)]
+    print_table("scaling", report["scaling"])
+    report["nll"] = [nll_row(device, report["peak"], images=2 if args.quick else 4)]
+    print_table("nll", report["nll"])
+    sizes = (1_000, 10_000) if args.quick else (1_000, 10_000, 100_000)
+    report["ksg"] = [ksg_row(n, d, loop_points=10_000) for d in (2, 20) for n in sizes]
+    print_table("ksg (seconds)", report["ksg"])
+    mim.write_json(args.out, report)
+
+
+if __name__ == "__main__":
+    main()

@@ -447,8 +447,9 @@ def save_figure(fig, path, dpi=120):
     pyplot().close(fig)
 
 
-def plot_summary(varying, table, metrics, x_key, path):
-    """One panel per metric against x_key, one line per remaining group (Fig. 2 layout)."""
+def plot_summary(varying, table, metrics, x_key, path, columns=4):
+    """One panel per metric against x_key, one line per remaining group (Fig. 2 layout);
+    categories on x (such as --x loss) get points with error bars and no lines."""
     plt = pyplot()
 
     xi = varying.index(x_key)
@@ -456,18 +457,24 @@ def plot_summary(varying, table, metrics, x_key, path):
     for key, row in table.items():
         name = ", ".join(str(v) for i, v in enumerate(key) if i != xi)
         series.setdefault(name, []).append((key[xi], row))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.2))
-    for ax, m in zip(np.atleast_1d(axes), metrics):
+    rows = math.ceil(len(metrics) / columns)
+    fig, axes = plt.subplots(rows, min(columns, len(metrics)), squeeze=False,
+                             figsize=(4 * min(columns, len(metrics)), 3.4 * rows))
+    for ax, m in zip(axes.flat, metrics):
         for name, points in series.items():
             points.sort(key=lambda p: p[0])
+            categories = isinstance(points[0][0], str)
             ax.errorbar([p[0] for p in points], [p[1][m][0] for p in points],
-                        yerr=[p[1][m][1] for p in points], marker="o", capsize=3, label=name)
+                        yerr=[p[1][m][1] for p in points], marker="o", capsize=3, label=name,
+                        linestyle="none" if categories else "-")
+            if categories:
+                ax.tick_params(axis="x", labelrotation=60)
         label, unit = describe(m)
         ax.set(title=label or m, xlabel=x_key, ylabel=unit)
-        if isinstance(points[0][0], str):                 # categories, e.g. --x loss
-            ax.tick_params(axis="x", labelrotation=60)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
     if len(series) > 1:
-        np.atleast_1d(axes)[0].legend()
+        axes.flat[0].legend()
     fig.tight_layout()
     save_figure(fig, path, dpi=120)
 
@@ -487,7 +494,8 @@ def write_summary(folder, x_key=None):
     text = summary_markdown(varying, table, metrics)
     write_text(os.path.join(folder, "summary.md"), text)
     if x_key in varying:
-        plot_summary(varying, table, metrics, x_key, os.path.join(folder, "summary.png"))
+        plotted = [m for m in metrics if m != "test_mi_batch_cap"]   # a constant, log B
+        plot_summary(varying, table, plotted, x_key, os.path.join(folder, "summary.png"))
     return text
 
 

@@ -21,7 +21,9 @@
 #                          100 warm-up epochs, early stopping and S = 5000 importance samples,
 #                          which is meant for a GPU (many days on a CPU)
 #   ./run_all.sh --quick   26 min 49 s on two CPU cores with DATA_DIR set to the MNIST
-#                          subset: 3 seeds and widths 5, 20, 500 on the toys, S = 100;
+#                          subset before collapse/ was added (its 21 runs took 27 min more
+#                          on one busy core): 3 seeds and widths 5, 20, 500 on the toys and
+#                          in collapse/, S = 100;
 #                          Fig. 3 at latent dimensions 2, 10 and 20 with one seed; six image
 #                          models on MNIST (convHVAE with both priors, PixelHVAE with the
 #                          VampPrior), one seed, trained for 2 epochs on

@@ -684,9 +684,12 @@ def build_model(cfg, x_dim, binary=False, x_init=None, image_shape=None):
         raise UsageError("--q-x mog is a density on continuous x; use --q-x marginal "
                          "for binary data")
     encoder, decoder, p_z1_given_z2 = ARCHS[cfg.arch](cfg, x_dim, binary, image_shape)
-    return Model(encoder, decoder, PRIORS[cfg.prior](cfg, x_dim, x_init, binary),
-                 DATA_PRIORS[cfg.q_x](cfg, x_dim, x_init), cfg.z_dim, p_z1_given_z2,
-                 build_critic(cfg, x_dim, image_shape, encoder))
+    model = Model(encoder, decoder, PRIORS[cfg.prior](cfg, x_dim, x_init, binary),
+                  DATA_PRIORS[cfg.q_x](cfg, x_dim, x_init), cfg.z_dim, p_z1_given_z2,
+                  build_critic(cfg, x_dim, image_shape, encoder))
+    # Convolution weights in the channels_last (NHWC) layout: every feature map then stays
+    # NHWC, for which the CPU and GPU convolution kernels are faster (bench.py).
+    return model.to(memory_format=torch.channels_last) if cfg.arch != "mlp" else model
 
 
 # ----------------------------------------------------------------------------------------

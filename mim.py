@@ -388,10 +388,15 @@ def gated_conv(c_in, c_out, kernel, stride=1):
 
 
 def conv_features(c_in, first_kernel, third_kernel):
-    """The encoders' gated convolutions: (B, C, H, W) -> (B, 6 H/4 W/4)."""
+    """The encoders' gated convolutions: (B, C, H, W) -> (B, conv_feature_dim)."""
     return nn.Sequential(gated_conv(c_in, 32, first_kernel), gated_conv(32, 32, 3, 2),
                          gated_conv(32, 64, third_kernel), gated_conv(64, 64, 3, 2),
                          gated_conv(64, 6, 3), nn.Flatten())
+
+
+def conv_feature_dim(image_shape):
+    """Output size of conv_features: 6 maps after two stride-2 layers."""
+    return 6 * (image_shape[1] // 4) * (image_shape[2] // 4)
 
 
 class TwoLevelEncoder(nn.Module):
@@ -399,8 +404,7 @@ class TwoLevelEncoder(nn.Module):
 
     def __init__(self, image_shape, z_dim):
         super().__init__()
-        c, height, width = image_shape
-        features = 6 * (height // 4) * (width // 4)
+        c, features = image_shape[0], conv_feature_dim(image_shape)
         self.image_shape, self.z_dim, self.feature_dim = image_shape, z_dim, features
         self.z2_features = conv_features(c, 7, 5)
         self.z2_mean, self.z2_logvar = nn.Linear(features, z_dim), nn.Linear(features, z_dim)
@@ -533,9 +537,8 @@ def x_trunk(cfg, x_dim, image_shape):
     if image_shape is None:
         return nn.Sequential(nn.Linear(x_dim, cfg.hidden), ACTIVATIONS[cfg.activation]()), \
             cfg.hidden
-    c, height, width = image_shape
-    return (nn.Sequential(nn.Unflatten(1, image_shape), conv_features(c, 7, 5)),
-            6 * (height // 4) * (width // 4))
+    return (nn.Sequential(nn.Unflatten(1, image_shape), conv_features(image_shape[0], 7, 5)),
+            conv_feature_dim(image_shape))
 
 
 class JointCritic(nn.Module):
@@ -553,7 +556,8 @@ class JointCritic(nn.Module):
 class SeparableCritic(nn.Module):
     """An inference critic scoring every pair at once, score(x_j, z_i) = g(x_j) . h(z_i),
     with one pass per x and one per z (the critics paper, Sec. 4.5). The neural critic has
-    its own trunk for x; the hybrid one (trunk None) reads the encoder's first layers."""
+    its own trunk for x; the hybrid one (trunk None) reads the encoder's first layers,
+    which it runs again on x: a second pass of those layers only, kept for simplicity."""
 
     def __init__(self, trunk, feature_dim, z_dim, hidden, activation):
         super().__init__()
@@ -946,11 +950,11 @@ def critic_loss(model, x, w=FULL, weight=1.0, scores=self_critic_scores):
     return loss, {**elbo_stats(rec, kl), "infonce": mi.item()}
 
 
+network_critic_loss = functools.partial(critic_loss, scores=network_critic_scores)
 LOSSES = {"mim": mim_loss, "amim": amim_loss, "vae": vae_loss, "ce": ce_loss,
-          "infomax": infomax_loss,
-          "critic-self": critic_loss,
-          "critic-nn": functools.partial(critic_loss, scores=network_critic_scores),
-          "critic-hybrid": functools.partial(critic_loss, scores=network_critic_scores)}
+          "infomax": infomax_loss, "critic-self": critic_loss,
+          "critic-nn": network_critic_loss,       # the model's critic tells the two apart
+          "critic-hybrid": network_critic_loss}
 
 
 def objective(cfg):
@@ -1241,7 +1245,8 @@ def load_checkpoint(path, device="cpu"):
 # ----------------------------------------------------------------------------------------
 
 CHOICES = {"arch": ARCHS, "activation": ACTIVATIONS, "prior": PRIORS, "q_x": DATA_PRIORS,
-           "loss": LOSSES, "mi_bound": MI_BOUNDS, "warmup_mode": WARMUP_MODES, "device": ("auto", "cpu", "cuda")}
+           "loss": LOSSES, "mi_bound": MI_BOUNDS, "warmup_mode": WARMUP_MODES,
+           "device": ("auto", "cpu", "cuda")}
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -39,6 +39,7 @@ The file imports only the standard library and torch, so it can be copied alone;
 also uses datasets.py and evaluate.py from this repository.
 """
 import argparse
+import ctypes
 import dataclasses
 import functools
 import json
@@ -1293,6 +1294,27 @@ def choose_device(name):
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # mallopt parameters, glibc <malloc.h>
+C_INT_MAX = 2 ** 31 - 1
+
+
+def reuse_freed_memory():
+    """Keep freed CPU memory in the process, so that the next step reuses it (glibc only).
+
+    glibc gives every large allocation (above 128 KiB, a threshold that grows to 32 MiB)
+    its own mapping and returns it to the system on free, so each step's activations are
+    fresh pages and every 4 KiB of them costs a page fault when first written: on our
+    2-core CPU about 40% of the IWAE NLL's time and 8% of a convHVAE training step.
+    Serving all allocations from the heap and never trimming it keeps those pages.
+    Returns whether it took effect; without glibc (macOS, Windows, musl) it does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, C_INT_MAX))
+
+
 def load_data(cfg):
     import datasets
     try:
@@ -1364,6 +1386,7 @@ def save_training_state(cfg, model, data_info):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    reuse_freed_memory()
     try:
         results = run(cfg)
     except UsageError as e:

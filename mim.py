@@ -384,8 +384,49 @@ def gated_dense(n_in, n_out):
     return Gated(nn.Linear(n_in, 2 * n_out))
 
 
+class ImageGradient(torch.autograd.Function):
+    """conv2d(v, weight, bias) of one-channel images v, stride 1, whose gradient for v is
+    computed as a matrix product and a fold. On our CPU oneDNN's input gradient for one
+    input channel took 181 ms for the VampPrior's 500 pseudo-inputs at the 7x7 first layer
+    (14 GFLOP/s); this takes 65 ms, and a convHVAE + VampPrior step 8% less time. The
+    weight and bias gradients are the library's."""
+
+    @staticmethod
+    def forward(ctx, v, weight, bias, padding):
+        ctx.save_for_backward(v, weight)
+        ctx.padding = padding
+        return F.conv2d(v, weight, bias, padding=padding)
+
+    @staticmethod
+    def backward(ctx, grad):                                # (B, C, H, W), maybe bf16
+        v, weight = ctx.saved_tensors
+        (b, c, h, w), k = grad.shape, weight.shape[-1]
+        grad_v = None
+        if ctx.needs_input_grad[0]:  # each pixel gathers grad * weight over its k x k window
+            w_t = weight.to(grad).reshape(c, -1).t().expand(b, -1, -1)       # (B, k*k, C)
+            taps = torch.bmm(w_t, grad.flatten(2))                            # (B, k*k, HW)
+            grad_v = F.fold(full_precision(taps), (h, w), k, padding=ctx.padding)
+        _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, v.to(grad), weight.to(grad), [c], [1, 1], list(ctx.padding), [1, 1], False,
+            [0, 0], 1, [False, *ctx.needs_input_grad[1:3]])
+        return grad_v, grad_weight, grad_bias, None
+
+
+class OneChannelConv(nn.Conv2d):
+    """nn.Conv2d of one-channel images, stride 1: the first layer of each network. Where
+    the image needs a gradient (the VampPrior's pseudo-inputs, the decoder's first map),
+    ImageGradient computes it; CUDA and images without gradients keep the library's path.
+    """
+
+    def forward(self, v):
+        if v.is_cuda or not v.requires_grad:
+            return super().forward(v)
+        return ImageGradient.apply(v, self.weight, self.bias, self.padding)
+
+
 def gated_conv(c_in, c_out, kernel, stride=1):
-    return Gated(nn.Conv2d(c_in, 2 * c_out, kernel, stride, padding=kernel // 2))
+    conv = OneChannelConv if (c_in, stride) == (1, 1) else nn.Conv2d
+    return Gated(conv(c_in, 2 * c_out, kernel, stride, padding=kernel // 2))
 
 
 def conv_features(c_in, first_kernel, third_kernel):

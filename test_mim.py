@@ -1712,6 +1712,47 @@ def test_amp_is_a_switch():
 
 
 # ----------------------------------------------------------------------------------------
+# The first layers' hand-written input gradient
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_image_gradient_passes_gradcheck(kernel):
+    torch.manual_seed(0)
+    conv = mim.OneChannelConv(1, 6, kernel, padding=kernel // 2).double()
+    conv = conv.to(memory_format=torch.channels_last)
+    v = torch.rand(3, 1, 9, 9, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda v, w, b: mim.ImageGradient.apply(v, w, b, conv.padding), (v, conv.weight, conv.bias))
+
+
+def test_one_channel_conv_has_the_gradients_of_nn_conv2d():
+    torch.manual_seed(0)
+    ours = mim.gated_conv(1, 32, 7).layer.to(memory_format=torch.channels_last)
+    assert isinstance(ours, mim.OneChannelConv)
+    ref = torch.nn.Conv2d(1, 64, 7, padding=3)
+    ref.load_state_dict(ours.state_dict())
+    v = torch.rand(16, 1, 28, 28, requires_grad=True)
+    g = torch.randn(16, 64, 28, 28)
+    got = torch.autograd.grad(ours(v), [v, ours.weight, ours.bias], g)
+    want = torch.autograd.grad(ref(v), [v, ref.weight, ref.bias], g)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_one_channel_conv_input_gradient_under_bf16_autocast():
+    torch.manual_seed(0)
+    conv = mim.OneChannelConv(1, 64, 7, padding=3).to(memory_format=torch.channels_last)
+    v = torch.rand(8, 1, 28, 28, requires_grad=True)
+    g = torch.randn(8, 64, 28, 28)
+    full = torch.autograd.grad(conv(v), v, g)[0]
+    with torch.autocast("cpu", torch.bfloat16):
+        out = conv(v)
+    low = torch.autograd.grad(out, v, g.to(out.dtype))[0]
+    assert out.dtype == torch.bfloat16 and low.dtype == torch.float32
+    assert (low - full).norm() < 0.02 * full.norm()      # bf16 keeps 8 bits
+
+
+# ----------------------------------------------------------------------------------------
 # Freed CPU memory is reused without page faults
 # ----------------------------------------------------------------------------------------
 

@@ -406,6 +406,8 @@ class ImageGradient(torch.autograd.Function):
             w_t = weight.to(grad).reshape(c, -1).t().expand(b, -1, -1)       # (B, k*k, C)
             taps = torch.bmm(w_t, grad.flatten(2))                            # (B, k*k, HW)
             grad_v = F.fold(full_precision(taps), (h, w), k, padding=ctx.padding)
+        # arguments: bias size, stride, padding, dilation, transposed, output padding,
+        # groups, and which of the (input, weight, bias) gradients to compute
         _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad, v.to(grad), weight.to(grad), [c], [1, 1], list(ctx.padding), [1, 1], False,
             [0, 0], 1, [False, *ctx.needs_input_grad[1:3]])

@@ -399,18 +399,18 @@ class ImageGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):                                # (B, C, H, W), maybe bf16
-        v, weight = ctx.saved_tensors
+        v, weight = (t.to(grad) for t in ctx.saved_tensors)  # bf16 under --amp
         (b, c, h, w), k = grad.shape, weight.shape[-1]
         grad_v = None
         if ctx.needs_input_grad[0]:  # each pixel gathers grad * weight over its k x k window
-            w_t = weight.to(grad).reshape(c, -1).t().expand(b, -1, -1)       # (B, k*k, C)
+            w_t = weight.reshape(c, -1).t().expand(b, -1, -1)                 # (B, k*k, C)
             taps = torch.bmm(w_t, grad.flatten(2))                            # (B, k*k, HW)
             grad_v = F.fold(full_precision(taps), (h, w), k, padding=ctx.padding)
         # arguments: bias size, stride, padding, dilation, transposed, output padding,
         # groups, and which of the (input, weight, bias) gradients to compute
         _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, v.to(grad), weight.to(grad), [c], [1, 1], list(ctx.padding), [1, 1], False,
-            [0, 0], 1, [False, *ctx.needs_input_grad[1:3]])
+            grad, v, weight, [c], [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1,
+            [False, *ctx.needs_input_grad[1:3]])
         return grad_v, grad_weight, grad_bias, None
 
 

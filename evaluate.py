@@ -45,7 +45,8 @@ METRICS = {  # results.json / eval.json key: (label, unit)
     "test_nll": ("NLL (IWAE)", "nats"),
     "test_nll_bpd": ("NLL (IWAE)", "bits/dim"),
     "test_rmse": ("reconstruction RMSE", "data units"),
-    "test_knn5_acc": ("5-NN accuracy", "fraction"),
+    "test_knn5_acc": ("5-NN accuracy, one sampled code", "fraction"),
+    "test_knn5_acc_mean": ("5-NN accuracy, encoder means", "fraction"),
     "test_kl": ("KL term of the ELBO", "nats"),
     "test_marginal_kl": ("KL(q(z) || p(z))", "nats"),
     "test_mi_batch": ("MI (minibatch)", "nats"),
@@ -76,6 +77,8 @@ KSG_COUNT_LEAF = 64             # points per leaf of the trees that count margin
 EVAL_MAX_VALUES = 2 ** 19
 ENCODE_BATCH = 10_000           # points per encoder pass on low-dimensional x
 IWAE_MAX_CODES = 2 ** 20        # codes per decoder pass on low-dimensional x
+DIAGNOSTIC_POINTS = 1000        # validation points (and training points for 5-NN) of the
+                                # per-epoch diagnostics
 MI_BATCH = 1000                 # points per batch of the minibatch MI estimate: at most
                                 # log(1000) = 6.91 nats
 PAIRS_PER_PASS = 2 ** 14        # (x, z) pairs per encoder pass in that estimate
@@ -219,6 +222,48 @@ def posterior_kl_terms(model, x, batch=MI_BATCH):
 
 
 @torch.no_grad()
+def mean_log_std(model, x, batch_size=None):
+    """Mean over the rows of x and the units of each latent group of log std q(z_u|x),
+    z1's at a sampled z2 for two levels: {"log_std_" + group: value}. It sits at
+    log(std floor) when an encoder has collapsed to a deterministic map."""
+    batch_size = batch_size or batch_limit(x.shape[1], ENCODE_BATCH)
+    log_std = torch.cat([posterior_log_std(model.q_z_given_x(xb)) for xb in
+                         x.split(batch_size)]).double().mean(0)                  # (Z,)
+    return {"log_std_" + name: float(log_std[start:stop].mean())
+            for name, (start, stop) in model.latent_groups.items()}
+
+
+def posterior_log_std(q_z_given_x):
+    """log std of each unit (B, Z) of a diagonal Gaussian or a two-level posterior."""
+    if hasattr(q_z_given_x, "conditional"):   # mim.TwoLevel (by duck type: mim.py may be
+                                              # running as __main__, a second module)
+        z2 = q_z_given_x.top.sample()
+        return torch.cat([posterior_log_std(q_z_given_x.conditional(z2)),
+                          posterior_log_std(q_z_given_x.top)], dim=-1)
+    return q_z_given_x.base_dist.scale.log()
+
+
+def epoch_diagnostics(data, n=DIAGNOSTIC_POINTS):
+    """The per-epoch diagnostics of mim.train on fixed points: the first n validation
+    points and, for 5-NN, the first n training points (binarized once). Returns
+    model -> {active units per level, minibatch MI, mean log std per level, 5-NN accuracy
+    of encoder means}, the signs of posterior collapse, or the lack of them."""
+    x_val, y_val = data.x_val[:n], data.y_val[:n]
+    x_knn, y_knn = knn_train_inputs(data, n), data.y_train[:n]
+
+    @torch.no_grad()
+    def diagnose(model):
+        model.eval()
+        stats = {k[len("test_"):]: v for k, v in active_units(model, x_val)[0].items()}
+        terms = posterior_kl_terms(model, x_val)
+        stats.update(mi_batch=terms["test_mi_batch"], **mean_log_std(model, x_val))
+        stats["knn5_mean"] = knn_accuracy(encoder_means(model, x_knn).cpu(), y_knn.cpu(),
+                                          encoder_means(model, x_val).cpu(), y_val.cpu())
+        return stats
+    return diagnose
+
+
+@torch.no_grad()
 def reconstruction_rmse(model, x):
     """sqrt(mean_i |x_i - xhat_i|^2), Euclidean over the dimensions of x, where xhat_i is the
     mean of p(x | z_i) for one code z_i ~ q(z|x_i).
@@ -307,9 +352,12 @@ def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
         results["test_nll_bpd"] = bits_per_dim(results["test_nll"], data.x_dim)
     if not binary:
         results["test_rmse"] = reconstruction_rmse(model, x_test)
-    results["test_knn5_acc"] = knn_accuracy(
-        z_train.cpu(), data.y_train[:knn_train_size].cpu(), z_test.cpu(),
-        data.y_test.cpu(), k=KNN_K)
+    y_train, y_test = data.y_train[:knn_train_size].cpu(), data.y_test.cpu()
+    results["test_knn5_acc"] = knn_accuracy(z_train.cpu(), y_train, z_test.cpu(), y_test,
+                                            k=KNN_K)
+    results["test_knn5_acc_mean"] = knn_accuracy(
+        encoder_means(model, knn_train_inputs(data, knn_train_size), max_batch).cpu(),
+        y_train, encoder_means(model, x_test, max_batch).cpu(), y_test, k=KNN_K)
     results["nll_samples"] = nll_samples
     if binary if with_posterior_stats is None else with_posterior_stats:
         results.update(active_units(model, x_test, batch_size=max_batch)[0])
@@ -331,7 +379,7 @@ def format_results(results):
     for key, value in results.items():
         label, unit = describe(key)
         text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"{key:<16} {text:>10}  {unit:<10}  {label or ''}".rstrip())
+        lines.append(f"{key:<18} {text:>10}  {unit:<10}  {label or ''}".rstrip())
     return "\n".join(lines)
 
 
@@ -673,6 +721,76 @@ def plot_run(model, data, cfg, run_dir):
 # Command line
 # ----------------------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------------------
+# Gradients of binary decoder samples: signal and noise of each estimator
+# ----------------------------------------------------------------------------------------
+
+GRADIENT_REPEATS = 30           # independent gradient estimates per estimator
+GRADIENT_SEED = 0
+ESTIMATOR_SETTINGS = {          # label: (estimator, draws: images per code of loo-code)
+    "loo-batch": ("loo-batch", mim.DRAWS_PER_CODE), "loo-code, 2 per code": ("loo-code", 2),
+    "loo-code, 4 per code": ("loo-code", 4), "loo-code, 8 per code": ("loo-code", 8),
+    "authors": ("authors", mim.DRAWS_PER_CODE)}
+
+
+def decoder_sample_gradients(model, n, sampling, repeats):
+    """Independent estimates (repeats, P) of the gradient of the decoder-sample half of
+    L_MIM (Eq. 8 over D_dec, n samples) for the decoder's parameters, in float64."""
+    params = list(model.p_x_given_z.parameters())
+    rows = []
+    for _ in range(repeats):
+        dec = mim.decoder_samples(model, n, model.p_z(), mim.FULL, sampling)
+        loss = mim.decoder_sample_loss(lambda lq, lp: -0.5 * (lq + lp), dec)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(torch.cat([torch.zeros(p.numel(), device=p.device) if g is None
+                               else g.reshape(-1) for p, g in zip(params, grads)]))
+    return torch.stack(rows).double()
+
+
+def signal_and_noise(grads):
+    """|E g| and sqrt(E |g - E g|^2) from R estimates g (R, P); |E g|^2 is estimated
+    without the noise^2 / R that the mean of R noisy estimates adds to it."""
+    noise2 = float(grads.var(0, correction=1).sum())
+    signal2 = float(grads.mean(0).square().sum()) - noise2 / len(grads)
+    return math.sqrt(max(signal2, 0.0)), math.sqrt(noise2)
+
+
+def gradient_noise(model, cfg, n, repeats=GRADIENT_REPEATS, seed=GRADIENT_SEED):
+    """Signal and noise of every estimator in ESTIMATOR_SETTINGS on `model`, with the
+    run's latent anchor: [{estimator, signal, noise, noise_over_signal}]."""
+    model.train()
+    rows = []
+    for label, (estimator, draws) in ESTIMATOR_SETTINGS.items():
+        torch.manual_seed(seed)
+        sampling = mim.DecoderSampling(cfg.latent_anchor, estimator, draws)
+        signal, noise = signal_and_noise(decoder_sample_gradients(model, n, sampling,
+                                                                  repeats))
+        rows.append({"estimator": label, "signal": signal, "noise": noise,
+                     "noise_over_signal": noise / signal if signal > 0 else math.inf})
+    return rows
+
+
+def gradient_noise_run(run_dir, device, repeats=GRADIENT_REPEATS):
+    """gradient_noise on RUN_DIR/best.pt and on a fresh initialisation of its config, at
+    the run's batch size; writes RUN_DIR/gradient_noise.json and prints a table."""
+    model, cfg = mim.load_checkpoint(os.path.join(run_dir, "best.pt"), device)
+    data = mim.load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    fresh = mim.build_model(cfg, data.x_dim, data.binary, x_init=data.x_train,
+                            image_shape=data.image_shape).to(device)
+    table = {name: gradient_noise(m, cfg, cfg.batch_size, repeats)
+             for name, m in (("initialisation", fresh), ("trained", model))}
+    mim.write_json(os.path.join(run_dir, "gradient_noise.json"), table)
+    print(f"{run_dir}: gradient of the decoder-sample half of L_MIM for the decoder's "
+          f"parameters, {repeats} estimates of batch {cfg.batch_size} each")
+    print("| model | estimator | signal | noise | noise / signal |\n| --- | --- | --- | --- | --- |")
+    for name, rows in table.items():
+        for r in rows:
+            print(f"| {name} | {r['estimator']} | {r['signal']:.4g} | {r['noise']:.4g} | "
+                  f"{r['noise_over_signal']:.3g} |")
+    return table
+
+
 def first_test_points(data, n):
     """data with its test split cut to the first n points (all if n is None)."""
     return dataclasses.replace(data, x_test=data.x_test[:n], y_test=data.y_test[:n])
@@ -715,6 +833,12 @@ def build_parser():
     parser.add_argument("--summary", metavar="DIR",
                         help="write DIR/summary.md (and .png) over DIR/*/results.json")
     parser.add_argument("--x", default="hidden", help="x-axis of the summary plot")
+    parser.add_argument("--gradient-noise", action="store_true",
+                        help="instead of the metrics: signal and noise of each estimator of "
+                             "the binary decoder samples' gradient, on each run's best.pt "
+                             "and on a fresh initialisation (gradient_noise.json)")
+    parser.add_argument("--repeats", type=int, default=GRADIENT_REPEATS,
+                        help="gradient estimates per estimator for --gradient-noise")
     return parser
 
 
@@ -723,7 +847,7 @@ def check_args(parser, args):
         parser.error("give run directories to evaluate, or --summary DIR")
     if args.nll_samples < 0:
         parser.error("--nll-samples must be at least 0")
-    for flag in ("test_size", "knn_train", "max_batch"):
+    for flag in ("test_size", "knn_train", "max_batch", "repeats"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
 
@@ -736,6 +860,9 @@ def main(argv=None):
     try:
         device = mim.choose_device(args.device) if args.runs else None
         for run_dir in args.runs:
+            if args.gradient_noise:
+                gradient_noise_run(run_dir, device, args.repeats)
+                continue
             evaluate_run(run_dir, device, args.nll_samples, args.test_size, args.knn_train,
                          args.max_batch)
         if args.summary:

@@ -27,6 +27,12 @@ Notation
     -                   infomax_loss, critic_loss     for comparison: the ELBO plus a bound
                                                       of I_q(x; z) from a critic (InfoMax-VAE;
                                                       inference critics)
+    D_dec's z           DecoderSampling.anchor        normal = P(z) (the paper), prior = p(z)
+    grad of D_dec       score_function_surrogate      App. D.2 for binary x, with a leave-one-
+                                                      out baseline per code (loo-code) or per
+                                                      batch (loo-batch); DecoderSampling
+    warm-up             warmup_weights, log_prior     Sec. 5; beta on log p(z) (prior mode);
+                                                      the authors' image objective (authors)
 
 All log-densities are normalized and in nats. Each objective is a pure function
 `(model, x, weights) -> (loss, stats)`; `train` fits a model with Adam, warm-up and
@@ -71,6 +77,11 @@ PROGRESS_AFTER = 5.0     # seconds into an epoch before a progress line appears
 PROGRESS_EVERY = 2.0     # seconds between progress lines
 IMAGE_Z_DIM = 40         # z1 and z2 of the two-level models (Tomczak & Welling 2018)
 VAMP_COMPONENTS = 500    # pseudo-inputs K of the VampPrior (Tomczak & Welling 2018)
+IMAGE_WARMUP = 5         # warm-up epochs of the image architectures (README: image defaults)
+IMAGE_ANCHOR = "prior"   # latent anchor of their decoder samples (README: image defaults)
+PRIOR_DELAY = 0.5        # --warmup-mode prior: fraction of the warm-up with beta = 0
+DRAWS_PER_CODE = 4       # loo-code: images per code (README: gradients of decoder samples)
+NORMGRAD_EPS = 1e-7      # --optimizer normgrad: g / (|g| + eps), as Tomczak & Welling's code
 
 
 def _help(text, **kw):
@@ -117,10 +128,26 @@ class Config:
                                  "paper, Alg. 1; Eq. 7 has 1)", default=1.0)
     critic_lr: float = _help("Adam learning rate of a critic network (InfoMax-VAE App. D)",
                              default=1e-4)
-    warmup: int = _help("warm-up epochs (Sec. 5)", default=3)
-    warmup_mode: str = _help("paper: weight on CE(M_S, p(x,z)) rises 0 -> 1/2 (Sec. 5); "
-                             "authors: their code's schedule (see warmup_weights)",
-                             default="paper")
+    warmup: Optional[int] = _help("warm-up epochs (Sec. 5; default 3 for mlp, "
+                                  f"{IMAGE_WARMUP} for the image architectures)",
+                                  default=None)
+    warmup_mode: Optional[str] = _help(
+        "paper: weight on CE(M_S, p(x,z)) rises 0 -> 1/2 (Sec. 5); prior: weight beta on "
+        "log p(z) rises 0 -> 1 (KL annealing's analogue); authors: their code's schedule "
+        "(see warmup_weights). Default: paper for mlp, prior for the image architectures",
+        default=None)
+    latent_anchor: Optional[str] = _help(
+        "where decoder samples draw z: normal (P(z) = N(0, I), the paper) or prior (the "
+        "model prior p(z), the authors' image code). Default: normal for mlp, "
+        f"{IMAGE_ANCHOR} for the image architectures", default=None)
+    estimator: str = _help("gradient of binary decoder samples: loo-code (several images "
+                           "per code, per-code leave-one-out baseline), loo-batch (one "
+                           "image per code, batch baseline) or authors (mean images, no "
+                           "decoder gradient); see DecoderSampling", default="loo-code")
+    draws: int = _help("loo-code: images per code; divides --batch-size",
+                       default=DRAWS_PER_CODE)
+    optimizer: str = _help("adam, or normgrad: Adam on per-tensor normalized gradients "
+                           "(Tomczak & Welling's code)", default="adam")
     patience: Optional[int] = _help("early-stopping patience in epochs (default: --warmup, "
                                     "at least 1)", default=None)
     epochs: int = _help("maximum number of epochs", default=200)
@@ -140,8 +167,15 @@ class Config:
                                   "last.pt, with its saved configuration", default=None)
 
     def __post_init__(self):  # defaults that depend on other fields
+        image = self.arch != "mlp"
         if self.z_dim is None:
-            self.z_dim = 2 if self.arch == "mlp" else IMAGE_Z_DIM
+            self.z_dim = IMAGE_Z_DIM if image else 2
+        if self.warmup is None:
+            self.warmup = IMAGE_WARMUP if image else 3
+        if self.warmup_mode is None:
+            self.warmup_mode = "prior" if image else "paper"
+        if self.latent_anchor is None:
+            self.latent_anchor = IMAGE_ANCHOR if image else "normal"
         if self.prior_components is None:
             self.prior_components = VAMP_COMPONENTS if self.prior == "vamp" else 10
 
@@ -321,6 +355,7 @@ def two_layer_mlp(in_dim, out_dim, hidden, activation):
 
 class GaussianMLP(nn.Module):
     """v -> N(mean(v), diag(std(v)^2)), used for q(z|x) and for p(x|z) on continuous x."""
+    discrete = False                                        # as a decoder: x has rsample
 
     def __init__(self, in_dim, out_dim, hidden, activation="tanh", floor=STD_FLOOR):
         super().__init__()
@@ -338,6 +373,7 @@ class GaussianMLP(nn.Module):
 
 class BernoulliMLP(nn.Module):
     """z -> independent Bernoulli(logits(z)), the decoder p(x|z) on binary x."""
+    discrete = True                                         # x has no rsample
 
     def __init__(self, in_dim, out_dim, hidden, activation="tanh", floor=STD_FLOOR):
         super().__init__()
@@ -495,6 +531,7 @@ def split_levels(z):
 
 class ConvDecoder(nn.Module):
     """convHVAE p(x|z1, z2): gated dense layers to an image, gated convolutions, logits."""
+    discrete = True
 
     def __init__(self, image_shape, z_dim):
         super().__init__()
@@ -549,6 +586,7 @@ class PixelCNN(nn.Module):
 
 class PixelDecoder(nn.Module):
     """PixelHVAE p(x|z1, z2): z1 and z2 each mapped to an image-sized map, then a PixelCNN."""
+    discrete = True
 
     def __init__(self, image_shape, z_dim):
         super().__init__()
@@ -624,6 +662,8 @@ class Model(nn.Module):
 
     `prior` is p(z), or p(z2) of a two-level model (one with `p_z1_given_z2`), whose latent
     z = (z1, z2) has p(z) = p(z2) p(z1|z2) and the anchor P(z) = N(0, I) over both levels.
+    The decoder says whether its x are discrete (`p_x_given_z.discrete`): those cannot be
+    reparameterized, and decoder samples use the score-function estimator.
     """
 
     def __init__(self, q_z_given_x, p_x_given_z, prior, q_x, z_dim, p_z1_given_z2=None,
@@ -744,21 +784,49 @@ def build_model(cfg, x_dim, binary=False, x_init=None, image_shape=None):
 # Samples from M_S and the model log-densities on them (Sec. 4, Algorithms 1 and 2)
 # ----------------------------------------------------------------------------------------
 
-def log_q_x(model, x, z_is, q_z_given_x, p_z):
+@dataclass(frozen=True)
+class Weights:
+    """Weights on the terms of the objectives; FULL gives them as the paper writes them.
+    The warm-up schedules (`warmup_weights`) move them towards FULL."""
+    q: float = 0.5                 # on log q(x,z): the first CE term of Eq. 8
+    p: float = 0.5                 # on log p(x,z): the second (decoder) CE term of Eq. 8
+    decoder_samples: bool = True   # include D_dec, the decoder half of M_S
+    kl: float = 1.0                # VAE: on log q(z|x) - log p(z)
+    prior: float = 1.0             # beta on log p(z) wherever it appears: p(z) of one
+                                   # level, p(z2) of two (p(z1|z2) keeps weight 1)
+    top_prior: float = 1.0         # beta on log p(z2) of two-level models only (authors)
+
+
+FULL = Weights()
+
+
+def log_prior(p_z, z, w=FULL):
+    """The warm-up's weighted log p(z), (B,): w.prior times log p(z) of one level; of a
+    two-level prior p(z2) p(z1|z2), w.prior * w.top_prior times log p(z2) and log p(z1|z2)
+    at full weight. Keeping log p(z1|z2) is what makes z2 carry information early on: with
+    it weighted too, z2 stayed unused and z1 collapsed (README: image defaults)."""
+    if not isinstance(p_z, TwoLevel):
+        return w.prior * p_z.log_prob(z)
+    z1, z2 = z[..., :p_z.z1_dim], z[..., p_z.z1_dim:]
+    return w.prior * w.top_prior * p_z.top.log_prob(z2) + p_z.conditional(z2).log_prob(z1)
+
+
+def log_q_x(model, x, z_is, q_z_given_x, p_z, w=FULL):
     """log q(x) at x (B, D), given the encoder q(z|x), a sample z_is ~ q(z|x) and p(z).
 
     An explicit q(x) is evaluated exactly. For the marginal q(x) = E_p(z)[p(x|z)] (Eq. 16)
     this is the one-sample importance-sampling bound of Sec. 4.2 and App. D.1,
         log q(x) >= log p(x|z_is) + log p(z_is) - log q(z_is|x),
-    so the objectives that use it are upper bounds of the ones they estimate.
+    so the objectives that use it are upper bounds of the ones they estimate. The
+    warm-up weight on log p(z) applies inside it too.
     """
     if model.q_x is not None:
         return model.q_x().log_prob(x)
-    return (model.p_x_given_z(z_is).log_prob(x) + p_z.log_prob(z_is)
+    return (model.p_x_given_z(z_is).log_prob(x) + log_prior(p_z, z_is, w)
             - q_z_given_x.log_prob(z_is))
 
 
-def encoder_samples(model, x, p_z):
+def encoder_samples(model, x, p_z, w=FULL):
     """D_enc: z ~ q(z|x) for data x ~ P(x). Returns log q(x,z), log p(x,z), each (B,).
 
     With the marginal q(x), the importance sample is z itself (Algorithm 2, line 3), so
@@ -767,71 +835,132 @@ def encoder_samples(model, x, p_z):
     """
     q_z_given_x = model.q_z_given_x(x)
     z = q_z_given_x.rsample()                                           # (B, Z)
-    log_p_xz = model.p_x_given_z(z).log_prob(x) + p_z.log_prob(z)
+    log_p_xz = model.p_x_given_z(z).log_prob(x) + log_prior(p_z, z, w)
     if model.q_x is None:
         return log_p_xz, log_p_xz
     return q_z_given_x.log_prob(z) + model.q_x().log_prob(x), log_p_xz
 
 
-def decoder_samples(model, n, p_z):
-    """D_dec: x ~ p(x|z) for z ~ P(z), n of them (Algorithm 2, line 4).
+@dataclass(frozen=True)
+class DecoderSampling:
+    """How D_dec is drawn and, for discrete x, how its gradient is estimated.
+
+    anchor:    "normal": z ~ P(z) = N(0, I), the paper's fixed latent anchor;
+               "prior": z ~ p(z), the model prior (VampPrior, then p(z1|z2)) with its
+               parameters held fixed for the draw, as the authors' image code does.
+    estimator: for x that cannot be reparameterized (binary images), see
+               `score_function_surrogate`:
+               "loo-code": `draws` images x per code z, each with the mean of the other
+               images of its code as baseline (the default, chosen by measurement:
+               README, "Gradients of binary decoder samples");
+               "loo-batch": one image per code, baseline the mean over the batch;
+               "authors": the authors' image code: the decoder's mean image instead of
+               a sample, log q(x) = log p(x|z) (App. D.1 for z ~ p(z)), no score term.
+               Its log p(x|z) has zero gradient at the mean image, so D_dec gives the
+               decoder no gradient at all.
+    """
+    anchor: str = "normal"
+    estimator: str = "loo-code"
+    draws: int = DRAWS_PER_CODE
+
+
+ANCHORS = ("normal", "prior")
+ESTIMATORS = ("loo-code", "loo-batch", "authors")
+PAPER_SAMPLING = DecoderSampling()
+
+
+def anchor_codes(model, n, p_z, anchor):
+    """n codes z (n, Z) from the latent anchor, with no gradient path."""
+    return (model.P_z() if anchor == "normal" else p_z).sample((n,))
+
+
+def decoder_samples(model, n, p_z, w=FULL, sampling=PAPER_SAMPLING):
+    """D_dec: x ~ p(x|z) for z from the latent anchor, n of them (Algorithm 2, line 4).
 
     Returns log q(x,z), log p(x,z) and, when x is discrete and so cannot be
-    reparameterized, log p(x|z) for the score-function estimator (else None).
-    The marginal q(x) uses a fresh importance sample z' ~ q(z|x).
+    reparameterized, (log p(x|z), draws) for the score-function estimator (else None).
+    The marginal q(x) uses a fresh importance sample z' ~ q(z|x). For discrete x with
+    the "loo-code" estimator, n // draws codes give `draws` images each, ordered
+    (draws, codes) as `score_function_surrogate` expects.
     """
-    z = model.P_z().sample((n,))                                        # (n, Z)
+    discrete = model.p_x_given_z.discrete
+    if discrete and sampling.estimator == "authors":
+        return authors_decoder_samples(model, n, p_z, w)
+    draws = sampling.draws if discrete and sampling.estimator == "loo-code" else 1
+    codes = max(1, n // draws)                 # a batch that draws does not divide loses
+    z = anchor_codes(model, codes, p_z, sampling.anchor).repeat(draws, 1)  # its remainder
     p_x_given_z = model.p_x_given_z(z)
-    discrete = not p_x_given_z.has_rsample
     x = p_x_given_z.sample() if discrete else p_x_given_z.rsample()     # (n, D)
     q_z_given_x = model.q_z_given_x(x)
     z_prime = q_z_given_x.rsample()                                     # (n, Z)
-    log_q_xz = q_z_given_x.log_prob(z) + log_q_x(model, x, z_prime, q_z_given_x, p_z)
+    log_q_xz = q_z_given_x.log_prob(z) + log_q_x(model, x, z_prime, q_z_given_x, p_z, w)
     log_p_x_given_z = p_x_given_z.log_prob(x)
-    log_p_xz = log_p_x_given_z + p_z.log_prob(z)
-    return log_q_xz, log_p_xz, (log_p_x_given_z if discrete else None)
+    log_p_xz = log_p_x_given_z + log_prior(p_z, z, w)
+    score = (log_p_x_given_z, draws) if discrete else None
+    return log_q_xz, log_p_xz, score
 
 
-def score_function_surrogate(f, log_prob):
-    """Per-sample losses f (n,) of samples x ~ p(x) that carry no gradient path.
+def authors_decoder_samples(model, n, p_z, w=FULL):
+    """D_dec as the authors' image code draws it: z ~ p(z), x the decoder's mean image
+    (detached), and log q(x) = log p(x|z), the App. D.1 estimate for z drawn from p(z)."""
+    z = anchor_codes(model, n, p_z, "prior")                            # (n, Z)
+    p_x_given_z = model.p_x_given_z(z)
+    x = p_x_given_z.mean.detach()                                       # (n, D) in [0, 1]
+    log_p_x_given_z = p_x_given_z.log_prob(x)
+    log_q_xz = model.q_z_given_x(x).log_prob(z) + log_p_x_given_z
+    return log_q_xz, log_p_x_given_z + log_prior(p_z, z, w), None
+
+
+def score_function_surrogate(f, log_prob, draws=1):
+    """Per-sample losses f (n,) of samples x ~ p(x|z) that carry no gradient path.
 
     Returns a surrogate with the value of f whose gradient is the score-function
     (REINFORCE) estimate of App. D.2 with a baseline b,
-        grad f + (f - b) grad log p(x).
-    b_i is the mean of the other samples' f_j (leave one out): it does not depend on x_i,
-    so the estimate stays unbiased, and it removes the bulk of f from the noisy term.
+        grad f + (f - b) grad log p(x|z).
+    b of a sample is a mean of other samples' f (leave one out): it does not depend on
+    that sample's x, so the estimate stays unbiased. draws = 1: one image per code, b is
+    the mean over the rest of the batch, which removes the bulk of f. draws > 1: the n
+    samples are ordered (draws, n // draws), each column one code, and b is the mean of
+    the other images of the same code; this also removes the part of f that varies with
+    z, by far the largest part once the encoder is sharp.
     """
-    n = f.shape[0]
-    baseline = (f.sum() - f) / (n - 1) if n > 1 else torch.zeros_like(f)
-    return f + (f - baseline).detach() * (log_prob - log_prob.detach())
+    columns = f.view(draws, -1) if draws > 1 else f.view(-1, 1)         # (draws, codes)
+    m = columns.shape[0]
+    baseline = (columns.sum(0) - columns) / (m - 1) if m > 1 else torch.zeros_like(columns)
+    return f + (f - baseline.reshape(-1)).detach() * (log_prob - log_prob.detach())
 
 
-def sample_m_s(model, x, with_decoder=True):
-    """Samples of M_S for a batch x (B, D): `encoder_samples` and, if asked, as many
-    `decoder_samples`: ((log q(x,z), log p(x,z)), (log q(x,z), log p(x,z), score) or None).
-    p(z) is built once: a VampPrior encodes its pseudo-inputs once per step."""
+def sample_m_s(model, x, w=FULL, sampling=PAPER_SAMPLING):
+    """Samples of M_S for a batch x (B, D): `encoder_samples` and, if w asks for them, as
+    many `decoder_samples`: ((log q(x,z), log p(x,z)), (log q(x,z), log p(x,z), score) or
+    None). p(z) is built once: a VampPrior encodes its pseudo-inputs once per step."""
     p_z = model.p_z()
-    return (encoder_samples(model, x, p_z),
-            decoder_samples(model, len(x), p_z) if with_decoder else None)
+    return (encoder_samples(model, x, p_z, w),
+            decoder_samples(model, len(x), p_z, w, sampling) if w.decoder_samples else None)
 
 
 def average_over_m_s(f, enc, dec):
-    """Mean over D = D_enc + D_dec of the per-sample losses f(log q(x,z), log p(x,z)).
-    Discrete decoder samples get the score-function term, so the gradient stays unbiased."""
-    losses = [f(*enc)]
-    if dec is not None:
-        log_q_xz, log_p_xz, score = dec
-        f_dec = f(log_q_xz, log_p_xz)
-        losses.append(f_dec if score is None else score_function_surrogate(f_dec, score))
-    return torch.cat(losses).mean()
+    """Mean over M_S = 1/2 (D_enc + D_dec) of the per-sample losses f(log q(x,z),
+    log p(x,z)): each half averaged on its own, so the halves weigh 1/2 each whatever
+    their sizes. Discrete decoder samples get the score-function term, so the gradient
+    stays unbiased."""
+    f_enc = f(*enc).mean()
+    return f_enc if dec is None else 0.5 * (f_enc + decoder_sample_loss(f, dec))
+
+
+def decoder_sample_loss(f, dec):
+    """Mean of f over D_dec, with the score-function term for discrete samples."""
+    log_q_xz, log_p_xz, score = dec
+    f_dec = f(log_q_xz, log_p_xz)
+    return (f_dec if score is None else score_function_surrogate(f_dec, *score)).mean()
 
 
 def cross_entropy_stats(enc, dec):
     """Monitoring values over the samples: CE(M, q(x,z)), CE(M, p(x,z)) and their mean,
     which is Eq. 8 at full weights."""
     halves = [enc] if dec is None else [enc, dec[:2]]
-    ce_q = -torch.cat([h[0] for h in halves]).mean().item()
-    ce_p = -torch.cat([h[1] for h in halves]).mean().item()
+    ce_q = -sum(h[0].mean().item() for h in halves) / len(halves)
+    ce_p = -sum(h[1].mean().item() for h in halves) / len(halves)
     return {"loss": 0.5 * (ce_q + ce_p), "ce_q": ce_q, "ce_p": ce_p}
 
 
@@ -839,32 +968,21 @@ def cross_entropy_stats(enc, dec):
 # Objectives: (model, x, weights) -> (loss, stats). Losses in nats per sample.
 # ----------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Weights:
-    """Weights on the terms of the objectives; FULL gives them as the paper writes them."""
-    q: float = 0.5                 # on log q(x,z): the first CE term of Eq. 8
-    p: float = 0.5                 # on log p(x,z): the second (decoder) CE term of Eq. 8
-    decoder_samples: bool = True   # include D_dec, the decoder half of M_S
-    kl: float = 1.0                # VAE: on log q(z|x) - log p(z)
-
-
-FULL = Weights()
-
-
-def mim_loss(model, x, w=FULL):
+def mim_loss(model, x, w=FULL, sampling=PAPER_SAMPLING):
     """L_MIM of Eq. 8, 1/2 (CE(M_S, q(x,z)) + CE(M_S, p(x,z))), by Monte Carlo.
 
     A batch of B data points gives B encoder samples and B decoder samples: Algorithm 1
     with N = 2B, averaging -(log q(x,z) + log p(x,z)) / 2 over the N samples. With an
     explicit q(x) this is Algorithm 1; with the marginal q(x) it is Algorithm 2 (the
-    importance-sampling bound of log q(x) in `log_q_x`).
+    importance-sampling bound of log q(x) in `log_q_x`). `sampling` says how D_dec is
+    drawn (anchor, estimator); at w = FULL and the "normal" anchor this is Algorithm 2.
     """
-    enc, dec = sample_m_s(model, x, w.decoder_samples)
+    enc, dec = sample_m_s(model, x, w, sampling)
     loss = average_over_m_s(lambda log_q, log_p: -(w.q * log_q + w.p * log_p), enc, dec)
     return loss, cross_entropy_stats(enc, dec)
 
 
-def amim_loss(model, x, w=FULL):
+def amim_loss(model, x, w=FULL, sampling=PAPER_SAMPLING):
     """L_A-MIM of Eq. 12: Eq. 8 with encoder samples only, M_S^q = q(z|x)P(x).
 
     Eq. 13 shows why q(x) should be the marginal of Eq. 16: an explicit q(x) would be
@@ -872,7 +990,7 @@ def amim_loss(model, x, w=FULL):
     Eq. 12 expands to H_q(x,z) + 1/2 KL(P(x)||q(x)) + 1/2 KL(q(z|x)P(x)||p(x,z)), which
     test_mim.py checks.)
     """
-    return mim_loss(model, x, dataclasses.replace(w, decoder_samples=False))
+    return mim_loss(model, x, dataclasses.replace(w, decoder_samples=False), sampling)
 
 
 def mixture_cross_entropy(log_q, log_p, w_q=0.5, w_p=0.5):
@@ -881,12 +999,12 @@ def mixture_cross_entropy(log_q, log_p, w_q=0.5, w_p=0.5):
     return -torch.logsumexp(torch.stack([log_q, log_p], dim=-1) + log_w, dim=-1)
 
 
-def ce_loss(model, x, w=FULL):
+def ce_loss(model, x, w=FULL, sampling=PAPER_SAMPLING):
     """L_CE of Eq. 7, CE(M_S, M_theta) = -E_M_S[log 1/2 (q(x,z) + p(x,z))] (App. F.2).
 
     Warm-up weights act as the mixture weights of M_theta (w.q = w.p = 1/2 is Eq. 7).
     """
-    enc, dec = sample_m_s(model, x, w.decoder_samples)
+    enc, dec = sample_m_s(model, x, w, sampling)
     loss = average_over_m_s(lambda lq, lp: mixture_cross_entropy(lq, lp, w.q, w.p), enc, dec)
     with torch.no_grad():
         value = average_over_m_s(mixture_cross_entropy, enc, dec).item()
@@ -1002,12 +1120,15 @@ LOSSES = {"mim": mim_loss, "amim": amim_loss, "vae": vae_loss, "ce": ce_loss,
 
 
 def objective(cfg):
-    """The loss function (model, x, w) -> (loss, stats) of --loss, with its weights."""
+    """The loss function (model, x, w) -> (loss, stats) of --loss, with its settings."""
     if cfg.loss == "infomax":
         return functools.partial(infomax_loss, alpha=cfg.alpha, beta=cfg.beta,
                                  bound=cfg.mi_bound)
     if cfg.loss.startswith("critic-"):
         return functools.partial(LOSSES[cfg.loss], weight=cfg.critic_weight)
+    if cfg.loss in ("mim", "amim", "ce"):
+        return functools.partial(LOSSES[cfg.loss], sampling=DecoderSampling(
+            cfg.latent_anchor, cfg.estimator, cfg.draws))
     return LOSSES[cfg.loss]
 
 
@@ -1020,20 +1141,31 @@ def warmup_weights(mode, progress, warmup):
 
     paper:   Sec. 5 -- the weight on the second (decoder) CE term of Eq. 8 rises
              linearly from 0 to 1/2 over `warmup` epochs; the VAE's KL weight from 0 to 1.
+    prior:   the weight beta on log p(z) (of the top level: p(z2) of two levels) rises
+             from 0 to 1, wherever it appears (both CE terms and the estimate of
+             log q(x)), and the VAE's KL weight with it: the analogue of KL annealing. beta stays 0 for the first
+             PRIOR_DELAY of the warm-up, then rises linearly (see PRIOR_DELAY). With the
+             marginal q(x) this is the only warm-up that changes the direction of the
+             encoder-sample gradient; `paper` rescales it, which Adam ignores.
     authors: the authors' code -- the weight on log q(z|x) + log q(x) steps up per epoch
-             as min(1, epoch / warmup) (here scaled to 1/2, as in Eq. 8), and decoder
-             samples join only once it reaches its full value.
+             as beta = min(1, epoch / warmup) (here scaled to 1/2, as in Eq. 8), decoder
+             samples join only once it is full, and in their image code (two-level
+             models) beta also weighs log p(z2): per encoder sample the loss is
+             -(1 + beta) / 2 [log p(x|z) + log p(z1|z2) + beta log p(z2)].
     """
     if warmup <= 0:
         return FULL
     if mode == "paper":
         ramp = min(1.0, progress / warmup)
         return Weights(p=0.5 * ramp, kl=ramp)
-    ramp = min(1.0, (math.floor(progress) + 1) / warmup)
-    return Weights(q=0.5 * ramp, decoder_samples=ramp >= 1.0, kl=ramp)
+    if mode == "prior":
+        beta = min(1.0, max(0.0, progress / warmup - PRIOR_DELAY) / (1 - PRIOR_DELAY))
+        return Weights(kl=beta, prior=beta)
+    beta = min(1.0, (math.floor(progress) + 1) / warmup)
+    return Weights(q=0.5 * beta, decoder_samples=beta >= 1.0, kl=beta, top_prior=beta)
 
 
-WARMUP_MODES = ("paper", "authors")
+WARMUP_MODES = ("paper", "prior", "authors")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1059,6 +1191,8 @@ def train_epoch(model, loss_fn, opt, x_train, cfg, epoch, binarize=False):
                              "lower --lr or raise --std-floor")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.optimizer == "normgrad":
+            normalize_gradients(model)
         opt.step()
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v / n_batches
@@ -1119,7 +1253,7 @@ def cuda_devices(device):
 def log_line(row):
     """One line per epoch: train and validation loss with their terms, and seconds."""
     def terms(prefix):
-        return " ".join(f"{k[len(prefix):]} {v:.4f}" for k, v in row.items()
+        return " ".join(f"{k[len(prefix):]} {format_value(v, '.4f')}" for k, v in row.items()
                         if k.startswith(prefix) and k != prefix + "loss")
     print(f"epoch {row['epoch']:3d} | train {row['train_loss']:.4f} nats ({terms('train_')})"
           f" | val {row['val_loss']:.4f} nats ({terms('val_')}) | {row['seconds']:.2f} s",
@@ -1127,8 +1261,12 @@ def log_line(row):
 
 
 def train(model, cfg, x_train, x_val, on_epoch=log_line, binarize=False, checkpoint=None,
-          resume=None):
+          resume=None, diagnose=None):
     """Fit `model`; returns (best state_dict, best epoch, epochs run, history).
+
+    diagnose(model) -> dict, if given, adds its values to each epoch's row with the
+    prefix val_ (mim.py passes evaluate.epoch_diagnostics: active units, MI, posterior
+    scales, 5-NN), so that collapse shows while it happens.
 
     Early stopping: once warm-up is over, stop when the validation loss at full weights
     has not improved for `patience` epochs, and return the best weights.
@@ -1154,8 +1292,11 @@ def train(model, cfg, x_train, x_val, on_epoch=log_line, binarize=False, checkpo
         if not math.isfinite(val_stats["loss"]):
             raise UsageError(f"the validation loss became {val_stats['loss']} in epoch "
                              f"{epoch}; lower --lr or raise --std-floor")
+        seconds = time.perf_counter() - start
+        if diagnose is not None:
+            val_stats.update(diagnose(model))
         row = {"epoch": epoch, **prefixed("train_", train_stats),
-               **prefixed("val_", val_stats), "seconds": time.perf_counter() - start}
+               **prefixed("val_", val_stats), "seconds": seconds}
         on_epoch(row)
         improved = epoch >= cfg.warmup and val_stats["loss"] < progress["best_loss"]
         if improved:
@@ -1181,6 +1322,19 @@ def optimizer(model, cfg):
     if critic:
         groups.append({"params": list(model.critic.parameters()), "lr": cfg.critic_lr})
     return torch.optim.Adam(groups)
+
+
+@torch.no_grad()
+def normalize_gradients(model):
+    """--optimizer normgrad: each parameter tensor's gradient divided by its L2 norm before
+    the Adam step, as in the AdamNormGrad of Tomczak & Welling's code, so that every
+    tensor takes a step of the same scale whatever the size of its gradient."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.div_(p.grad.norm() + NORMGRAD_EPS)
+
+
+OPTIMIZERS = ("adam", "normgrad")
 
 
 def rng_state(device):
@@ -1240,8 +1394,8 @@ def write_csv(path, rows):
     atomic_write(path, write)
 
 
-def format_value(v):
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
+def format_value(v, spec=".6g"):
+    return f"{v:{spec}}" if isinstance(v, float) else str(v)
 
 
 def to_cpu(tree):
@@ -1290,6 +1444,7 @@ def load_checkpoint(path, device="cpu"):
 
 CHOICES = {"arch": ARCHS, "activation": ACTIVATIONS, "prior": PRIORS, "q_x": DATA_PRIORS,
            "loss": LOSSES, "mi_bound": MI_BOUNDS, "warmup_mode": WARMUP_MODES,
+           "latent_anchor": ANCHORS, "estimator": ESTIMATORS, "optimizer": OPTIMIZERS,
            "device": ("auto", "cpu", "cuda")}
 
 
@@ -1322,6 +1477,9 @@ def parse_args(argv=None):
                  "batch_size", "train_size"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.draws < 2:
+        parser.error("--draws must be at least 2: the baseline of an image is the mean "
+                     "of the other images of its code")
     if min(cfg.lr, cfg.critic_lr, cfg.std_floor) <= 0:
         parser.error("--lr, --critic-lr and --std-floor must be positive")
     if min(cfg.warmup, cfg.nll_samples or 0, cfg.alpha, cfg.beta, cfg.critic_weight) < 0:
@@ -1406,21 +1564,22 @@ def run(cfg):
 
     best_state, best_epoch, epochs, history = train(
         model, cfg, data.x_train, data.x_val, binarize=data.dynamic, checkpoint=checkpoint,
-        resume=resume)
+        resume=resume, diagnose=evaluate.epoch_diagnostics(data))
     model.load_state_dict(best_state)
     results = {**evaluate.test_metrics(model, data, cfg.nll_samples),
                "best_epoch": best_epoch, "epochs": epochs,
                "train_seconds": sum(row["seconds"] for row in history)}
     if cfg.out:
         save_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info)
-        write_csv(os.path.join(cfg.out, "log.csv"), history)
         write_json(os.path.join(cfg.out, "results.json"), results)
     return results
 
 
 def save_training_state(cfg, model, data_info):
-    """The per-epoch checkpoint: last.pt always, best.pt when validation improved."""
+    """The per-epoch checkpoint: log.csv with every epoch so far and last.pt always,
+    best.pt when validation improved."""
     def checkpoint(state, improved):
+        write_csv(os.path.join(cfg.out, "log.csv"), state["progress"]["history"])
         if improved:
             save_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info)
         save_checkpoint(os.path.join(cfg.out, "last.pt"), model, cfg, data_info, **state)

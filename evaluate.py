@@ -180,10 +180,15 @@ def active_units(model, x, threshold=AU_THRESHOLD, batch_size=None):
     """Active units (Burda, Grosse & Salakhutdinov 2016, Sec. 5.2): dimension u of z is
     active if A_u = Cov_x(E_q(z|x)[z_u]) > threshold, the covariance taken over the rows
     of x with ddof = AU_DDOF (1). Returns ({AU_PREFIX + group: count}, A (Z,) in z units^2)."""
-    means = encoder_means(model, x, batch_size).double()
-    variance = means.var(dim=0, correction=AU_DDOF)
+    return active_units_of_means(encoder_means(model, x, batch_size), model.latent_groups,
+                                 threshold)
+
+
+def active_units_of_means(means, latent_groups, threshold=AU_THRESHOLD):
+    """active_units from encoder means (N, Z) already computed."""
+    variance = means.double().var(dim=0, correction=AU_DDOF)
     counts = {AU_PREFIX + name: int((variance[start:stop] > threshold).sum())
-              for name, (start, stop) in model.latent_groups.items()}
+              for name, (start, stop) in latent_groups.items()}
     return counts, variance
 
 
@@ -254,11 +259,13 @@ def epoch_diagnostics(data, n=DIAGNOSTIC_POINTS):
     @torch.no_grad()
     def diagnose(model):
         model.eval()
-        stats = {k[len("test_"):]: v for k, v in active_units(model, x_val)[0].items()}
+        means = encoder_means(model, x_val)
+        counts = active_units_of_means(means, model.latent_groups)[0]
+        stats = {k[len("test_"):]: v for k, v in counts.items()}
         terms = posterior_kl_terms(model, x_val)
         stats.update(mi_batch=terms["test_mi_batch"], **mean_log_std(model, x_val))
         stats["knn5_mean"] = knn_accuracy(encoder_means(model, x_knn).cpu(), y_knn.cpu(),
-                                          encoder_means(model, x_val).cpu(), y_val.cpu())
+                                          means.cpu(), y_val.cpu())
         return stats
     return diagnose
 
@@ -341,8 +348,9 @@ def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
     """
     model.eval()
     x_test, binary = data.x_test, data.binary
-    z_test = encode(model, x_test, max_batch)
-    z_train = encode(model, knn_train_inputs(data, knn_train_size), max_batch)
+    x_knn = knn_train_inputs(data, knn_train_size)
+    z_test, z_train = encode(model, x_test, max_batch), encode(model, x_knn, max_batch)
+    means_test = encoder_means(model, x_test, max_batch)
     results = {}
     if not ksg_counts_ties(x_test.cpu().numpy(), KSG_K):
         results["test_mi_ksg"] = ksg_mi(x_test.cpu(), z_test.cpu(), k=KSG_K)
@@ -356,11 +364,11 @@ def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
     results["test_knn5_acc"] = knn_accuracy(z_train.cpu(), y_train, z_test.cpu(), y_test,
                                             k=KNN_K)
     results["test_knn5_acc_mean"] = knn_accuracy(
-        encoder_means(model, knn_train_inputs(data, knn_train_size), max_batch).cpu(),
-        y_train, encoder_means(model, x_test, max_batch).cpu(), y_test, k=KNN_K)
+        encoder_means(model, x_knn, max_batch).cpu(), y_train, means_test.cpu(), y_test,
+        k=KNN_K)
     results["nll_samples"] = nll_samples
     if binary if with_posterior_stats is None else with_posterior_stats:
-        results.update(active_units(model, x_test, batch_size=max_batch)[0])
+        results.update(active_units_of_means(means_test, model.latent_groups)[0])
         results.update(posterior_kl_terms(model, x_test))
     if data.x_dim == 1 and z_test.shape[1] == 1 and data.anchor is not None:
         results.update(consistency_1d(model, data.anchor))
@@ -718,10 +726,6 @@ def plot_run(model, data, cfg, run_dir):
 
 
 # ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
-
-# ----------------------------------------------------------------------------------------
 # Gradients of binary decoder samples: signal and noise of each estimator
 # ----------------------------------------------------------------------------------------
 
@@ -790,6 +794,10 @@ def gradient_noise_run(run_dir, device, repeats=GRADIENT_REPEATS):
                   f"{r['noise_over_signal']:.3g} |")
     return table
 
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
 
 def first_test_points(data, n):
     """data with its test split cut to the first n points (all if n is None)."""

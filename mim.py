@@ -77,8 +77,7 @@ PROGRESS_AFTER = 5.0     # seconds into an epoch before a progress line appears
 PROGRESS_EVERY = 2.0     # seconds between progress lines
 IMAGE_Z_DIM = 40         # z1 and z2 of the two-level models (Tomczak & Welling 2018)
 VAMP_COMPONENTS = 500    # pseudo-inputs K of the VampPrior (Tomczak & Welling 2018)
-IMAGE_WARMUP = 5         # warm-up epochs of the image architectures (README: image defaults)
-IMAGE_ANCHOR = "prior"   # latent anchor of their decoder samples (README: image defaults)
+IMAGE_WARMUP = 5         # warm-up epochs of the image architectures (README, Results: "Images")
 PRIOR_DELAY = 0.5        # --warmup-mode prior: fraction of the warm-up with beta = 0
 DRAWS_PER_CODE = 4       # loo-code: images per code (README: gradients of decoder samples)
 NORMGRAD_EPS = 1e-7      # --optimizer normgrad: g / (|g| + eps), as Tomczak & Welling's code
@@ -136,10 +135,9 @@ class Config:
         "log p(z) rises 0 -> 1 (KL annealing's analogue); authors: their code's schedule "
         "(see warmup_weights). Default: paper for mlp, prior for the image architectures",
         default=None)
-    latent_anchor: Optional[str] = _help(
+    latent_anchor: str = _help(
         "where decoder samples draw z: normal (P(z) = N(0, I), the paper) or prior (the "
-        "model prior p(z), the authors' image code). Default: normal for mlp, "
-        f"{IMAGE_ANCHOR} for the image architectures", default=None)
+        "model prior p(z), the authors' image code)", default="normal")
     estimator: str = _help("gradient of binary decoder samples: loo-code (several images "
                            "per code, per-code leave-one-out baseline), loo-batch (one "
                            "image per code, batch baseline) or authors (mean images, no "
@@ -174,8 +172,6 @@ class Config:
             self.warmup = IMAGE_WARMUP if image else 3
         if self.warmup_mode is None:
             self.warmup_mode = "prior" if image else "paper"
-        if self.latent_anchor is None:
-            self.latent_anchor = IMAGE_ANCHOR if image else "normal"
         if self.prior_components is None:
             self.prior_components = VAMP_COMPONENTS if self.prior == "vamp" else 10
 
@@ -804,7 +800,7 @@ def log_prior(p_z, z, w=FULL):
     """The warm-up's weighted log p(z), (B,): w.prior times log p(z) of one level; of a
     two-level prior p(z2) p(z1|z2), w.prior * w.top_prior times log p(z2) and log p(z1|z2)
     at full weight. Keeping log p(z1|z2) is what makes z2 carry information early on: with
-    it weighted too, z2 stayed unused and z1 collapsed (README: image defaults)."""
+    it weighted too, z2 stayed unused and z1 collapsed (README, Results: "Images")."""
     if not isinstance(p_z, TwoLevel):
         return w.prior * p_z.log_prob(z)
     z1, z2 = z[..., :p_z.z1_dim], z[..., p_z.z1_dim:]
@@ -1143,8 +1139,11 @@ def warmup_weights(mode, progress, warmup):
              linearly from 0 to 1/2 over `warmup` epochs; the VAE's KL weight from 0 to 1.
     prior:   the weight beta on log p(z) (of the top level: p(z2) of two levels) rises
              from 0 to 1, wherever it appears (both CE terms and the estimate of
-             log q(x)), and the VAE's KL weight with it: the analogue of KL annealing.
-             beta stays 0 for the first PRIOR_DELAY of the warm-up, then rises linearly.
+             log q(x)): the analogue of KL annealing. beta stays 0 for the first
+             PRIOR_DELAY of the warm-up, then rises linearly. The VAE's KL weight
+             rises linearly from 0 over the whole warm-up, as in Tomczak & Welling:
+             with the delay, the unweighted KL grew to 10^4 nats and z2 collapsed
+             when the weight arrived (README, Results: "Images").
              With the marginal q(x) this is the only warm-up that changes the direction
              of the encoder-sample gradient; `paper` rescales it, which Adam ignores.
     authors: the authors' code -- the weight on log q(z|x) + log q(x) steps up per epoch
@@ -1160,7 +1159,7 @@ def warmup_weights(mode, progress, warmup):
         return Weights(p=0.5 * ramp, kl=ramp)
     if mode == "prior":
         beta = min(1.0, max(0.0, progress / warmup - PRIOR_DELAY) / (1 - PRIOR_DELAY))
-        return Weights(kl=beta, prior=beta)
+        return Weights(kl=min(1.0, progress / warmup), prior=beta)
     beta = min(1.0, (math.floor(progress) + 1) / warmup)
     return Weights(q=0.5 * beta, decoder_samples=beta >= 1.0, kl=beta, top_prior=beta)
 

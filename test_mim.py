@@ -615,9 +615,10 @@ def test_warmup_schedules():
     assert mim.warmup_weights("authors", 2.5, 3) == mim.FULL   # epoch 3: full, with D_dec
     assert mim.warmup_weights("paper", 0.0, 0) == mim.FULL
     delay = mim.PRIOR_DELAY * 4
-    assert mim.warmup_weights("prior", delay, 4) == mim.Weights(prior=0.0, kl=0.0)
+    assert mim.warmup_weights("prior", delay, 4) == mim.Weights(prior=0.0, kl=delay / 4)
     halfway = mim.warmup_weights("prior", delay + (4 - delay) / 2, 4)
-    assert halfway.prior == pytest.approx(0.5) and halfway.kl == pytest.approx(0.5)
+    assert halfway.prior == pytest.approx(0.5)
+    assert halfway.kl == pytest.approx((delay + (4 - delay) / 2) / 4)
     assert halfway.decoder_samples and halfway.q == halfway.p == 0.5
     assert early.top_prior == pytest.approx(1 / 3)
 

@@ -1140,12 +1140,12 @@ def warmup_weights(mode, progress, warmup):
     prior:   the weight beta on log p(z) (of the top level: p(z2) of two levels) rises
              from 0 to 1, wherever it appears (both CE terms and the estimate of
              log q(x)): the analogue of KL annealing. beta stays 0 for the first
-             PRIOR_DELAY of the warm-up, then rises linearly. The VAE's KL weight
+             PRIOR_DELAY of the warm-up, then rises linearly. With the marginal q(x)
+             this is the only warm-up that changes the direction of the encoder-sample
+             gradient; `paper` rescales it, which Adam ignores. The VAE's KL weight
              rises linearly from 0 over the whole warm-up, as in Tomczak & Welling:
              with the delay, the unweighted KL grew to 10^4 nats and z2 collapsed
              when the weight arrived (README, Results: "Images").
-             With the marginal q(x) this is the only warm-up that changes the direction
-             of the encoder-sample gradient; `paper` rescales it, which Adam ignores.
     authors: the authors' code -- the weight on log q(z|x) + log q(x) steps up per epoch
              as beta = min(1, epoch / warmup) (here scaled to 1/2, as in Eq. 8), decoder
              samples join only once it is full, and in their image code (two-level

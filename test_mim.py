@@ -394,16 +394,10 @@ def test_per_code_baseline_lowers_the_variance_of_the_decoder_gradient():
     the per-code baseline against one image per code with the batch baseline. Measured
     here: the total variance falls by a factor of about 4; the test asks for 2."""
     model = binary_toy_model()
-    params = list(model.p_x_given_z.parameters())
 
     def variance(sampling):
         torch.manual_seed(1)
-        draws = []
-        for _ in range(2000):
-            dec = mim.decoder_samples(model, 32, model.p_z(), mim.FULL, sampling)
-            loss = mim.decoder_sample_loss(lambda lq, lp: -0.5 * (lq + lp), dec)
-            draws.append(gradient(loss, params))
-        return torch.stack(draws).var(0).sum()
+        return evaluate.decoder_sample_gradients(model, 32, sampling, 2000).var(0).sum()
 
     ratio = variance(mim.DecoderSampling(estimator="loo-batch")) / variance(
         mim.DecoderSampling(estimator="loo-code", draws=4))

@@ -6,6 +6,9 @@
     reconstruction_rmse    root mean squared reconstruction error
     iwae_nll               importance-weighted estimate of -log p(x), nats, chunked over
                            points and samples; bits_per_dim converts nats to bits/dim
+    ais_nll                a tight -log p(x) that does not use the encoder: annealed
+                           importance sampling from p(z) with HMC (Wu et al. 2017)
+    informative_units      a scale-free count of used latent units (signal / noise > 1)
     active_units           latent dimensions u with Cov_x(E_q(z|x)[z_u]) > 0.01 (Burda et al.)
     posterior_kl_terms     the ELBO's KL term and the minibatch MI estimate (Hoffman &
                            Johnson 2016), at most log(batch size)
@@ -14,7 +17,8 @@
 
 Command line:
 
-    python evaluate.py RUN_DIR [RUN_DIR ...] [--nll-samples S] [--test-size N]
+    python evaluate.py RUN_DIR [RUN_DIR ...] [--nll-samples S] [--ais-steps T]
+                       [--ais-chains K] [--ais-leapfrog L] [--test-size N]
                        [--knn-train N] [--max-batch N] [--device auto|cpu|cuda]
                                   metrics of each run's best.pt on its test split into
                                   RUN_DIR/eval.json, and its figures: fig1.png (2-D toy,
@@ -44,6 +48,9 @@ METRICS = {  # results.json / eval.json key: (label, unit)
     "test_mi_ksg": ("MI (KSG, k=5)", "nats"),
     "test_nll": ("NLL (IWAE)", "nats"),
     "test_nll_bpd": ("NLL (IWAE)", "bits/dim"),
+    "test_nll_tight": ("NLL (AIS from the prior)", "nats"),
+    "test_nll_tight_se": ("its Monte Carlo standard error", "nats"),
+    "test_nll_tight_bpd": ("NLL (AIS from the prior)", "bits/dim"),
     "test_rmse": ("reconstruction RMSE", "data units"),
     "test_knn5_acc": ("5-NN accuracy, one sampled code", "fraction"),
     "test_knn5_acc_mean": ("5-NN accuracy, encoder means", "fraction"),
@@ -58,6 +65,8 @@ AU_PREFIX = "test_au_"          # test_au_<latent group>: number of active units
 NLL_SAMPLES = 5000              # importance samples per test point for the NLL of Table 4:
                                 # the authors' code (experiment.py --S), as Tomczak & Welling
 AU_THRESHOLD = 0.01             # Burda et al. (2016): active if Cov_x(E_q[z_u]) > 0.01
+SNR_THRESHOLD = 1.0             # informative_units: signal variance above noise variance
+SNR_PREFIX = "test_informative_"  # test_informative_<latent group>: their number
 AU_DDOF = 1                     # the covariance over data points is the unbiased (N - 1) one
 KNN_K = 5                       # Sec. 5.3: 5-NN
 KNN_BINARIZATION_SEED = 0       # the one binarization of grey-level training images for 5-NN
@@ -77,6 +86,15 @@ KSG_COUNT_LEAF = 64             # points per leaf of the trees that count margin
 EVAL_MAX_VALUES = 2 ** 19
 ENCODE_BATCH = 10_000           # points per encoder pass on low-dimensional x
 IWAE_MAX_CODES = 2 ** 20        # codes per decoder pass on low-dimensional x
+AIS_STEPS = 1000                # intermediate distributions of the tight NLL (ais_nll):
+                                # the value the README's numbers use; --ais-steps asks
+AIS_CHAINS = 16                 # independent chains per test point (as Wu et al. 2017)
+AIS_LEAPFROG = 10               # leapfrog steps per HMC transition (as Wu et al. 2017)
+AIS_STEP_SIZE = 0.05            # initial leapfrog step size, adapted per chain ...
+AIS_ACCEPT = 0.65               # ... towards this acceptance rate (Neal 2011, Sec. 5.4.4)
+AIS_ADAPT_RATE = 0.05           # change of log(step size) per transition, times
+                                # (accepted - AIS_ACCEPT): equilibrium at AIS_ACCEPT
+AIS_SCHEDULE_WIDTH = 4.0        # the sigmoid schedule's range, sigmoid(-4) .. sigmoid(4)
 DIAGNOSTIC_POINTS = 1000        # validation points (and training points for 5-NN) of the
                                 # per-epoch diagnostics
 MI_BATCH = 1000                 # points per batch of the minibatch MI estimate: at most
@@ -238,6 +256,37 @@ def mean_log_std(model, x, batch_size=None):
             for name, (start, stop) in model.latent_groups.items()}
 
 
+@torch.no_grad()
+def posterior_variances(model, x, batch_size=None):
+    """Var_q(z|x)[z_u] per row of x and unit (N, Z). For two levels, z1's variance is
+    total: E[Var(z1|x, z2)] + Var(E[z1|x, z2]) over MEAN_SAMPLES draws of z2."""
+    batch_size = batch_size or batch_limit(x.shape[1], ENCODE_BATCH)
+    return torch.cat([variance_of(model.q_z_given_x(xb)) for xb in x.split(batch_size)])
+
+
+def variance_of(q_z_given_x):
+    if hasattr(q_z_given_x, "conditional"):   # mim.TwoLevel, by duck type as below
+        z2 = q_z_given_x.top.sample((mim.MEAN_SAMPLES,))                # (S, B, Z2)
+        z1 = q_z_given_x.conditional(z2)
+        var_z1 = z1.variance.mean(0) + z1.mean.var(0, correction=0)     # (B, Z1)
+        return torch.cat([var_z1, q_z_given_x.top.variance], dim=-1)
+    return q_z_given_x.variance
+
+
+def informative_units(means, variances, latent_groups, threshold=SNR_THRESHOLD):
+    """A scale-free count of used units: u counts if its signal-to-noise ratio
+    Cov_x(E[z_u|x]) / E_x Var(z_u|x) exceeds threshold. Unlike Burda's A_u > 0.01 it
+    does not change when z_u is rescaled, as a learned prior or a log-variance clip
+    allows. With Gaussian noise, the unit can carry at most 1/2 log(1 + ratio) nats (the
+    capacity of a Gaussian channel), so ratio > 1 means up to 1/2 log 2 = 0.35 nats.
+    means, variances (N, Z). Returns ({SNR_PREFIX + group: count}, ratio (Z,))."""
+    ratio = (means.double().var(dim=0, correction=AU_DDOF)
+             / variances.double().mean(dim=0))
+    counts = {SNR_PREFIX + name: int((ratio[start:stop] > threshold).sum())
+              for name, (start, stop) in latent_groups.items()}
+    return counts, ratio
+
+
 def posterior_log_std(q_z_given_x):
     """log std of each unit (B, Z) of a diagonal Gaussian or a two-level posterior."""
     if hasattr(q_z_given_x, "conditional"):   # mim.TwoLevel (by duck type: mim.py may be
@@ -314,6 +363,108 @@ def iwae_nll(model, x, num_samples, max_batch=None):
     return torch.cat(out)
 
 
+# ----------------------------------------------------------------------------------------
+# A tight NLL for sharp encoders: annealed importance sampling from the prior
+# ----------------------------------------------------------------------------------------
+
+def sigmoid_schedule(steps, width=AIS_SCHEDULE_WIDTH):
+    """Inverse temperatures 0 = beta_0 < ... < beta_T = 1, denser at both ends (the
+    sigmoid schedule of Grosse, Ghahramani & Adams 2015, used by Wu et al. 2017)."""
+    s = torch.sigmoid(torch.linspace(-width, width, steps + 1, dtype=torch.float64))
+    return ((s - s[0]) / (s[-1] - s[0])).tolist()
+
+
+class Annealed:
+    """The chains' codes z (K, B, Z) with log p(z), log p(x|z) (K, B) and their gradients
+    with respect to z: everything an HMC step on p(z) p(x|z)^beta needs."""
+
+    def __init__(self, model, p_z, x, z):
+        K, B = z.shape[:2]
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            flat = z.flatten(0, 1)                                      # (K*B, Z)
+            log_prior = p_z.log_prob(flat).view(K, B)
+            log_lik = model.p_x_given_z(flat).log_prob(x.expand(K, *x.shape).flatten(0, 1))
+            log_lik = log_lik.view(K, B)
+            self.grad_prior, = torch.autograd.grad(log_prior.sum(), z, retain_graph=True)
+            self.grad_lik, = torch.autograd.grad(log_lik.sum(), z)
+        self.z, self.log_prior, self.log_lik = z.detach(), log_prior.detach(), log_lik.detach()
+
+    def energy(self, beta):                                             # (K, B)
+        return -(self.log_prior + beta * self.log_lik)
+
+    def grad_energy(self, beta):                                        # (K, B, Z)
+        return -(self.grad_prior + beta * self.grad_lik)
+
+
+def hmc_step(model, p_z, x, state, beta, step_size, leapfrog):
+    """One Hamiltonian Monte Carlo transition (Neal 2011) that leaves the density
+    proportional to p(z) p(x|z)^beta invariant, for every chain at once: `leapfrog`
+    steps of size step_size (K, B, 1), then a Metropolis test. Returns the new state and
+    which chains accepted (K, B)."""
+    momentum = torch.randn_like(state.z)
+    p = momentum - 0.5 * step_size * state.grad_energy(beta)
+    proposal = state
+    for i in range(leapfrog):
+        proposal = Annealed(model, p_z, x, proposal.z + step_size * p)
+        if i < leapfrog - 1:
+            p = p - step_size * proposal.grad_energy(beta)
+    p = p - 0.5 * step_size * proposal.grad_energy(beta)
+    log_ratio = (state.energy(beta) + 0.5 * momentum.pow(2).sum(-1)
+                 - proposal.energy(beta) - 0.5 * p.pow(2).sum(-1))
+    accept = torch.rand_like(log_ratio).log() < log_ratio               # NaN: rejected
+    keep = accept[..., None]
+    for name in ("z", "log_prior", "log_lik", "grad_prior", "grad_lik"):
+        new, old = getattr(proposal, name), getattr(state, name)
+        setattr(proposal, name, torch.where(keep if new.dim() == 3 else accept, new, old))
+    return proposal, accept
+
+
+def ais_log_weights(model, x, chains, steps, leapfrog):
+    """log w (chains, B) of annealed importance sampling (Neal 2001) from p(z) to the
+    posterior p(z|x), through p(z) p(x|z)^beta_t on the sigmoid schedule, with one HMC
+    transition per temperature: E[w] = p(x) exactly, for any number of steps.
+
+    The step size of each chain adapts towards an acceptance rate of AIS_ACCEPT (as in
+    Wu et al. 2017): up after an accepted move, down after a rejected one, from that
+    chain's past only, so each transition still leaves its distribution invariant.
+    """
+    p_z = model.p_z()
+    state = Annealed(model, p_z, x, p_z.sample((chains * len(x),)).view(chains, len(x), -1))
+    step_size = torch.full((chains, len(x), 1), AIS_STEP_SIZE, dtype=state.z.dtype,
+                           device=x.device)
+    log_w = torch.zeros_like(state.log_lik)
+    betas = sigmoid_schedule(steps)
+    for beta_prev, beta in zip(betas[:-1], betas[1:]):
+        log_w += (beta - beta_prev) * state.log_lik
+        state, accept = hmc_step(model, p_z, x, state, beta, step_size, leapfrog)
+        step_size *= torch.exp(AIS_ADAPT_RATE * (accept.to(step_size.dtype)[..., None]
+                                                 - AIS_ACCEPT))
+    return log_w
+
+
+@torch.no_grad()
+def ais_nll(model, x, chains=AIS_CHAINS, steps=AIS_STEPS, leapfrog=AIS_LEAPFROG,
+            max_batch=None):
+    """-log p(x) for each row of x (N, D), in nats, by annealed importance sampling, and
+    the Monte Carlo standard error of each value (N,), (N,).
+
+    Unlike the IWAE estimate, it does not use the encoder, so a sharp (too narrow)
+    q(z|x) cannot inflate it. -log of the mean of the chains' weights is an upper bound
+    of -log p(x) in expectation, tight as the steps grow. The standard error is the
+    delta-method one of the log of a mean of `chains` weights.
+    """
+    max_batch = max_batch or batch_limit(x.shape[1], IWAE_MAX_CODES)
+    nll, se = [], []
+    for xb in x.split(max(1, max_batch // chains)):
+        log_w = ais_log_weights(model, xb, chains, steps, leapfrog)     # (K, b)
+        nll.append(math.log(chains) - torch.logsumexp(log_w, dim=0))
+        ratio = torch.exp(log_w - log_w.max(0).values)
+        ratio = ratio / ratio.mean(0)
+        se.append(ratio.std(0) / math.sqrt(chains))
+    return torch.cat(nll), torch.cat(se)
+
+
 def sample_chunks(total, size):
     """Sizes of consecutive chunks of at most `size` that add up to `total`."""
     return [min(size, total - start) for start in range(0, total, size)]
@@ -334,15 +485,35 @@ def knn_train_inputs(data, n=None):
     return torch.bernoulli(x, generator=generator)
 
 
+@dataclasses.dataclass(frozen=True)
+class AIS:
+    """Settings of the tight NLL (ais_nll); steps = 0 skips it."""
+    steps: int = AIS_STEPS
+    chains: int = AIS_CHAINS
+    leapfrog: int = AIS_LEAPFROG
+
+
+NO_AIS = AIS(steps=0)
+
+
+def tight_nll(model, x, ais, max_batch=None):
+    """test_nll_tight (mean of ais_nll over x, nats), its standard error and settings."""
+    nll, se = ais_nll(model, x, ais.chains, ais.steps, ais.leapfrog, max_batch)
+    return {"test_nll_tight": float(nll.mean()),
+            "test_nll_tight_se": float(se.pow(2).sum().sqrt()) / len(x),
+            "ais_steps": ais.steps, "ais_chains": ais.chains, "ais_leapfrog": ais.leapfrog}
+
+
 def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
-                 with_posterior_stats=None):
+                 with_posterior_stats=None, ais=NO_AIS):
     """The metrics of Fig. 2-3 on the test split (those of App. F.2 too for 1-D models).
 
     Binary (image) data, Sec. 5.2-5.3 and Table 4-6: no KSG (it counts ties there, see
     ksg_counts_ties) and no RMSE (the paper reports none for images, and the PixelCNN
     decoder has no mean); the NLL also in bits/dim. Active units, the ELBO's KL term and
     the minibatch MI estimate are added when with_posterior_stats is true (default: for
-    binary data, so that the toy results keep their keys). nll_samples = 0 skips the NLL.
+    binary data, so that the toy results keep their keys). nll_samples = 0 skips the NLL;
+    `ais` with steps > 0 adds the tight NLL by annealed importance sampling.
     The 5-NN classifier is fitted on the codes of the first knn_train_size training
     points (default: all).
     """
@@ -358,6 +529,10 @@ def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
         results["test_nll"] = float(iwae_nll(model, x_test, nll_samples, max_batch).mean())
     if nll_samples > 0 and binary:
         results["test_nll_bpd"] = bits_per_dim(results["test_nll"], data.x_dim)
+    if ais.steps > 0:
+        results.update(tight_nll(model, x_test, ais, max_batch))
+    if ais.steps > 0 and binary:
+        results["test_nll_tight_bpd"] = bits_per_dim(results["test_nll_tight"], data.x_dim)
     if not binary:
         results["test_rmse"] = reconstruction_rmse(model, x_test)
     y_train, y_test = data.y_train[:knn_train_size].cpu(), data.y_test.cpu()
@@ -369,6 +544,8 @@ def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
     results["nll_samples"] = nll_samples
     if binary if with_posterior_stats is None else with_posterior_stats:
         results.update(active_units_of_means(means_test, model.latent_groups)[0])
+        results.update(informative_units(means_test, posterior_variances(model, x_test),
+                                         model.latent_groups)[0])
         results.update(posterior_kl_terms(model, x_test))
     if data.x_dim == 1 and z_test.shape[1] == 1 and data.anchor is not None:
         results.update(consistency_1d(model, data.anchor))
@@ -377,6 +554,9 @@ def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
 
 def describe(key):
     """(label, unit) of a results key; (None, "") for keys that are not metrics."""
+    if key.startswith(SNR_PREFIX):
+        return (f"informative units of {key[len(SNR_PREFIX):]} (Cov_x E[z_u|x] / "
+                f"E_x Var(z_u|x) > {SNR_THRESHOLD})", "count")
     if key.startswith(AU_PREFIX):
         return f"active units of {key[len(AU_PREFIX):]} (A_u > {AU_THRESHOLD})", "count"
     return METRICS.get(key, (None, ""))
@@ -805,16 +985,17 @@ def first_test_points(data, n):
 
 
 def evaluate_run(run_dir, device, nll_samples=NLL_SAMPLES, test_size=None,
-                 knn_train_size=None, max_batch=None):
+                 knn_train_size=None, max_batch=None, ais=NO_AIS):
     """Metrics of RUN_DIR/best.pt on its test split into RUN_DIR/eval.json, and its
-    figures; returns the metrics."""
+    figures; returns the metrics. The tight NLL runs only when `ais` asks for it: it
+    costs steps x leapfrog passes of the decoder with gradients per chain."""
     path = os.path.join(run_dir, "best.pt")
     if not os.path.exists(path):
         raise ValueError(f"{run_dir}/best.pt not found; train with mim.py --out {run_dir} first")
     model, cfg = mim.load_checkpoint(path, device)
     data = first_test_points(mim.load_data(cfg), test_size).to(device)
     results = test_metrics(model, data, nll_samples, knn_train_size, max_batch,
-                           with_posterior_stats=True)
+                           with_posterior_stats=True, ais=ais)
     results.update(test_size=len(data.x_test), knn_train_size=len(
         data.x_train[:knn_train_size]))
     mim.write_json(os.path.join(run_dir, "eval.json"), results)
@@ -829,6 +1010,13 @@ def build_parser():
     parser.add_argument("--nll-samples", type=int, default=NLL_SAMPLES,
                         help=f"importance samples per test point for the NLL; 0 skips it "
                              f"(default: {NLL_SAMPLES}, as the authors' code)")
+    parser.add_argument("--ais-steps", type=int, default=0,
+                        help=f"temperatures of the tight NLL by annealed importance "
+                             f"sampling, for example {AIS_STEPS}; 0 skips it (default)")
+    parser.add_argument("--ais-chains", type=int, default=AIS_CHAINS,
+                        help="AIS chains per test point (default: %(default)s)")
+    parser.add_argument("--ais-leapfrog", type=int, default=AIS_LEAPFROG,
+                        help="leapfrog steps per HMC transition of AIS (default: %(default)s)")
     parser.add_argument("--test-size", type=int, default=None,
                         help="evaluate on the first N test points (default: all)")
     parser.add_argument("--knn-train", type=int, default=None,
@@ -853,8 +1041,10 @@ def build_parser():
 def check_args(parser, args):
     if not args.runs and not args.summary:
         parser.error("give run directories to evaluate, or --summary DIR")
-    if args.nll_samples < 0:
-        parser.error("--nll-samples must be at least 0")
+    if args.nll_samples < 0 or args.ais_steps < 0:
+        parser.error("--nll-samples and --ais-steps must be at least 0")
+    if args.ais_chains < 1 or args.ais_leapfrog < 1:
+        parser.error("--ais-chains and --ais-leapfrog must be at least 1")
     for flag in ("test_size", "knn_train", "max_batch", "repeats"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -872,7 +1062,8 @@ def main(argv=None):
                 gradient_noise_run(run_dir, device, args.repeats)
                 continue
             evaluate_run(run_dir, device, args.nll_samples, args.test_size, args.knn_train,
-                         args.max_batch)
+                         args.max_batch, AIS(args.ais_steps, args.ais_chains,
+                                             args.ais_leapfrog))
         if args.summary:
             print(write_summary(args.summary, args.x))
     except (ValueError, OSError, KeyError, mim.UsageError) as e:

@@ -71,6 +71,8 @@ import torch.nn.functional as F
 # exp(raw) + 1e-6 (--min-logvar 6); 1e-4 keeps float32 sampling well resolved and is far
 # below the nearest-neighbour spacing that KSG can see in 10,000 points.
 STD_FLOOR = 1e-4
+PCA_STD_FLOOR = 0.1      # pca_fashion_mnist: with 1e-4, MIM's decoder std sat at the floor
+                         # for z ~ P(z) and its loss exploded (README, Results: "Fig. 3")
 VALIDATION_SEED = 12345  # fixed noise for validation losses, so epochs compare fairly
 MEAN_SAMPLES = 64        # samples of z2 behind E[z1|x] of the two-level posterior
 PROGRESS_AFTER = 5.0     # seconds into an epoch before a progress line appears
@@ -112,8 +114,9 @@ class Config:
     q_x: str = _help("data prior q(x): marginal (Eq. 16) or mog (explicit, low-dim x)",
                      default="marginal")
     components: int = _help("components of the mog q(x)", default=10)
-    std_floor: float = _help("floor added to every Gaussian standard deviation",
-                             default=STD_FLOOR)
+    std_floor: Optional[float] = _help("floor added to every Gaussian standard deviation "
+                                       f"(default: {PCA_STD_FLOOR} for pca_fashion_mnist, "
+                                       f"{STD_FLOOR} otherwise)", default=None)
     loss: str = _help("objective: mim (Eq. 8), amim (Eq. 12), vae (negative ELBO), ce "
                       "(Eq. 7); for comparison infomax (InfoMax-VAE) or the inference "
                       "critics critic-self, critic-nn, critic-hybrid", default="mim")
@@ -172,6 +175,8 @@ class Config:
             self.warmup = IMAGE_WARMUP if image else 3
         if self.warmup_mode is None:
             self.warmup_mode = "prior" if image else "paper"
+        if self.std_floor is None:
+            self.std_floor = PCA_STD_FLOOR if self.data == "pca_fashion_mnist" else STD_FLOOR
         if self.prior_components is None:
             self.prior_components = VAMP_COMPONENTS if self.prior == "vamp" else 10
 
@@ -1172,13 +1177,14 @@ WARMUP_MODES = ("paper", "prior", "authors")
 # ----------------------------------------------------------------------------------------
 
 def train_epoch(model, loss_fn, opt, x_train, cfg, epoch, binarize=False):
-    """One pass over x_train (N, D) in shuffled batches; returns the mean stats.
+    """One pass over x_train (N, D) in shuffled batches; returns the mean stats and
+    loss_max, the largest batch loss, which shows a spike that the mean hides.
     binarize: draw a fresh binary image from the grey levels at every use (dynamic
     binarization, Sec. 5.2)."""
     model.train()
     n_batches = len(x_train) // cfg.batch_size           # drop the last partial batch
     order = torch.randperm(len(x_train), device=x_train.device)
-    totals, progress = {}, Progress(f"epoch {epoch}", n_batches)
+    totals, loss_max, progress = {}, -math.inf, Progress(f"epoch {epoch}", n_batches)
     for i in range(n_batches):
         x = x_train[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
         x = torch.bernoulli(x) if binarize else x
@@ -1195,9 +1201,10 @@ def train_epoch(model, loss_fn, opt, x_train, cfg, epoch, binarize=False):
         opt.step()
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v / n_batches
+        loss_max = max(loss_max, stats["loss"])
         progress.update(i + 1, stats["loss"])
     progress.close()
-    return totals
+    return {**totals, "loss_max": loss_max}
 
 
 class Progress:
@@ -1460,7 +1467,8 @@ def parse_args(argv=None):
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=text)
             continue
-        kind = {Optional[int]: int, Optional[str]: str}.get(f.type, f.type)
+        kind = {Optional[int]: int, Optional[float]: float, Optional[str]: str}.get(f.type,
+                                                                              f.type)
         choices = list(CHOICES[f.name]) if f.name in CHOICES else None
         parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=text +
                             (f" (default: {f.default})" if f.default is not None else ""))

@@ -583,6 +583,84 @@ def test_iwae_nll_matches_quadrature():
     assert np.all(-g["elbo"][idx] > exact + 1e-3)            # ... the looser bound
 
 
+def narrow_encoder_model(std=0.1):
+    """The 1-D model with q(z|x) = N(0, std^2) for every x: far too narrow for its
+    posteriors, as the encoders MIM learns can be; the points x on the grid and -log p(x)
+    there by quadrature."""
+    model = model_1d("marginal", seed=3)
+    last = model.q_z_given_x.net[2]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, math.log(math.expm1(std - mim.STD_FLOOR))]))
+    idx = [int(np.argmin(np.abs(GRID - v))) for v in (-2.0, -0.5, 0.4, 1.7)]
+    return model, torch.tensor(GRID[idx])[:, None], -model_grid(model)["marginal"][idx]
+
+
+def test_ais_nll_matches_quadrature_where_a_narrow_encoder_misleads_iwae():
+    model, x, exact = narrow_encoder_model()
+    torch.manual_seed(0)
+    assert np.all(evaluate.iwae_nll(model, x, 1000).numpy() > exact + 1.5)
+    nll, se = evaluate.ais_nll(model, x, chains=64, steps=500, leapfrog=5)
+    assert np.all(se.numpy() < 0.03)
+    assert nll.numpy() == pytest.approx(exact, abs=0.06)
+
+
+def test_ais_nll_does_not_undercut_the_true_value_on_average():
+    """E[p_hat] = p(x), so E[-log p_hat] >= -log p(x) (Jensen), even on a schedule far
+    too short to be tight: 30 repetitions of 3 temperatures stay above the truth within
+    3 standard errors of their mean, and on average above it."""
+    model, x, exact = narrow_encoder_model()
+    torch.manual_seed(1)
+    nll = np.stack([evaluate.ais_nll(model, x, chains=4, steps=3, leapfrog=2)[0].numpy()
+                    for _ in range(30)])                                # (30, 4)
+    mean, se = nll.mean(0), nll.std(0, ddof=1) / math.sqrt(len(nll))
+    assert np.all(mean > exact - 3 * se)
+    assert np.mean(mean - exact) > 0
+
+
+class LinearGaussian:
+    """z ~ N(0, I_2), x | z ~ N(A z, s^2 I_2): p(x) = N(0, A A^T + s^2 I), and the exact
+    posterior q(z|x) = N(V A^T x / s^2, V), V = (I + A^T A / s^2)^-1: a calibrated encoder."""
+    A = torch.tensor([[1.5, 0.3], [-0.4, 2.0]], dtype=torch.float64)
+    s = 0.5
+    V = torch.linalg.inv(torch.eye(2, dtype=torch.float64) + A.T @ A / s ** 2)
+
+    def p_z(self):
+        return torch.distributions.MultivariateNormal(torch.zeros(2, dtype=torch.float64),
+                                                      torch.eye(2, dtype=torch.float64))
+
+    def p_x_given_z(self, z):
+        return mim.diag_gaussian(z @ self.A.T, self.s * torch.ones_like(z))
+
+    def q_z_given_x(self, x):
+        return torch.distributions.MultivariateNormal(x @ self.A @ self.V.T / self.s ** 2,
+                                                      self.V)
+
+    def log_p_x(self, x):
+        cov = self.A @ self.A.T + self.s ** 2 * torch.eye(2, dtype=torch.float64)
+        return multivariate_normal(np.zeros(2), cov.numpy()).logpdf(x.numpy())
+
+
+def test_ais_nll_agrees_with_iwae_for_a_calibrated_encoder():
+    model = LinearGaussian()
+    torch.manual_seed(2)
+    x = torch.randn(6, 2, dtype=torch.float64) * 2
+    exact = -model.log_p_x(x)
+    iwae = evaluate.iwae_nll(model, x, 10).numpy()       # the exact posterior: no variance
+    assert iwae == pytest.approx(exact, abs=1e-9)
+    nll, se = evaluate.ais_nll(model, x, chains=32, steps=200, leapfrog=5)
+    assert nll.numpy() == pytest.approx(iwae, abs=max(0.02, 4 * float(se.max())))
+
+
+def test_ais_nll_chunked_over_points_equals_one_pass():
+    model, x, _ = narrow_encoder_model()
+    torch.manual_seed(3)
+    one_pass = evaluate.ais_nll(model, x[:1], chains=4, steps=10, leapfrog=2)[0]
+    torch.manual_seed(3)
+    chunked = evaluate.ais_nll(model, x, chains=4, steps=10, leapfrog=2, max_batch=4)[0]
+    assert chunked[0].item() == pytest.approx(one_pass.item(), abs=1e-12)
+
+
 class LinearStub:
     """z ~ N(x, 0.01^2), x | z ~ N(3 z, 1): the decoder mean misses x by 2 x."""
     q_z_given_x = staticmethod(lambda x: mim.diag_gaussian(x, 0.01 * torch.ones_like(x)))
@@ -615,6 +693,12 @@ def test_warmup_schedules():
     assert halfway.kl == pytest.approx((delay + (4 - delay) / 2) / 4)
     assert halfway.decoder_samples and halfway.q == halfway.p == 0.5
     assert early.top_prior == pytest.approx(1 / 3)
+
+
+def test_std_floor_defaults_by_data_set_and_yields_to_the_flag():
+    assert mim.parse_args(["--data", "pca_fashion_mnist"]).std_floor == mim.PCA_STD_FLOOR
+    assert mim.parse_args([]).std_floor == mim.STD_FLOOR
+    assert mim.parse_args(["--data", "pca_fashion_mnist", "--std-floor", "0.5"]).std_floor == 0.5
 
 
 def test_toy2d_data_is_fixed_by_its_seed_and_labelled():
@@ -667,7 +751,8 @@ def test_cli_trains_and_writes_its_files(trained_run):
     assert json.loads((out / "config.json").read_text())["loss"] == "mim"
     rows = (out / "log.csv").read_text().strip().splitlines()
     assert rows[0].startswith("epoch,") and len(rows) == 1 + results["epochs"]
-    for column in ("val_au_z", "val_mi_batch", "val_log_std_z", "val_knn5_mean"):
+    for column in ("train_loss_max", "val_au_z", "val_mi_batch", "val_log_std_z",
+                   "val_knn5_mean"):
         assert column in rows[0].split(",")
     assert "test_knn5_acc_mean" in results
     model, cfg = mim.load_checkpoint(out / "best.pt")
@@ -1312,6 +1397,37 @@ def test_log_std_of_a_two_level_posterior_has_one_value_per_level():
     assert low - 1e-9 <= stats["log_std_z1"] <= high + 1e-9
 
 
+def test_informative_units_are_a_signal_to_noise_ratio_blind_to_scale():
+    """Unit u gets means a_u x (x ~ N(0, 1)) and noise std s_u: ratio a_u^2 / s_u^2 by
+    construction, 4, 0.25, 1e-4 and 1.44 here, so two units exceed 1 whatever common
+    factor rescales z; Burda's count at 0.01 changes with that factor."""
+    torch.manual_seed(0)
+    x = torch.randn(200_000, 1, dtype=torch.float64)
+    a = torch.tensor([2.0, 0.5, 0.01, 1.2], dtype=torch.float64)
+    s = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    groups = {"z1": (0, 2), "z2": (2, 4)}
+    for factor in (1.0, 0.01):
+        means, variances = factor * x * a, (factor * s).expand(len(x), 4) ** 2
+        counts, ratio = evaluate.informative_units(means, variances, groups)
+        assert ratio.numpy() == pytest.approx((a / s).pow(2).numpy(), rel=0.01, abs=1e-5)
+        assert counts == {"test_informative_z1": 1, "test_informative_z2": 1}
+    assert evaluate.active_units_of_means(0.01 * x * a, groups)[0] == {"test_au_z1": 0,
+                                                                      "test_au_z2": 0}
+
+
+@torch.no_grad()
+def test_two_level_posterior_variance_is_the_total_variance():
+    """z1's variance given x adds the spread of E[z1|x, z2] over z2 to the mean
+    conditional variance: against the variance of 200,000 samples of q(z|x)."""
+    model = tiny_model("convhvae", "vamp", z_dim=2)
+    x = torch.bernoulli(torch.rand(3, 16, generator=torch.Generator().manual_seed(0))).double()
+    torch.manual_seed(1)
+    samples = model.q_z_given_x(x).sample((200_000,))                   # (S, 3, 4)
+    torch.manual_seed(2)
+    variance = torch.stack([evaluate.posterior_variances(model, x) for _ in range(200)])
+    assert variance.mean(0).numpy() == pytest.approx(samples.var(0).numpy(), rel=0.03)
+
+
 # ----------------------------------------------------------------------------------------
 # NLL: bits/dim and chunking over samples
 # ----------------------------------------------------------------------------------------
@@ -1425,7 +1541,7 @@ def test_metrics_on_binary_images_skip_ksg_and_rmse():
     torch.manual_seed(0)
     results = evaluate.test_metrics(model, data, 20, knn_train_size=50)
     assert set(results) == {"test_nll", "test_nll_bpd", "test_knn5_acc", "nll_samples",
-                            "test_au_z", "test_kl", "test_marginal_kl", "test_mi_batch",
+                            "test_au_z", "test_informative_z", "test_kl", "test_marginal_kl", "test_mi_batch",
                             "test_mi_batch_cap", "test_knn5_acc_mean"}
     assert results["test_nll_bpd"] == pytest.approx(results["test_nll"] / (784 * math.log(2)))
     means = [evaluate.encoder_means(model, x) for x in
@@ -1521,6 +1637,12 @@ def test_evaluate_cli_writes_eval_json_and_fig1(tmp_path, capsys):
     small = json.loads((out / "eval.json").read_text())
     assert small["test_size"] == 300 and small["knn_train_size"] == 500
     assert "test_nll" not in small and "test_size" in capsys.readouterr().out
+    assert "test_nll_tight" not in small and "test_informative_z" in small
+    evaluate.main([str(out), "--nll-samples", "0", "--test-size", "20", "--ais-steps", "3",
+                   "--ais-chains", "2", "--ais-leapfrog", "1", "--device", "cpu"])
+    tight = json.loads((out / "eval.json").read_text())
+    assert math.isfinite(tight["test_nll_tight"]) and tight["test_nll_tight_se"] >= 0
+    assert (tight["ais_steps"], tight["ais_chains"], tight["ais_leapfrog"]) == (3, 2, 1)
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
@@ -1533,6 +1655,8 @@ def test_evaluate_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--nll-samples", "-1"], "--nll-samples"),
     (["--test-size", "0"], "--test-size"),
+    (["--ais-steps", "-2"], "--ais-steps"),
+    (["--ais-chains", "0"], "--ais-chains"),
     (["--knn-train", "x"], "--knn-train"),
     (["--device", "tpu"], "--device"),
     ([], "best.pt not found"),

@@ -206,9 +206,13 @@ def active_units(model, x, threshold=AU_THRESHOLD, batch_size=None):
 def active_units_of_means(means, latent_groups, threshold=AU_THRESHOLD):
     """active_units from encoder means (N, Z) already computed."""
     variance = means.double().var(dim=0, correction=AU_DDOF)
-    counts = {AU_PREFIX + name: int((variance[start:stop] > threshold).sum())
-              for name, (start, stop) in latent_groups.items()}
-    return counts, variance
+    return counts_per_group(AU_PREFIX, variance > threshold, latent_groups), variance
+
+
+def counts_per_group(prefix, selected, latent_groups):
+    """{prefix + group: number of selected units (a (Z,) bool tensor) in that group}."""
+    return {prefix + name: int(selected[start:stop].sum())
+            for name, (start, stop) in latent_groups.items()}
 
 
 @torch.no_grad()
@@ -283,9 +287,7 @@ def informative_units(means, variances, latent_groups, threshold=SNR_THRESHOLD):
     means, variances (N, Z). Returns ({SNR_PREFIX + group: count}, ratio (Z,))."""
     ratio = (means.double().var(dim=0, correction=AU_DDOF)
              / variances.double().mean(dim=0))
-    counts = {SNR_PREFIX + name: int((ratio[start:stop] > threshold).sum())
-              for name, (start, stop) in latent_groups.items()}
-    return counts, ratio
+    return counts_per_group(SNR_PREFIX, ratio > threshold, latent_groups), ratio
 
 
 def posterior_log_std(q_z_given_x):
@@ -331,13 +333,19 @@ def reconstruction_rmse(model, x):
     return float(((x - xhat) ** 2).sum(-1).mean().sqrt())
 
 
+def log_joint(model, log_p_z, x, z):
+    """log p(x|z) + log p(z) for codes z (n, B, Z) of the rows of x (B, D): (n, B), in
+    one decoder pass over the n*B codes."""
+    n = z.shape[0]
+    flat = z.flatten(0, 1)                                              # (n*B, Z)
+    x_rep = x.expand(n, *x.shape).flatten(0, 1)                         # (n*B, D)
+    return (model.p_x_given_z(flat).log_prob(x_rep) + log_p_z(flat)).view(n, -1)
+
+
 def iwae_log_weights(model, x, q_z_given_x, log_p_z, n):
     """log p(x|z_s) + log p(z_s) - log q(z_s|x) for n codes z_s ~ q(z|x) per row: (n, B)."""
     z = q_z_given_x.sample((n,))                                        # (n, B, Z)
-    flat = z.flatten(0, 1)                                              # (n*B, Z)
-    x_rep = x.expand(n, *x.shape).flatten(0, 1)                         # (n*B, D)
-    log_p = model.p_x_given_z(flat).log_prob(x_rep) + log_p_z(flat)
-    return log_p.view(n, -1) - q_z_given_x.log_prob(z)
+    return log_joint(model, log_p_z, x, z) - q_z_given_x.log_prob(z)
 
 
 @torch.no_grad()
@@ -381,12 +389,9 @@ class Annealed:
     r(z|x)^(1 - beta) p(x, z)^beta needs."""
 
     def __init__(self, model, p_z, start, x, z):
-        K, B = z.shape[:2]
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
-            flat = z.flatten(0, 1)                                      # (K*B, Z)
-            log_lik = model.p_x_given_z(flat).log_prob(x.expand(K, *x.shape).flatten(0, 1))
-            log_target = p_z.log_prob(flat).view(K, B) + log_lik.view(K, B)
+            log_target = log_joint(model, p_z.log_prob, x, z)           # (K, B)
             log_start = start.log_prob(z)                               # (K, B)
             self.grad_start, = torch.autograd.grad(log_start.sum(), z, retain_graph=True)
             self.grad_target, = torch.autograd.grad(log_target.sum(), z)
@@ -404,8 +409,8 @@ def ais_start(model, x, inflate=AIS_INFLATE):
     """r(z|x) = N(E_q[z|x], inflate^2 Var_q(z|x)), diagonal: the encoder widened, so that
     it covers the posterior where a sharp encoder does not (any normalized r keeps AIS
     unbiased; it only changes how many steps it needs)."""
-    mean = model.q_z_given_x(x).mean
-    return mim.diag_gaussian(mean, inflate * variance_of(model.q_z_given_x(x)).sqrt())
+    q_z_given_x = model.q_z_given_x(x)
+    return mim.diag_gaussian(q_z_given_x.mean, inflate * variance_of(q_z_given_x).sqrt())
 
 
 def hmc_step(model, p_z, start, x, state, beta, step_size, leapfrog):

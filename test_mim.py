@@ -562,38 +562,38 @@ def test_knn_accuracy_matches_a_majority_vote():
     assert 0.6 < expected < 1.0
 
 
-@torch.no_grad()
-def test_iwae_nll_matches_quadrature():
-    """With the proposal q(z|x) = N(0, 2^2) for every x, which covers the posterior, the
-    estimate at S = 100,000 spreads by about 0.003 nats around -log p(x)."""
-    model = model_1d("marginal", seed=3)
-    last = model.q_z_given_x.net[2]
-    last.weight.zero_()
-    last.bias.copy_(torch.tensor([0.0, math.log(math.expm1(2.0 - mim.STD_FLOOR))]))
-    g = model_grid(model)
-    x = torch.tensor([[-2.0], [-0.5], [0.4], [1.7]], dtype=torch.float64)
-    idx = [int(np.argmin(np.abs(GRID - v))) for v in x[:, 0].tolist()]
-    x = torch.tensor(GRID[idx])[:, None]                     # on grid points exactly
-    exact = -g["marginal"][idx]                              # -log p(x), quadrature
-    torch.manual_seed(0)
-    assert evaluate.iwae_nll(model, x, 100_000).numpy() == pytest.approx(exact, abs=0.015)
-    single = torch.stack([evaluate.iwae_nll(model, x, 1) for _ in range(4000)]).numpy()
-    se = single.std(0) / math.sqrt(len(single))
-    assert np.all(np.abs(single.mean(0) - (-g["elbo"][idx])) < 4 * se)   # S = 1: -ELBO
-    assert np.all(-g["elbo"][idx] > exact + 1e-3)            # ... the looser bound
-
-
-def narrow_encoder_model(std=0.1):
-    """The 1-D model with q(z|x) = N(0, std^2) for every x: far too narrow for its
-    posteriors, as the encoders MIM learns can be; the points x on the grid and -log p(x)
-    there by quadrature."""
+def constant_encoder_model(std):
+    """The 1-D model with q(z|x) = N(0, std^2) for every x, four points x on the grid, and
+    its log-densities on the grid (model_grid): -log p(x) there by quadrature."""
     model = model_1d("marginal", seed=3)
     last = model.q_z_given_x.net[2]
     with torch.no_grad():
         last.weight.zero_()
         last.bias.copy_(torch.tensor([0.0, math.log(math.expm1(std - mim.STD_FLOOR))]))
     idx = [int(np.argmin(np.abs(GRID - v))) for v in (-2.0, -0.5, 0.4, 1.7)]
-    return model, torch.tensor(GRID[idx])[:, None], -model_grid(model)["marginal"][idx]
+    g = {k: v[idx] for k, v in model_grid(model).items() if k in ("marginal", "elbo")}
+    return model, torch.tensor(GRID[idx])[:, None], g
+
+
+@torch.no_grad()
+def test_iwae_nll_matches_quadrature():
+    """With the proposal q(z|x) = N(0, 2^2) for every x, which covers the posterior, the
+    estimate at S = 100,000 spreads by about 0.003 nats around -log p(x)."""
+    model, x, g = constant_encoder_model(2.0)
+    exact = -g["marginal"]                                   # -log p(x), quadrature
+    torch.manual_seed(0)
+    assert evaluate.iwae_nll(model, x, 100_000).numpy() == pytest.approx(exact, abs=0.015)
+    single = torch.stack([evaluate.iwae_nll(model, x, 1) for _ in range(4000)]).numpy()
+    se = single.std(0) / math.sqrt(len(single))
+    assert np.all(np.abs(single.mean(0) - (-g["elbo"])) < 4 * se)        # S = 1: -ELBO
+    assert np.all(-g["elbo"] > exact + 1e-3)                 # ... the looser bound
+
+
+def narrow_encoder_model(std=0.1):
+    """constant_encoder_model with q(z|x) far too narrow for its posteriors, as the
+    encoders MIM learns can be: the model, the points x and -log p(x) there."""
+    model, x, g = constant_encoder_model(std)
+    return model, x, -g["marginal"]
 
 
 def test_ais_nll_matches_quadrature_where_a_narrow_encoder_misleads_iwae():

@@ -18,7 +18,9 @@
 Command line:
 
     python evaluate.py RUN_DIR [RUN_DIR ...] [--nll-samples S] [--ais-steps T]
-                       [--ais-chains K] [--ais-leapfrog L] [--test-size N]
+                       [--ais-chains K] [--ais-leapfrog L] [--ais-points N]
+                       [--ais-inflate F]
+                       [--test-size N]
                        [--knn-train N] [--max-batch N] [--device auto|cpu|cuda]
                                   metrics of each run's best.pt on its test split into
                                   RUN_DIR/eval.json, and its figures: fig1.png (2-D toy,
@@ -35,6 +37,7 @@ import json
 import math
 import os
 import sys
+from typing import Optional
 
 import numpy as np
 import torch
@@ -51,6 +54,7 @@ METRICS = {  # results.json / eval.json key: (label, unit)
     "test_nll_tight": ("NLL (AIS)", "nats"),
     "test_nll_tight_se": ("its Monte Carlo standard error", "nats"),
     "test_nll_tight_bpd": ("NLL (AIS)", "bits/dim"),
+    "test_nll_ais_points": ("NLL (IWAE) on the points AIS saw", "nats"),
     "test_rmse": ("reconstruction RMSE", "data units"),
     "test_knn5_acc": ("5-NN accuracy, one sampled code", "fraction"),
     "test_knn5_acc_mean": ("5-NN accuracy, encoder means", "fraction"),
@@ -436,7 +440,7 @@ def hmc_step(model, p_z, start, x, state, beta, step_size, leapfrog):
     return proposal, accept
 
 
-def ais_log_weights(model, x, chains, steps, leapfrog):
+def ais_log_weights(model, x, chains, steps, leapfrog, inflate=AIS_INFLATE):
     """log w (chains, B) of annealed importance sampling (Neal 2001) from r(z|x)
     (`ais_start`) to the posterior p(z|x), through r^(1 - beta_t) p(x, z)^beta_t on the
     sigmoid schedule, one HMC transition per temperature: E[w] = p(x) exactly, for any
@@ -446,7 +450,7 @@ def ais_log_weights(model, x, chains, steps, leapfrog):
     Wu et al. 2017): up after an accepted move, down after a rejected one, from that
     chain's past only, so each transition still leaves its distribution invariant.
     """
-    p_z, start = model.p_z(), ais_start(model, x)
+    p_z, start = model.p_z(), ais_start(model, x, inflate)
     state = Annealed(model, p_z, start, x, start.sample((chains,)))     # (K, B, Z)
     step_size = torch.full((chains, len(x), 1), AIS_STEP_SIZE, dtype=state.z.dtype,
                            device=x.device)
@@ -462,7 +466,7 @@ def ais_log_weights(model, x, chains, steps, leapfrog):
 
 @torch.no_grad()
 def ais_nll(model, x, chains=AIS_CHAINS, steps=AIS_STEPS, leapfrog=AIS_LEAPFROG,
-            max_batch=None):
+            max_batch=None, inflate=AIS_INFLATE):
     """-log p(x) for each row of x (N, D), in nats, by annealed importance sampling, and
     the Monte Carlo standard error of each value (N,), (N,).
 
@@ -474,7 +478,7 @@ def ais_nll(model, x, chains=AIS_CHAINS, steps=AIS_STEPS, leapfrog=AIS_LEAPFROG,
     max_batch = max_batch or batch_limit(x.shape[1], IWAE_MAX_CODES)
     nll, se = [], []
     for xb in x.split(max(1, max_batch // chains)):
-        log_w = ais_log_weights(model, xb, chains, steps, leapfrog)     # (K, b)
+        log_w = ais_log_weights(model, xb, chains, steps, leapfrog, inflate)  # (K, b)
         nll.append(math.log(chains) - torch.logsumexp(log_w, dim=0))
         ratio = torch.exp(log_w - log_w.max(0).values)
         ratio = ratio / ratio.mean(0)
@@ -504,21 +508,28 @@ def knn_train_inputs(data, n=None):
 
 @dataclasses.dataclass(frozen=True)
 class AIS:
-    """Settings of the tight NLL (ais_nll); steps = 0 skips it."""
+    """Settings of the tight NLL (ais_nll); steps = 0 skips it. points: run it on the
+    first `points` test points only (default: all), since on images it costs far more
+    than the IWAE estimate."""
     steps: int = AIS_STEPS
     chains: int = AIS_CHAINS
     leapfrog: int = AIS_LEAPFROG
+    points: Optional[int] = None
+    inflate: float = AIS_INFLATE
 
 
 NO_AIS = AIS(steps=0)
 
 
 def tight_nll(model, x, ais, max_batch=None):
-    """test_nll_tight (mean of ais_nll over x, nats), its standard error and settings."""
-    nll, se = ais_nll(model, x, ais.chains, ais.steps, ais.leapfrog, max_batch)
+    """test_nll_tight (mean of ais_nll over the first ais.points rows of x, nats), its
+    standard error and the settings."""
+    x = x[:ais.points]
+    nll, se = ais_nll(model, x, ais.chains, ais.steps, ais.leapfrog, max_batch, ais.inflate)
     return {"test_nll_tight": float(nll.mean()),
             "test_nll_tight_se": float(se.pow(2).sum().sqrt()) / len(x),
-            "ais_steps": ais.steps, "ais_chains": ais.chains, "ais_leapfrog": ais.leapfrog}
+            "ais_steps": ais.steps, "ais_chains": ais.chains, "ais_leapfrog": ais.leapfrog,
+            "ais_points": len(x), "ais_inflate": ais.inflate}
 
 
 def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
@@ -543,11 +554,14 @@ def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
     if not ksg_counts_ties(x_test.cpu().numpy(), KSG_K):
         results["test_mi_ksg"] = ksg_mi(x_test.cpu(), z_test.cpu(), k=KSG_K)
     if nll_samples > 0:
-        results["test_nll"] = float(iwae_nll(model, x_test, nll_samples, max_batch).mean())
+        nll = iwae_nll(model, x_test, nll_samples, max_batch)             # (N,)
+        results["test_nll"] = float(nll.mean())
     if nll_samples > 0 and binary:
         results["test_nll_bpd"] = bits_per_dim(results["test_nll"], data.x_dim)
     if ais.steps > 0:
         results.update(tight_nll(model, x_test, ais, max_batch))
+    if ais.steps > 0 and nll_samples > 0:  # the two estimators on the same points
+        results["test_nll_ais_points"] = float(nll[:ais.points].mean())
     if ais.steps > 0 and binary:
         results["test_nll_tight_bpd"] = bits_per_dim(results["test_nll_tight"], data.x_dim)
     if not binary:
@@ -1034,6 +1048,12 @@ def build_parser():
                         help="AIS chains per test point (default: %(default)s)")
     parser.add_argument("--ais-leapfrog", type=int, default=AIS_LEAPFROG,
                         help="leapfrog steps per HMC transition of AIS (default: %(default)s)")
+    parser.add_argument("--ais-inflate", type=float, default=AIS_INFLATE,
+                        help="AIS starts from the encoder with its std times this "
+                             "(default: %(default)s; 1 suits calibrated encoders in many "
+                             "dimensions, see the README)")
+    parser.add_argument("--ais-points", type=int, default=None,
+                        help="run AIS on the first N test points only (default: all)")
     parser.add_argument("--test-size", type=int, default=None,
                         help="evaluate on the first N test points (default: all)")
     parser.add_argument("--knn-train", type=int, default=None,
@@ -1062,7 +1082,9 @@ def check_args(parser, args):
         parser.error("--nll-samples and --ais-steps must be at least 0")
     if args.ais_chains < 1 or args.ais_leapfrog < 1:
         parser.error("--ais-chains and --ais-leapfrog must be at least 1")
-    for flag in ("test_size", "knn_train", "max_batch", "repeats"):
+    if not args.ais_inflate > 0:
+        parser.error("--ais-inflate must be above 0")
+    for flag in ("test_size", "ais_points", "knn_train", "max_batch", "repeats"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
 
@@ -1080,7 +1102,8 @@ def main(argv=None):
                 continue
             evaluate_run(run_dir, device, args.nll_samples, args.test_size, args.knn_train,
                          args.max_batch, AIS(args.ais_steps, args.ais_chains,
-                                             args.ais_leapfrog))
+                                             args.ais_leapfrog, args.ais_points,
+                                             args.ais_inflate))
         if args.summary:
             print(write_summary(args.summary, args.x))
     except (ValueError, OSError, KeyError, mim.UsageError) as e:

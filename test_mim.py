@@ -648,8 +648,21 @@ def test_ais_nll_agrees_with_iwae_for_a_calibrated_encoder():
     exact = -model.log_p_x(x)
     iwae = evaluate.iwae_nll(model, x, 10).numpy()       # the exact posterior: no variance
     assert iwae == pytest.approx(exact, abs=1e-9)
-    nll, se = evaluate.ais_nll(model, x, chains=32, steps=200, leapfrog=5)
-    assert nll.numpy() == pytest.approx(iwae, abs=max(0.02, 4 * float(se.max())))
+    for inflate in (evaluate.AIS_INFLATE, 1.0):
+        nll, se = evaluate.ais_nll(model, x, chains=32, steps=200, leapfrog=5, inflate=inflate)
+        assert nll.numpy() == pytest.approx(iwae, abs=max(0.02, 4 * float(se.max())))
+
+
+def test_tight_nll_on_the_first_points_is_ais_on_those_points():
+    model, x, _ = constant_encoder_model(1.0)
+    torch.manual_seed(0)
+    first = evaluate.tight_nll(model, x, evaluate.AIS(steps=5, chains=3, leapfrog=2, points=2,
+                                                      inflate=1.5))
+    torch.manual_seed(0)
+    nll, se = evaluate.ais_nll(model, x[:2], chains=3, steps=5, leapfrog=2, inflate=1.5)
+    assert first["ais_points"] == 2 and len(x) > 2 and first["ais_inflate"] == 1.5
+    assert first["test_nll_tight"] == pytest.approx(float(nll.mean()), abs=1e-12)
+    assert first["test_nll_tight_se"] == pytest.approx(float(se.pow(2).sum().sqrt()) / 2)
 
 
 def test_ais_nll_chunked_over_points_equals_one_pass():
@@ -1643,6 +1656,14 @@ def test_evaluate_cli_writes_eval_json_and_fig1(tmp_path, capsys):
     tight = json.loads((out / "eval.json").read_text())
     assert math.isfinite(tight["test_nll_tight"]) and tight["test_nll_tight_se"] >= 0
     assert (tight["ais_steps"], tight["ais_chains"], tight["ais_leapfrog"]) == (3, 2, 1)
+    assert tight["ais_points"] == 20 and "test_nll_ais_points" not in tight
+    evaluate.main([str(out), "--nll-samples", "10", "--test-size", "20", "--ais-steps", "3",
+                   "--ais-chains", "2", "--ais-leapfrog", "1", "--ais-points", "5",
+                   "--ais-inflate", "1.5", "--device", "cpu"])
+    subset = json.loads((out / "eval.json").read_text())
+    assert subset["ais_points"] == 5 and subset["test_size"] == 20
+    assert subset["ais_inflate"] == 1.5 and tight["ais_inflate"] == evaluate.AIS_INFLATE
+    assert math.isfinite(subset["test_nll_ais_points"])
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
@@ -1657,6 +1678,8 @@ def test_evaluate_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
     (["--test-size", "0"], "--test-size"),
     (["--ais-steps", "-2"], "--ais-steps"),
     (["--ais-chains", "0"], "--ais-chains"),
+    (["--ais-points", "0"], "--ais-points"),
+    (["--ais-inflate", "0"], "--ais-inflate"),
     (["--knn-train", "x"], "--knn-train"),
     (["--device", "tpu"], "--device"),
     ([], "best.pt not found"),

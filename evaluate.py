@@ -682,10 +682,12 @@ def summarize(runs):
         return [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in item[0]]
 
     for key, results in sorted(groups.items(), key=order):
-        metrics = [m for m in results[0] if isinstance(results[0][m], (int, float))]
-        table[key] = {m: (float(np.mean([r[m] for r in results])),
-                          float(np.std([r[m] for r in results])), len(results))
-                      for m in metrics}
+        metrics = dict.fromkeys(m for r in results for m in r
+                                if isinstance(r[m], (int, float)))
+        table[key] = {}
+        for m in metrics:  # over the runs that have m (AIS may have run on some only)
+            values = [r[m] for r in results if m in r]
+            table[key][m] = (float(np.mean(values)), float(np.std(values)), len(values))
     return varying, table
 
 

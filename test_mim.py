@@ -789,10 +789,13 @@ def test_summary_is_mean_and_std_over_seeds(tmp_path):
             cfg = {**vars(mim.Config(loss=loss, seed=seed)), "out": str(run)}
             (run / "config.json").write_text(json.dumps(cfg))
             (run / "results.json").write_text(json.dumps({"test_mi_ksg": mi + shift}))
+            if seed == 1:  # a metric that only some runs have, like AIS on seed 1
+                (run / "eval.json").write_text(json.dumps({"test_nll_tight": 80.0 + shift}))
     varying, table = evaluate.summarize(evaluate.load_runs(tmp_path))
     assert varying == ["loss"]
     assert table[("mim",)]["test_mi_ksg"] == pytest.approx((7.0, math.sqrt(2 / 3), 3))
     assert table[("vae",)]["test_mi_ksg"][0] == pytest.approx(2.0)
+    assert table[("vae",)]["test_nll_tight"] == pytest.approx((75.0, 0.0, 1))
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -798,6 +798,32 @@ def test_summary_is_mean_and_std_over_seeds(tmp_path):
     assert table[("vae",)]["test_nll_tight"] == pytest.approx((75.0, 0.0, 1))
 
 
+@pytest.mark.parametrize("flags,native", [
+    ("fpu sse2 avx2 fma", False),                       # AVX2 only: bf16 is emulated
+    ("fpu avx2 avx512f avx512_bf16", True),
+    ("fpu avx2 avx512f amx_bf16 amx_tile", True),
+    ("fp asimd sve bf16 i8mm", True),                    # ARM Neoverse V1
+])
+def test_native_bf16_reads_the_cpu_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert mim.native_bf16(torch.device("cpu"), str(cpuinfo)) is native
+    assert mim.native_bf16(torch.device("cpu"), str(tmp_path / "missing")) is False
+
+
+def test_amp_falls_back_to_float32_with_one_warning_without_native_bf16(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mim, "native_bf16", lambda device: False)
+    out = tmp_path / "run"
+    mim.main(["--epochs", "1", "--warmup", "1", "--nll-samples", "0", "--amp",
+              "--out", str(out)])
+    warning = [l for l in capsys.readouterr().err.splitlines() if "warning" in l]
+    assert len(warning) == 1 and "--amp ignored" in warning[0]
+    assert json.loads((out / "config.json").read_text())["amp"] is False
+    monkeypatch.setattr(mim, "native_bf16", lambda device: True)
+    assert mim.checked_amp(mim.Config(amp=True), torch.device("cpu")).amp is True
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--loss", "elbo"], "--loss"),
     (["--data", "nope"], "unknown data set"),

@@ -51,6 +51,7 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -1622,14 +1623,37 @@ def save_training_state(cfg, model, data_info):
     return checkpoint
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that temporary files go on the way out."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def stopped_message(how, folder):
+    """The one line printed when Ctrl-C or SIGTERM stops a run in `folder` (None: no --out)."""
+    if folder and os.path.exists(os.path.join(folder, "last.pt")):
+        return (f"mim.py: stopped by {how}; {folder}/last.pt holds the last finished epoch: "
+                f"continue with python mim.py --resume {folder}")
+    return f"mim.py: stopped by {how} before an epoch was saved; start the run again"
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     reuse_freed_memory()
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         results = run(cfg)
     except UsageError as e:
         print(f"mim.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(stopped_message("Ctrl-C", cfg.resume or cfg.out), file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except Terminated:
+        print(stopped_message("SIGTERM", cfg.resume or cfg.out), file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     import evaluate
     print(evaluate.format_results(results))
 

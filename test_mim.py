@@ -17,6 +17,8 @@ import itertools
 import json
 import math
 import os
+import re
+import signal
 import struct
 import subprocess
 import sys
@@ -1768,6 +1770,27 @@ def test_resume_after_kill_ends_with_the_same_weights(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (json.loads((whole / "results.json").read_text())["best_epoch"]
             == json.loads((cut / "results.json").read_text())["best_epoch"])
+
+
+@pytest.mark.parametrize("sig,how", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_ctrl_c_and_sigterm_stop_with_one_line_and_a_resumable_run(tmp_path, sig, how):
+    flags = ["--data", "mnist", "--data-dir", str(image_folder(tmp_path, 1200)),
+             "--arch", "mlp", "--hidden", "16", "--z-dim", "3", "--batch-size", "8",
+             "--epochs", "50", "--warmup", "1", "--patience", "50"]
+    out = tmp_path / "run"
+    proc = start_mim(*flags, "--out", str(out))
+    while not (out / "last.pt").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig and "Traceback" not in err
+    progress = re.compile(r"epoch \d+: \d+/\d+ batches")   # the long epochs' stderr lines
+    assert [l for l in err.strip().splitlines() if not progress.match(l)] == [
+        f"mim.py: stopped by {how}; {out}/last.pt holds the last finished epoch: "
+        f"continue with python mim.py --resume {out}"]
+    assert torch.load(out / "last.pt", weights_only=True)["progress"]["epoch"] >= 1
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
 def test_resume_takes_no_other_flags(tmp_path):

@@ -58,6 +58,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+try:
+    import fcntl  # POSIX: run folders are locked; elsewhere they are not
+except ImportError:
+    fcntl = None
+
 import torch
 import torch.distributions as D
 import torch.nn as nn
@@ -167,6 +172,8 @@ class Config:
                                "results.json", default=None)
     resume: Optional[str] = _help("continue the interrupted run in this directory from its "
                                   "last.pt, with its saved configuration", default=None)
+    overwrite: bool = _help("let --out replace the run its folder holds (once the new "
+                            "run has finished its first epoch)", default=False)
 
     def __post_init__(self):  # defaults that depend on other fields
         image = self.arch != "mlp"
@@ -1382,6 +1389,40 @@ def atomic_write(path, write):
         raise
 
 
+# What a finished run adds to its folder after training (mim.py, then evaluate.py), removed
+# when --overwrite replaces the run; config.json, log.csv and last.pt are rewritten.
+RUN_OUTPUTS = ("best.pt", "results.json", "eval.json", "gradient_noise.json", "fig1.png",
+               "consistency.png", "tsne.png", "reconstructions.png", "samples.png")
+
+
+def claim_folder(out, replace=False):
+    """Create `out` if needed and lock it for this process (POSIX flock on the folder,
+    released when the returned descriptor closes). Refuses, in one line, a folder that
+    another process holds, and one that holds a run unless `replace` (--resume or
+    --overwrite). Returns (descriptor or None without flock, whether out was created)."""
+    created = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        lock = os.open(out, os.O_RDONLY) if fcntl else None
+    except OSError as e:
+        raise UsageError(f"cannot use {out} as the run folder ({e.strerror}); choose another "
+                         "--out") from None
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise UsageError(f"another process is writing {out}; wait for it to end or choose "
+                         "another --out") from None
+    if not replace and any(os.path.exists(os.path.join(out, name))
+                           for name in ("config.json", "last.pt")):
+        if lock is not None:
+            os.close(lock)
+        raise UsageError(f"{out} already holds a run; continue it with --resume {out}, "
+                         "replace it with --overwrite, or choose another --out")
+    return lock, created
+
+
 def write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -1570,12 +1611,28 @@ def resumed_config(cfg):
 
 
 def run(cfg):
-    """Train (or resume) and evaluate as `cfg` says; returns the results dict."""
-    import evaluate
-
+    """Train (or resume) and evaluate as `cfg` says, in the folder cfg.out if given;
+    returns the results dict."""
     device = choose_device(cfg.device)
     cfg, resume = resumed_config(cfg) if cfg.resume else (cfg, None)
     cfg = checked_amp(cfg, device)
+    if not cfg.out:
+        return fit_and_test(cfg, resume, device)
+    lock, created = claim_folder(cfg.out, replace=cfg.resume or cfg.overwrite)
+    try:
+        return fit_and_test(cfg, resume, device)
+    except BaseException:
+        if created and not os.listdir(cfg.out):  # stopped before its first epoch
+            os.rmdir(cfg.out)
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def fit_and_test(cfg, resume, device):
+    import evaluate
+
     data = load_data(cfg)
     if cfg.train_size is not None:
         data = dataclasses.replace(data, x_train=data.x_train[:cfg.train_size],
@@ -1593,11 +1650,7 @@ def run(cfg):
         model.load_state_dict(resume["model"])
     data_info = {"x_dim": data.x_dim, "binary": data.binary,
                  "image_shape": list(data.image_shape) if data.image_shape else None}
-    checkpoint = None
-    if cfg.out:
-        os.makedirs(cfg.out, exist_ok=True)
-        write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
-        checkpoint = save_training_state(cfg, model, data_info)
+    checkpoint = save_training_state(cfg, model, data_info) if cfg.out else None
 
     best_state, best_epoch, epochs, history = train(
         model, cfg, data.x_train, data.x_val, binarize=data.dynamic, checkpoint=checkpoint,
@@ -1614,8 +1667,18 @@ def run(cfg):
 
 def save_training_state(cfg, model, data_info):
     """The per-epoch checkpoint: log.csv with every epoch so far and last.pt always,
-    best.pt when validation improved."""
+    best.pt when validation improved. The folder changes only from the first epoch on:
+    then config.json is written and a replaced run's other outputs removed."""
+    started = False
+
     def checkpoint(state, improved):
+        nonlocal started
+        if not started:
+            for name in RUN_OUTPUTS:
+                if os.path.exists(os.path.join(cfg.out, name)):
+                    os.remove(os.path.join(cfg.out, name))
+            write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
+            started = True
         write_csv(os.path.join(cfg.out, "log.csv"), state["progress"]["history"])
         if improved:
             save_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info)
@@ -1642,7 +1705,7 @@ def stopped_message(how, folder):
 def main(argv=None):
     cfg = parse_args(argv)
     reuse_freed_memory()
-    signal.signal(signal.SIGTERM, raise_terminated)
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         results = run(cfg)
     except UsageError as e:
@@ -1654,6 +1717,8 @@ def main(argv=None):
     except Terminated:
         print(stopped_message("SIGTERM", cfg.resume or cfg.out), file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+    finally:  # main may be called in-process (tests): leave SIGTERM as it was
+        signal.signal(signal.SIGTERM, previous)
     import evaluate
     print(evaluate.format_results(results))
 

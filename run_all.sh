@@ -31,7 +31,8 @@
 #                          images with S = 100, and seed 1 also by AIS on 10 of them
 #                          (README, "Reproducing the experiments", for the time it takes)
 #
-# Finished runs (those with results.json) are skipped, so an interrupted call can be rerun.
+# Finished runs (those with results.json) are skipped and interrupted ones resumed, so an
+# interrupted call can be rerun.
 # JOBS=N sets how many runs go side by side, each on one thread (default: the number of
 # cores). DATA_DIR=PATH is passed to the MNIST runs as --data-dir (offline:
 # ../shared/data/mnist, the official split); it is not passed to Fashion-MNIST runs, whose
@@ -58,11 +59,13 @@ esac
 jobs=${JOBS:-$(nproc)}
 data_dir=${DATA_DIR:+--data-dir $DATA_DIR}
 
-train() {  # train OUT_DIR MIM_FLAGS...: one run, skipped if it has finished before
+train() {  # train OUT_DIR MIM_FLAGS...: one run, skipped if it has finished before and
+           # resumed from its last finished epoch if it was interrupted
   local out=$1; shift
   [[ -f $out/results.json ]] && return 0
   mkdir -p "$(dirname "$out")"
-  if ! python mim.py "$@" --out "$out" > "$out.log" 2>&1; then
+  if [[ -f $out/last.pt ]]; then set -- --resume "$out"; else set -- "$@" --out "$out"; fi
+  if ! python mim.py "$@" >> "$out.log" 2>&1; then
     echo "run_all.sh: $out failed; see $out.log" >&2
     return 1
   fi

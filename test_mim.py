@@ -1772,6 +1772,48 @@ def test_resume_after_kill_ends_with_the_same_weights(tmp_path):
             == json.loads((cut / "results.json").read_text())["best_epoch"])
 
 
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_finished_run_folder_survives_a_second_run_byte_for_byte(tmp_path):
+    out = tmp_path / "run"
+    tiny = ["--epochs", "1", "--warmup", "1", "--nll-samples", "0", "--out", str(out)]
+    assert run_cli(*tiny).returncode == 0
+    before = folder_bytes(out)
+    for extra in (["--batch-size", "100000"],   # fails after parsing, inside run
+                  ["--seed", "2"]):             # would succeed
+        proc = run_cli(*tiny, *extra)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "already holds a run" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        assert folder_bytes(out) == before
+    proc = run_cli(*tiny, "--seed", "2", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "config.json").read_text())["seed"] == 2
+
+
+def test_a_run_that_fails_before_its_first_epoch_leaves_no_folder(tmp_path):
+    out = tmp_path / "new"
+    proc = run_cli("--batch-size", "100000", "--out", str(out))
+    assert proc.returncode == 2 and "--batch-size" in proc.stderr
+    assert not out.exists()
+
+
+def test_two_runs_into_one_new_folder_leave_it_to_one_of_them(tmp_path):
+    out = tmp_path / "run"
+    procs = [start_mim("--epochs", "2", "--warmup", "1", "--nll-samples", "0", "--seed", seed,
+                       "--out", str(out)) for seed in ("1", "2")]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    winner = ("1", "2")[[code for code, _ in results].index(0)]
+    loser_err = [err for code, err in results if code == 2][0]
+    assert ("another process is writing" in loser_err or "already holds a run" in loser_err)
+    assert json.loads((out / "config.json").read_text())["seed"] == int(winner)
+    assert torch.load(out / "best.pt", weights_only=True)["config"]["seed"] == int(winner)
+
+
 @pytest.mark.parametrize("sig,how", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
 def test_ctrl_c_and_sigterm_stop_with_one_line_and_a_resumable_run(tmp_path, sig, how):
     flags = ["--data", "mnist", "--data-dir", str(image_folder(tmp_path, 1200)),

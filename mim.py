@@ -1201,7 +1201,7 @@ def train_epoch(model, loss_fn, opt, x_train, cfg, epoch, binarize=False):
             loss, stats = loss_fn(model, x, w)
         if not torch.isfinite(loss):
             raise UsageError(f"the loss became {loss.item()} in epoch {epoch}; "
-                             "lower --lr or raise --std-floor")
+                             f"{NAN_ADVICE}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optimizer == "normgrad":
@@ -1297,7 +1297,10 @@ def train(model, cfg, x_train, x_val, on_epoch=log_line, binarize=False, checkpo
     best_state = None
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
+        for group, fresh in zip(opt.param_groups, optimizer(model, cfg).param_groups):
+            group["lr"] = fresh["lr"]                     # --resume DIR --lr: from here on
         progress, best_state = resume["progress"], resume["best_model"]
+        progress = {**progress, "finished": run_is_over(progress, cfg, patience)}
         set_rng_state(resume["rng"], x_train.device)
     while not progress["finished"]:
         epoch, start = progress["epoch"] + 1, time.perf_counter()
@@ -1305,27 +1308,38 @@ def train(model, cfg, x_train, x_val, on_epoch=log_line, binarize=False, checkpo
         val_stats = validate(model, loss_fn, x_val, cfg)
         if not math.isfinite(val_stats["loss"]):
             raise UsageError(f"the validation loss became {val_stats['loss']} in epoch "
-                             f"{epoch}; lower --lr or raise --std-floor")
+                             f"{epoch}; {NAN_ADVICE}")
         seconds = time.perf_counter() - start
         if diagnose is not None:
             val_stats.update(diagnose(model))
         row = {"epoch": epoch, **prefixed("train_", train_stats),
-               **prefixed("val_", val_stats), "seconds": seconds}
+               **prefixed("val_", val_stats), "lr": opt.param_groups[0]["lr"],
+               "seconds": seconds}
         on_epoch(row)
         improved = epoch >= cfg.warmup and val_stats["loss"] < progress["best_loss"]
         if improved:
             progress.update(best_loss=val_stats["loss"], best_epoch=epoch)
             best_state = snapshot(model)
-        stop = (not improved and epoch >= cfg.warmup
-                and epoch - progress["best_epoch"] >= patience)
-        progress.update(epoch=epoch, history=progress["history"] + [row],
-                        finished=stop or epoch >= cfg.epochs)
+        progress.update(epoch=epoch, history=progress["history"] + [row])
+        progress.update(finished=run_is_over(progress, cfg, patience))
         if checkpoint is not None:
             checkpoint({"optimizer": opt.state_dict(), "progress": progress,
                         "best_model": best_state, "rng": rng_state(x_train.device)}, improved)
     if best_state is None:                    # warm-up never ended: keep the last weights
         progress["best_epoch"], best_state = progress["epoch"], snapshot(model)
     return best_state, progress["best_epoch"], progress["epoch"], progress["history"]
+
+
+NAN_ADVICE = ("go on from the last finished epoch with a lower rate (mim.py --resume DIR "
+              "--lr LR), or train again with a higher --std-floor")
+
+
+def run_is_over(progress, cfg, patience):
+    """All epochs run, or no improvement for `patience` epochs after the warm-up. Checked
+    again on --resume, where --epochs or --patience may give a finished run more room."""
+    epoch = progress["epoch"]
+    return epoch >= cfg.epochs or (epoch >= cfg.warmup
+                                   and epoch - progress["best_epoch"] >= patience)
 
 
 def optimizer(model, cfg):
@@ -1501,8 +1515,21 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+# What --resume may change: the rest is the run's saved configuration.
+RESUME_OVERRIDES = frozenset({"device", "epochs", "patience", "lr"})
+
+
+def given_flags(parser, argv):
+    """The fields that argv sets explicitly: argparse fills in a default only where the
+    namespace it is handed lacks the attribute."""
+    unset = object()
+    blank = argparse.Namespace(**{f.name: unset for f in dataclasses.fields(Config)})
+    return {k for k, v in vars(parser.parse_args(argv, blank)).items() if v is not unset}
+
+
 def parse_args(argv=None):
-    """A Config from command-line flags, one per field (--z-dim for z_dim)."""
+    """A Config from command-line flags, one per field (--z-dim for z_dim), and the
+    fields given explicitly (with --resume, those replace the saved configuration's)."""
     parser = OneLineParser(prog="mim.py", description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
@@ -1514,12 +1541,12 @@ def parse_args(argv=None):
         choices = list(CHOICES[f.name]) if f.name in CHOICES else None
         parser.add_argument(flag, type=kind, default=f.default, choices=choices, help=text +
                             (f" (default: {f.default})" if f.default is not None else ""))
-    args = vars(parser.parse_args(argv))
+    args, given = vars(parser.parse_args(argv)), given_flags(parser, argv)
     if args["resume"]:
-        extra = [k for k, v in args.items() if k not in ("resume", "device")
-                 and v != parser.get_default(k)]
+        extra = sorted(given - RESUME_OVERRIDES - {"resume"})
         if extra:
-            parser.error(f"--resume continues with the run's saved configuration; drop "
+            parser.error(f"--resume continues with the run's saved configuration and "
+                         f"changes only {', '.join(sorted(RESUME_OVERRIDES))}; drop "
                          f"--{extra[0].replace('_', '-')}")
     cfg = Config(**args)
     for name in ("hidden", "z_dim", "components", "prior_components", "pca_dim", "epochs",
@@ -1534,7 +1561,7 @@ def parse_args(argv=None):
     if min(cfg.warmup, cfg.nll_samples or 0, cfg.alpha, cfg.beta, cfg.critic_weight) < 0:
         parser.error("--warmup, --nll-samples, --alpha, --beta and --critic-weight must "
                      "not be negative")
-    return cfg
+    return cfg, given & RESUME_OVERRIDES
 
 
 def choose_device(name):
@@ -1602,19 +1629,20 @@ def load_data(cfg):
         raise UsageError(str(e)) from None
 
 
-def resumed_config(cfg):
-    """The saved config and training state of the run in cfg.resume (from its last.pt)."""
+def resumed_config(cfg, overrides=("device",)):
+    """The saved config and training state of the run in cfg.resume (from its last.pt),
+    with the fields named in `overrides` taken from cfg (--resume DIR --lr 1e-4)."""
     state = read_checkpoint(os.path.join(cfg.resume, "last.pt"))
     saved = Config(**{**state["config"], "resume": cfg.resume, "out": cfg.resume,
-                      "device": cfg.device})
+                      **{k: getattr(cfg, k) for k in overrides}})
     return saved, state
 
 
-def run(cfg):
-    """Train (or resume) and evaluate as `cfg` says, in the folder cfg.out if given;
-    returns the results dict."""
+def run(cfg, overrides=("device",)):
+    """Train (or resume, with the fields in `overrides` taken from cfg) and evaluate as
+    `cfg` says, in the folder cfg.out if given; returns the results dict."""
     device = choose_device(cfg.device)
-    cfg, resume = resumed_config(cfg) if cfg.resume else (cfg, None)
+    cfg, resume = resumed_config(cfg, overrides) if cfg.resume else (cfg, None)
     cfg = checked_amp(cfg, device)
     if not cfg.out:
         return fit_and_test(cfg, resume, device)
@@ -1673,8 +1701,8 @@ def save_training_state(cfg, model, data_info):
 
     def checkpoint(state, improved):
         nonlocal started
-        if not started:
-            for name in RUN_OUTPUTS:
+        if not started:  # a resumed run keeps its best.pt: last.pt's best weights are it
+            for name in RUN_OUTPUTS[1:] if cfg.resume else RUN_OUTPUTS:
                 if os.path.exists(os.path.join(cfg.out, name)):
                     os.remove(os.path.join(cfg.out, name))
             write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
@@ -1703,11 +1731,11 @@ def stopped_message(how, folder):
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg, overrides = parse_args(argv)
     reuse_freed_memory()
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        results = run(cfg)
+        results = run(cfg, overrides | {"device"})
     except UsageError as e:
         print(f"mim.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import io
 import itertools
+import csv
 import json
 import math
 import os
@@ -711,9 +712,9 @@ def test_warmup_schedules():
 
 
 def test_std_floor_defaults_by_data_set_and_yields_to_the_flag():
-    assert mim.parse_args(["--data", "pca_fashion_mnist"]).std_floor == mim.PCA_STD_FLOOR
-    assert mim.parse_args([]).std_floor == mim.STD_FLOOR
-    assert mim.parse_args(["--data", "pca_fashion_mnist", "--std-floor", "0.5"]).std_floor == 0.5
+    assert mim.parse_args(["--data", "pca_fashion_mnist"])[0].std_floor == mim.PCA_STD_FLOOR
+    assert mim.parse_args([])[0].std_floor == mim.STD_FLOOR
+    assert mim.parse_args(["--data", "pca_fashion_mnist", "--std-floor", "0.5"])[0].std_floor == 0.5
 
 
 def test_toy2d_data_is_fixed_by_its_seed_and_labelled():
@@ -1835,9 +1836,45 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_a_resumable_run(tmp_path, sig
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
+def test_resume_goes_on_after_a_nan_with_a_lower_lr(tmp_path, monkeypatch, capsys):
+    real, calls = mim.validate, []
+
+    def nan_in_epoch_3(*args):
+        calls.append(1)
+        stats = real(*args)
+        return {**stats, "loss": math.nan} if len(calls) == 3 else stats
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(mim, "validate", nan_in_epoch_3)
+    with pytest.raises(SystemExit) as exit_info:
+        mim.main(["--epochs", "5", "--warmup", "1", "--patience", "5", "--nll-samples", "0",
+                  "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "validation loss became nan in epoch 3" in err
+    assert "mim.py --resume DIR --lr LR" in err
+    monkeypatch.setattr(mim, "validate", real)
+    mim.main(["--resume", str(out), "--lr", "1e-4"])
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert [float(r["lr"]) for r in rows] == [1e-3, 1e-3, 1e-4, 1e-4, 1e-4]
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-4
+
+
+def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
+    out = tmp_path / "run"
+    tiny = ["--warmup", "1", "--patience", "9", "--nll-samples", "0"]
+    assert run_cli(*tiny, "--epochs", "2", "--out", str(out)).returncode == 0
+    assert json.loads((out / "results.json").read_text())["epochs"] == 2
+    proc = run_cli("--resume", str(out), "--epochs", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch   3 |" in proc.stdout and "epoch   2 |" not in proc.stdout
+    assert json.loads((out / "results.json").read_text())["epochs"] == 4
+    assert json.loads((out / "config.json").read_text())["epochs"] == 4
+
+
 def test_resume_takes_no_other_flags(tmp_path):
-    proc = run_script("mim.py", "--resume", str(tmp_path), "--epochs", "3")
-    assert proc.returncode == 2 and "drop --epochs" in proc.stderr
+    proc = run_script("mim.py", "--resume", str(tmp_path), "--hidden", "3")
+    assert proc.returncode == 2 and "drop --hidden" in proc.stderr
     proc = run_script("mim.py", "--resume", str(tmp_path / "none"))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "last.pt not found" in proc.stderr
@@ -2115,7 +2152,7 @@ def test_amp_runs_networks_in_bf16_and_densities_in_float32(loss):
 
 
 def test_amp_is_a_switch():
-    assert mim.parse_args(["--amp"]).amp and not mim.parse_args([]).amp
+    assert mim.parse_args(["--amp"])[0].amp and not mim.parse_args([])[0].amp
 
 
 # ----------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ also uses datasets.py and evaluate.py from this repository.
 import argparse
 import ctypes
 import dataclasses
+import errno
 import functools
 import json
 import math
@@ -1390,6 +1391,12 @@ def prefixed(prefix, stats):
 # Files: every write goes to a temporary file that is then renamed
 # ----------------------------------------------------------------------------------------
 
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write):
     """Call write(file_path) on a temporary file next to `path`, then rename it."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -1397,6 +1404,7 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())   # mkstemp's 0600 would ignore the umask
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -1409,6 +1417,10 @@ RUN_OUTPUTS = ("best.pt", "results.json", "eval.json", "gradient_noise.json", "f
                "consistency.png", "tsne.png", "reconstructions.png", "samples.png")
 
 
+RUN_FILE_STEMS = {name.split(".")[0] for name in ("config.json", "log.csv", "last.pt",
+                                                   *RUN_OUTPUTS)}
+
+
 def claim_folder(out, replace=False):
     """Create `out` if needed and lock it for this process (POSIX flock on the folder,
     released when the returned descriptor closes). Refuses, in one line, a folder that
@@ -1417,6 +1429,8 @@ def claim_folder(out, replace=False):
     created = not os.path.isdir(out)
     try:
         os.makedirs(out, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable")
         lock = os.open(out, os.O_RDONLY) if fcntl else None
     except OSError as e:
         raise UsageError(f"cannot use {out} as the run folder ({e.strerror}); choose another "
@@ -1434,6 +1448,9 @@ def claim_folder(out, replace=False):
             os.close(lock)
         raise UsageError(f"{out} already holds a run; continue it with --resume {out}, "
                          "replace it with --overwrite, or choose another --out")
+    for name in os.listdir(out):  # temporary files of a writer killed by SIGKILL
+        if name.endswith(".tmp") and name.split(".")[0] in RUN_FILE_STEMS:
+            os.remove(os.path.join(out, name))
     return lock, created
 
 
@@ -1489,14 +1506,46 @@ def read_checkpoint(path, device="cpu"):
                          "train again") from None
 
 
+CHECKPOINT_KEYS = {"config", "data", "model"}   # last.pt also has the training state:
+RESUME_KEYS = {"optimizer", "progress", "best_model", "rng"}
+
+
+def checked_state(state, path, keys=CHECKPOINT_KEYS):
+    """state if it is a checkpoint of this mim.py with `keys`; else one line (UsageError)."""
+    if not isinstance(state, dict) or not keys <= state.keys():
+        missing = keys - set(state) if isinstance(state, dict) else keys
+        raise UsageError(f"{path} is not a checkpoint written by mim.py (it lacks "
+                         f"{', '.join(sorted(missing))}); train again")
+    return state
+
+
+def saved_config(state, path, **changes):
+    """The Config of a checkpoint, refused in one line if another version wrote it."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(state["config"]) - known)
+    if unknown:
+        raise UsageError(f"{path} was written by another version of mim.py (setting "
+                         f"{unknown[0]!r} is unknown here); use that version or train again")
+    return Config(**{**state["config"], **changes})
+
+
+def load_weights(model, weights, path):
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{path} does not fit the network its config describes ({first}); "
+                         "train again") from None
+
+
 def load_checkpoint(path, device="cpu"):
     """(model, cfg) from a checkpoint written by `save_checkpoint`."""
-    state = read_checkpoint(path, device)
-    cfg, info = Config(**state["config"]), state["data"]
+    state = checked_state(read_checkpoint(path, device), path)
+    cfg, info = saved_config(state, path), state["data"]
     shape = info.get("image_shape")
     model = build_model(cfg, info["x_dim"], info["binary"],
                         image_shape=tuple(shape) if shape else None)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], path)
     return model.to(device), cfg
 
 
@@ -1549,10 +1598,30 @@ def parse_args(argv=None):
                          f"changes only {', '.join(sorted(RESUME_OVERRIDES))}; drop "
                          f"--{extra[0].replace('_', '-')}")
     cfg = Config(**args)
+    check_values(parser, cfg)
+    return cfg, given & RESUME_OVERRIDES
+
+
+SEED_LIMIT = 2 ** 63     # seeds are 0 .. 2^63 - 1, which torch and numpy both take
+
+
+def check_values(parser, cfg):
+    """Every value in range and finite, before anything is written (one line, exit 2)."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            parser.error(f"{flag(f.name)} must be a finite number, not {value}")
+        if isinstance(value, str) and not value and f.name in ("out", "resume", "data_dir"):
+            parser.error(f"{flag(f.name)} needs a folder name")
     for name in ("hidden", "z_dim", "components", "prior_components", "pca_dim", "epochs",
-                 "batch_size", "train_size"):
+                 "batch_size", "train_size", "patience"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+            parser.error(f"{flag(name)} must be at least 1")
+    for name in ("seed", "data_seed"):
+        if not 0 <= getattr(cfg, name) < SEED_LIMIT:
+            parser.error(f"{flag(name)} must be between 0 and 2^63 - 1")
     if cfg.draws < 2:
         parser.error("--draws must be at least 2: the baseline of an image is the mean "
                      "of the other images of its code")
@@ -1561,7 +1630,6 @@ def parse_args(argv=None):
     if min(cfg.warmup, cfg.nll_samples or 0, cfg.alpha, cfg.beta, cfg.critic_weight) < 0:
         parser.error("--warmup, --nll-samples, --alpha, --beta and --critic-weight must "
                      "not be negative")
-    return cfg, given & RESUME_OVERRIDES
 
 
 def choose_device(name):
@@ -1632,9 +1700,10 @@ def load_data(cfg):
 def resumed_config(cfg, overrides=("device",)):
     """The saved config and training state of the run in cfg.resume (from its last.pt),
     with the fields named in `overrides` taken from cfg (--resume DIR --lr 1e-4)."""
-    state = read_checkpoint(os.path.join(cfg.resume, "last.pt"))
-    saved = Config(**{**state["config"], "resume": cfg.resume, "out": cfg.resume,
-                      **{k: getattr(cfg, k) for k in overrides}})
+    path = os.path.join(cfg.resume, "last.pt")
+    state = checked_state(read_checkpoint(path), path, CHECKPOINT_KEYS | RESUME_KEYS)
+    saved = saved_config(state, path, resume=cfg.resume, out=cfg.resume,
+                         **{k: getattr(cfg, k) for k in overrides})
     return saved, state
 
 
@@ -1658,24 +1727,39 @@ def run(cfg, overrides=("device",)):
             os.close(lock)
 
 
-def fit_and_test(cfg, resume, device):
-    import evaluate
-
-    data = load_data(cfg)
+def fitting_data(data, cfg):
+    """data with --train-size applied, refused in one line where it cannot be trained on."""
+    n = len(data.x_train)
+    if cfg.train_size is not None and cfg.train_size > n:
+        raise UsageError(f"--train-size {cfg.train_size} exceeds the {n} training points; "
+                         "lower it or leave it out")
     if cfg.train_size is not None:
         data = dataclasses.replace(data, x_train=data.x_train[:cfg.train_size],
                                    y_train=data.y_train[:cfg.train_size])
-    if len(data.x_train) < cfg.batch_size:
-        raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {len(data.x_train)} "
-                         "training points; lower it")
-    data = data.to(device)
+        n = cfg.train_size
+    if n < cfg.batch_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {n} training points; "
+                         "lower it")
+    if cfg.q_x == "mog" and cfg.components > n:
+        raise UsageError(f"--components {cfg.components} exceeds the {n} training points "
+                         "that fit the mixture q(x); lower it")
+    if len(data.x_val) == 0:
+        raise UsageError(f"{cfg.data} has no validation points (its training split holds "
+                         f"{len(data.x_train)}); use a larger training file")
+    return data
+
+
+def fit_and_test(cfg, resume, device):
+    import evaluate
+
+    data = fitting_data(load_data(cfg), cfg).to(device)
     if cfg.nll_samples is None:  # images: the IWAE NLL is evaluate.py's job
         cfg = dataclasses.replace(cfg, nll_samples=0 if data.image_shape else 1000)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.x_dim, data.binary, x_init=data.x_train,
                         image_shape=data.image_shape).to(device)
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        load_weights(model, resume["model"], os.path.join(cfg.resume, "last.pt"))
     data_info = {"x_dim": data.x_dim, "binary": data.binary,
                  "image_shape": list(data.image_shape) if data.image_shape else None}
     checkpoint = save_training_state(cfg, model, data_info) if cfg.out else None
@@ -1738,6 +1822,10 @@ def main(argv=None):
         results = run(cfg, overrides | {"device"})
     except UsageError as e:
         print(f"mim.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the file system failed under a run (a full disk, a lost mount)
+        print(f"mim.py: error: {e}; free space or fix the path, then --resume the run if "
+              "an epoch was saved", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(stopped_message("Ctrl-C", cfg.resume or cfg.out), file=sys.stderr)

@@ -9,16 +9,17 @@
 
 Run with `pytest -q` (a few minutes on two CPU cores).
 """
+import csv
 import dataclasses
 import gzip
 import hashlib
 import io
 import itertools
-import csv
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -1813,6 +1814,151 @@ def test_two_runs_into_one_new_folder_leave_it_to_one_of_them(tmp_path):
     assert ("another process is writing" in loser_err or "already holds a run" in loser_err)
     assert json.loads((out / "config.json").read_text())["seed"] == int(winner)
     assert torch.load(out / "best.pt", weights_only=True)["config"]["seed"] == int(winner)
+
+
+# ---------------------------------------------------------------- bad input, table-driven
+# Each case: (script, arguments, what to prepare in the folder, a needle of the message).
+# {tmp} is the case's folder, {run} a finished toy run in it. Every case must end with one
+# line naming the problem, exit status 2, no traceback, and every file in {tmp} as it was.
+
+def replace_last_pt(payload):
+    def prepare(run):
+        torch.save(payload(torch.load(run / "last.pt", weights_only=True)), run / "last.pt")
+    return prepare
+
+
+def truncate_last_pt(run):
+    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])
+
+
+def foreign_config(name):
+    def prepare(run):
+        for ckpt in (run / "last.pt", run / "best.pt"):
+            state = torch.load(ckpt, weights_only=True)
+            state["config"]["from_the_future"] = 1
+            torch.save(state, ckpt)
+    return prepare
+
+
+def wider_weights(state):
+    state["model"] = {k: torch.cat([v, v]) for k, v in state["model"].items()}
+    return state
+
+
+BAD_INPUTS = [
+    ("mim.py", ["--loss", "elbo"], None, "--loss"),
+    ("mim.py", ["--data", "nope"], None, "unknown data set"),
+    ("mim.py", ["--arch", "resnet"], None, "--arch"),
+    ("mim.py", ["--device", "tpu"], None, "--device"),
+    ("mim.py", ["--batch-size", "0"], None, "--batch-size"),
+    ("mim.py", ["--batch-size", "100000", "--out", "{tmp}/new"], None, "--batch-size"),
+    ("mim.py", ["--lr", "abc"], None, "--lr"),
+    ("mim.py", ["--lr", "nan"], None, "--lr must be a finite number"),
+    ("mim.py", ["--lr", "inf"], None, "--lr must be a finite number"),
+    ("mim.py", ["--lr", "-1"], None, "--lr"),
+    ("mim.py", ["--std-floor", "0"], None, "--std-floor"),
+    ("mim.py", ["--std-floor", "nan"], None, "--std-floor must be a finite number"),
+    ("mim.py", ["--alpha", "inf"], None, "--alpha must be a finite number"),
+    ("mim.py", ["--critic-lr=-inf"], None, "--critic-lr must be a finite number"),
+    ("mim.py", ["--patience", "-3"], None, "--patience must be at least 1"),
+    ("mim.py", ["--patience", "0"], None, "--patience must be at least 1"),
+    ("mim.py", ["--epochs", "0"], None, "--epochs"),
+    ("mim.py", ["--hidden", "-1"], None, "--hidden"),
+    ("mim.py", ["--z-dim", "0"], None, "--z-dim"),
+    ("mim.py", ["--prior-components", "0"], None, "--prior-components"),
+    ("mim.py", ["--draws", "1"], None, "--draws"),
+    ("mim.py", ["--warmup", "-1"], None, "--warmup"),
+    ("mim.py", ["--nll-samples", "-1"], None, "--nll-samples"),
+    ("mim.py", ["--seed", "100000000000000000000000"], None, "--seed must be between"),
+    ("mim.py", ["--seed", "-1"], None, "--seed must be between"),
+    ("mim.py", ["--data-seed", "-5"], None, "--data-seed must be between"),
+    ("mim.py", ["--train-size", "0"], None, "--train-size"),
+    ("mim.py", ["--train-size", "100000", "--out", "{tmp}/new"], None,
+     "--train-size 100000 exceeds"),
+    ("mim.py", ["--q-x", "mog", "--components", "300", "--train-size", "256", "--out",
+                "{tmp}/new"], None,
+     "--components 300 exceeds"),
+    ("mim.py", ["--out", ""], None, "--out needs a folder name"),
+    ("mim.py", ["--resume", ""], None, "--resume needs a folder name"),
+    ("mim.py", ["--out", "{tmp}/file"], "file", "cannot use"),
+    ("mim.py", ["--out", "{tmp}/file/run"], "file", "cannot use"),
+    ("mim.py", ["--out", "{run}"], "run", "already holds a run"),
+    ("mim.py", ["--out", "{run}", "--lr", "nan"], "run", "finite"),
+    ("mim.py", ["--resume", "{tmp}/none"], None, "last.pt not found"),
+    ("mim.py", ["--resume", "{run}", "--hidden", "3"], "run", "drop --hidden"),
+    ("mim.py", ["--resume", "{run}", "--lr", "nan"], "run", "finite"),
+    ("mim.py", ["--resume", "{run}"], truncate_last_pt, "not a readable checkpoint"),
+    ("mim.py", ["--resume", "{run}"], replace_last_pt(lambda s: torch.zeros(3)),
+     "not a checkpoint written by mim.py"),
+    ("mim.py", ["--resume", "{run}"], replace_last_pt(lambda s: s["model"]),
+     "not a checkpoint written by mim.py"),
+    ("mim.py", ["--resume", "{run}"], foreign_config("last.pt"), "another version"),
+    ("mim.py", ["--resume", "{run}"], replace_last_pt(wider_weights), "does not fit"),
+    ("mim.py", ["--data", "mnist", "--data-dir", "{tmp}/five", "--batch-size", "2"],
+     "five images",
+     "no validation points"),
+    ("mim.py", ["--data", "mnist", "--data-dir", "{tmp}/corrupt"], "corrupt images",
+     "not an IDX file"),
+    ("evaluate.py", ["{tmp}/none"], None, "best.pt not found"),
+    ("evaluate.py", ["{run}"], foreign_config("best.pt"), "another version"),
+    ("evaluate.py", ["{run}", "--ais-inflate", "0"], "run", "--ais-inflate"),
+    ("evaluate.py", ["{run}", "--nll-samples", "-1"], "run", "--nll-samples"),
+]
+
+
+@pytest.fixture(scope="module")
+def finished_toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    proc = run_cli("--epochs", "2", "--warmup", "1", "--hidden", "8", "--nll-samples", "0",
+                   "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def prepare_case(tmp, prepare, finished):
+    if prepare in ("run", None) or callable(prepare):
+        if prepare is not None:
+            shutil.copytree(finished, tmp / "run")
+        if callable(prepare):
+            prepare(tmp / "run")
+    elif prepare == "file":
+        (tmp / "file").write_text("not a folder")
+    elif prepare == "five images":
+        write_idx_set(tmp / "five", n_train=5)
+    elif prepare == "corrupt images":
+        write_idx_set(tmp / "corrupt")
+        (tmp / "corrupt" / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"junk"))
+
+
+@pytest.mark.parametrize("script,args,prepare,needle", BAD_INPUTS,
+                         ids=[f"{c[0]} {' '.join(c[1])}" for c in BAD_INPUTS])
+def test_bad_input_gets_one_line_and_exit_2_and_changes_nothing(
+        tmp_path, finished_toy_run, script, args, prepare, needle):
+    prepare_case(tmp_path, prepare, finished_toy_run)
+    def contents():
+        return {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
+    before = contents()
+    args = [a.format(tmp=tmp_path, run=tmp_path / "run") for a in args]
+    proc = run_script(script, *args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and needle in lines[0], lines
+    assert contents() == before                  # no file changed, none and no folder added
+
+
+def test_outputs_follow_the_umask_and_orphan_temporary_files_go(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "mim.py"), "--epochs", "1",
+                           "--warmup", "1", "--nll-samples", "0", "--out", str(out)],
+                          cwd=HERE, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: os.umask(0o027))
+    assert proc.returncode == 0, proc.stderr
+    for name in ("config.json", "log.csv", "last.pt", "best.pt", "results.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o640, name
+    (out / "last.pt.k3j9x_q1.tmp").write_bytes(b"left by kill -9")   # mkstemp's pattern
+    (out / "notes.tmp").write_text("the user's own file")
+    assert run_cli("--resume", str(out), "--epochs", "2").returncode == 0
+    assert sorted(p.name for p in out.glob("*.tmp")) == ["notes.tmp"]
 
 
 @pytest.mark.parametrize("sig,how", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])

@@ -21,7 +21,8 @@ Command line:
                        [--ais-chains K] [--ais-leapfrog L] [--ais-points N]
                        [--ais-inflate F]
                        [--test-size N]
-                       [--knn-train N] [--max-batch N] [--device auto|cpu|cuda]
+                       [--knn-train N] [--max-batch N] [--data-dir DIR]
+                       [--device auto|cpu|cuda]
                                   metrics of each run's best.pt on its test split into
                                   RUN_DIR/eval.json, and its figures: fig1.png (2-D toy,
                                   Fig. 1), consistency.png (1-D, Fig. 12), otherwise
@@ -1018,15 +1019,21 @@ def first_test_points(data, n):
 
 
 def evaluate_run(run_dir, device, nll_samples=NLL_SAMPLES, test_size=None,
-                 knn_train_size=None, max_batch=None, ais=NO_AIS):
+                 knn_train_size=None, max_batch=None, ais=NO_AIS, data_dir=None):
     """Metrics of RUN_DIR/best.pt on its test split into RUN_DIR/eval.json, and its
     figures; returns the metrics. The tight NLL runs only when `ais` asks for it: it
-    costs steps x leapfrog passes of the decoder with gradients per chain."""
+    costs steps x leapfrog passes of the decoder with gradients per chain. data_dir
+    replaces the folder the run recorded; the test split must be the run's own."""
     path = os.path.join(run_dir, "best.pt")
     if not os.path.exists(path):
         raise ValueError(f"{run_dir}/best.pt not found; train with mim.py --out {run_dir} first")
-    model, cfg = mim.load_checkpoint(path, device)
-    data = first_test_points(mim.load_data(cfg), test_size).to(device)
+    state = mim.checked_state(mim.read_checkpoint(path, device), path)
+    model, cfg = mim.model_from_state(state, path, device)
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=data_dir)
+    data = mim.load_data(cfg)
+    mim.check_same_data(state["data"], data, path)
+    data = first_test_points(data, test_size).to(device)
     results = test_metrics(model, data, nll_samples, knn_train_size, max_batch,
                            with_posterior_stats=True, ais=ais)
     results.update(test_size=len(data.x_test), knn_train_size=len(
@@ -1064,6 +1071,9 @@ def build_parser():
     parser.add_argument("--max-batch", type=int, default=None,
                         help=f"rows (points or codes) per forward pass (default: at most "
                              f"{EVAL_MAX_VALUES} values of x)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder of the data files, where the run's own has moved "
+                             "(default: the folder the run recorded)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--summary", metavar="DIR",
                         help="write DIR/summary.md (and .png) over DIR/*/results.json")
@@ -1105,7 +1115,7 @@ def main(argv=None):
             evaluate_run(run_dir, device, args.nll_samples, args.test_size, args.knn_train,
                          args.max_batch, AIS(args.ais_steps, args.ais_chains,
                                              args.ais_leapfrog, args.ais_points,
-                                             args.ais_inflate))
+                                             args.ais_inflate), args.data_dir)
         if args.summary:
             print(write_summary(args.summary, args.x))
     except (ValueError, OSError, KeyError, mim.UsageError) as e:

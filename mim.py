@@ -49,6 +49,7 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import hashlib
 import json
 import math
 import os
@@ -1540,7 +1541,10 @@ def load_weights(model, weights, path):
 
 def load_checkpoint(path, device="cpu"):
     """(model, cfg) from a checkpoint written by `save_checkpoint`."""
-    state = checked_state(read_checkpoint(path, device), path)
+    return model_from_state(checked_state(read_checkpoint(path, device), path), path, device)
+
+
+def model_from_state(state, path, device="cpu"):
     cfg, info = saved_config(state, path), state["data"]
     shape = info.get("image_shape")
     model = build_model(cfg, info["x_dim"], info["binary"],
@@ -1565,7 +1569,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # What --resume may change: the rest is the run's saved configuration.
-RESUME_OVERRIDES = frozenset({"device", "epochs", "patience", "lr"})
+RESUME_OVERRIDES = frozenset({"device", "epochs", "patience", "lr", "data_dir"})
 
 
 def given_flags(parser, argv):
@@ -1711,6 +1715,8 @@ def run(cfg, overrides=("device",)):
     """Train (or resume, with the fields in `overrides` taken from cfg) and evaluate as
     `cfg` says, in the folder cfg.out if given; returns the results dict."""
     device = choose_device(cfg.device)
+    if cfg.data_dir:  # recorded absolute, so that evaluate.py and --resume work from anywhere
+        cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))
     cfg, resume = resumed_config(cfg, overrides) if cfg.resume else (cfg, None)
     cfg = checked_amp(cfg, device)
     if not cfg.out:
@@ -1725,6 +1731,28 @@ def run(cfg, overrides=("device",)):
     finally:
         if lock is not None:
             os.close(lock)
+
+
+def data_identity(data):
+    """What a checkpoint records of its data: the name, the split sizes and a SHA-256 of
+    the test split, so that evaluating or resuming elsewhere can check it has the same."""
+    digest = hashlib.sha256()
+    for t in (data.x_test, data.y_test):
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return {"name": data.name, "sizes": [len(data.x_train), len(data.x_val), len(data.x_test)],
+            "test_sha256": digest.hexdigest()}
+
+
+def check_same_data(saved, data, path):
+    """Refuse, in one line, data whose test split differs from the one `path` recorded
+    (checkpoints from before these records are not checked)."""
+    if "test_sha256" not in saved:
+        return
+    now = data_identity(data)
+    if now["test_sha256"] != saved["test_sha256"] or now["name"] != saved["name"]:
+        raise UsageError(f"the {now['name']} test split found here (sizes {now['sizes']}) is "
+                         f"not the {saved['name']} one {path} was trained with (sizes "
+                         f"{saved['sizes']}); pass --data-dir with the run's data files")
 
 
 def fitting_data(data, cfg):
@@ -1753,6 +1781,8 @@ def fit_and_test(cfg, resume, device):
     import evaluate
 
     data = fitting_data(load_data(cfg), cfg).to(device)
+    if resume is not None:
+        check_same_data(resume["data"], data, os.path.join(cfg.resume, "last.pt"))
     if cfg.nll_samples is None:  # images: the IWAE NLL is evaluate.py's job
         cfg = dataclasses.replace(cfg, nll_samples=0 if data.image_shape else 1000)
     torch.manual_seed(cfg.seed)
@@ -1761,7 +1791,8 @@ def fit_and_test(cfg, resume, device):
     if resume is not None:
         load_weights(model, resume["model"], os.path.join(cfg.resume, "last.pt"))
     data_info = {"x_dim": data.x_dim, "binary": data.binary,
-                 "image_shape": list(data.image_shape) if data.image_shape else None}
+                 "image_shape": list(data.image_shape) if data.image_shape else None,
+                 **data_identity(data)}
     checkpoint = save_training_state(cfg, model, data_info) if cfg.out else None
 
     best_state, best_epoch, epochs, history = train(

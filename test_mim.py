@@ -1946,6 +1946,34 @@ def test_bad_input_gets_one_line_and_exit_2_and_changes_nothing(
     assert contents() == before                  # no file changed, none and no folder added
 
 
+def test_checkpoints_record_their_data_and_refuse_another_test_split(tmp_path):
+    images = image_folder(tmp_path, 300)
+    out = tmp_path / "run"
+    proc = run_cli("--data", "mnist", "--data-dir", os.path.relpath(images, HERE), "--arch",
+                   "mlp", "--hidden", "8", "--z-dim", "2", "--batch-size", "32", "--epochs",
+                   "1", "--warmup", "1", "--nll-samples", "0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "config.json").read_text())["data_dir"] == str(images)
+    info = torch.load(out / "best.pt", weights_only=True)["data"]
+    assert info["name"] == "mnist" and info["sizes"][2] == 60
+    moved = tmp_path / "moved"
+    images.rename(moved)
+    evaluated = run_script("evaluate.py", str(out), "--nll-samples", "0", "--data-dir",
+                           str(moved))
+    assert evaluated.returncode == 0, evaluated.stderr
+    other = tmp_path / "other"
+    write_idx_set(other, n_train=300, n_test=60)          # same shapes, other test images
+    refused = run_script("evaluate.py", str(out), "--nll-samples", "0", "--data-dir",
+                         str(other))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "is not the mnist one" in refused.stderr and "--data-dir" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    resumed = run_cli("--resume", str(out), "--epochs", "2", "--data-dir", str(moved))
+    assert resumed.returncode == 0, resumed.stderr
+    refused = run_cli("--resume", str(out), "--epochs", "3", "--data-dir", str(other))
+    assert refused.returncode == 2 and "is not the mnist one" in refused.stderr
+
+
 def test_outputs_follow_the_umask_and_orphan_temporary_files_go(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, os.path.join(HERE, "mim.py"), "--epochs", "1",

@@ -253,6 +253,9 @@ def main(argv=None):
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", default="bench.json", help="where the results go")
     args = parser.parse_args(argv)
+    folder = os.path.dirname(os.path.abspath(args.out))   # checked before minutes of timing
+    if os.path.isdir(args.out) or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        parser.error(f"--out {args.out}: cannot write a file there; pass another path")
     mim.reuse_freed_memory()          # as mim.py and evaluate.py do
     try:
         device = mim.choose_device(args.device)
@@ -295,7 +298,12 @@ def main(argv=None):
     sizes = (1_000, 10_000) if args.quick else (1_000, 10_000, 100_000)
     report["ksg"] = [ksg_row(n, d, loop_points=10_000) for d in (2, 20) for n in sizes]
     print_table("ksg (seconds)", report["ksg"])
-    mim.write_json(args.out, report)
+    try:
+        mim.write_json(args.out, report)
+    except OSError as e:
+        print(f"bench.py: error: cannot write {args.out} ({e.strerror}); pass another --out",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

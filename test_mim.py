@@ -1903,6 +1903,9 @@ BAD_INPUTS = [
     ("evaluate.py", ["{run}"], foreign_config("best.pt"), "another version"),
     ("evaluate.py", ["{run}", "--ais-inflate", "0"], "run", "--ais-inflate"),
     ("evaluate.py", ["{run}", "--nll-samples", "-1"], "run", "--nll-samples"),
+    ("bench.py", ["--out", "{tmp}/file/bench.json"], "file", "cannot write a file there"),
+    ("bench.py", ["--out", "{run}"], "run", "cannot write a file there"),
+    ("bench.py", ["--device", "tpu"], None, "--device"),
 ]
 
 

@@ -11,6 +11,7 @@ Run with `pytest -q` (a few minutes on two CPU cores).
 """
 import csv
 import dataclasses
+import errno
 import gzip
 import hashlib
 import io
@@ -1975,6 +1976,20 @@ def test_checkpoints_record_their_data_and_refuse_another_test_split(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     refused = run_cli("--resume", str(out), "--epochs", "3", "--data-dir", str(other))
     assert refused.returncode == 2 and "is not the mnist one" in refused.stderr
+
+
+def test_a_full_disk_ends_the_run_in_one_line(tmp_path, monkeypatch, capsys):
+    def no_space(path, rows):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(mim, "write_csv", no_space)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        mim.main(["--epochs", "2", "--warmup", "1", "--nll-samples", "0", "--out", str(out)])
+    lines = [l for l in capsys.readouterr().err.splitlines() if "error" in l]
+    assert exit_info.value.code == 2 and len(lines) == 1
+    assert "No space left on device" in lines[0] and "free space" in lines[0]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_outputs_follow_the_umask_and_orphan_temporary_files_go(tmp_path):

@@ -243,6 +243,18 @@ def print_table(title, rows):
         print("| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |", flush=True)
 
 
+def machine(device):
+    """What the timings ran on, printed too: without native bf16 the --amp rows are skipped."""
+    report = {"device": str(device), "torch": torch.__version__, "threads":
+              torch.get_num_threads(), "cpus": os.cpu_count(),
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "native_bf16": mim.native_bf16(device)}
+    print(f"CPU capability {report['cpu_capability']}, native bfloat16: "
+          f"{report['native_bf16']}" + ("" if report["native_bf16"] else
+                                        " (--amp rows skipped: emulated bf16 is no speed-up)"))
+    return report
+
+
 def main(argv=None):
     parser = mim.OneLineParser(prog="bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -263,13 +275,8 @@ def main(argv=None):
         print(f"bench.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     warmup, repeats = (2, 3) if args.quick else (2, 5)   # the heap settles over 2 steps
-    native = mim.native_bf16(device)
-    report = {"device": str(device), "torch": torch.__version__, "threads":
-              torch.get_num_threads(), "cpus": os.cpu_count(),
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "native_bf16": native}
-    print(f"CPU capability {report['cpu_capability']}, native bfloat16: {native}"
-          + ("" if native else " (--amp rows skipped: emulated bf16 is no speed-up)"))
+    report = machine(device)
+    native = report["native_bf16"]
     report["peak"] = peak(device, repeats)
     print_table("peak (GFLOP/s)", report["peak"])
 

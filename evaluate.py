@@ -1032,7 +1032,7 @@ def evaluate_run(run_dir, device, nll_samples=NLL_SAMPLES, test_size=None,
     if data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
     data = mim.load_data(cfg)
-    mim.check_same_data(state["data"], data, path)
+    mim.check_same_data(state["data"], mim.data_identity(data), path)
     data = first_test_points(data, test_size).to(device)
     results = test_metrics(model, data, nll_samples, knn_train_size, max_batch,
                            with_posterior_stats=True, ais=ais)

@@ -1743,12 +1743,11 @@ def data_identity(data):
             "test_sha256": digest.hexdigest()}
 
 
-def check_same_data(saved, data, path):
-    """Refuse, in one line, data whose test split differs from the one `path` recorded
-    (checkpoints from before these records are not checked)."""
+def check_same_data(saved, now, path):
+    """Refuse, in one line, data whose identity `now` (data_identity) differs from the one
+    `path` recorded (checkpoints from before these records are not checked)."""
     if "test_sha256" not in saved:
         return
-    now = data_identity(data)
     if now["test_sha256"] != saved["test_sha256"] or now["name"] != saved["name"]:
         raise UsageError(f"the {now['name']} test split found here (sizes {now['sizes']}) is "
                          f"not the {saved['name']} one {path} was trained with (sizes "
@@ -1781,8 +1780,9 @@ def fit_and_test(cfg, resume, device):
     import evaluate
 
     data = fitting_data(load_data(cfg), cfg).to(device)
+    identity = data_identity(data)
     if resume is not None:
-        check_same_data(resume["data"], data, os.path.join(cfg.resume, "last.pt"))
+        check_same_data(resume["data"], identity, os.path.join(cfg.resume, "last.pt"))
     if cfg.nll_samples is None:  # images: the IWAE NLL is evaluate.py's job
         cfg = dataclasses.replace(cfg, nll_samples=0 if data.image_shape else 1000)
     torch.manual_seed(cfg.seed)
@@ -1792,7 +1792,7 @@ def fit_and_test(cfg, resume, device):
         load_weights(model, resume["model"], os.path.join(cfg.resume, "last.pt"))
     data_info = {"x_dim": data.x_dim, "binary": data.binary,
                  "image_shape": list(data.image_shape) if data.image_shape else None,
-                 **data_identity(data)}
+                 **identity}
     checkpoint = save_training_state(cfg, model, data_info) if cfg.out else None
 
     best_state, best_epoch, epochs, history = train(
@@ -1817,7 +1817,7 @@ def save_training_state(cfg, model, data_info):
     def checkpoint(state, improved):
         nonlocal started
         if not started:  # a resumed run keeps its best.pt: last.pt's best weights are it
-            for name in RUN_OUTPUTS[1:] if cfg.resume else RUN_OUTPUTS:
+            for name in (n for n in RUN_OUTPUTS if not (cfg.resume and n == "best.pt")):
                 if os.path.exists(os.path.join(cfg.out, name)):
                     os.remove(os.path.join(cfg.out, name))
             write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))

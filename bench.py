@@ -2,7 +2,8 @@
 
     python bench.py [--quick] [--pixel-mim] [--device auto|cpu|cuda] [--out bench.json]
 
-Prints one table per part and writes them all to bench.json:
+Prints one table per part and writes them all to bench.json. Every ratio it prints is
+measured in this run, on this machine, except the one labelled as the authors' code:
 
     peak       the machine's limits measured here: a large fp32 and bf16 matrix product,
                and a 64-channel 3x3 convolution on 28x28 maps (the decoder's layer) in
@@ -10,18 +11,22 @@ Prints one table per part and writes them all to bench.json:
     train      images/s of one training step at batch 128 (median over timed steps after
                warm-up steps) for convhvae and pixelhvae, vamp and normal priors, mim /
                amim / vae (pixelhvae with mim only with --pixel-mim), fp32 and --amp;
+               each twice: the plain step (build_model as it is: default layout, the
+               library's convolution gradients, glibc's default allocator) and the fast
+               one (mim.speed_up, as the command line trains), and their ratio x_plain;
                FLOPs per step (torch.utils.flop_counter), achieved GFLOP/s, the fraction
                of the convolution peak, and memory; MIM's step time over the VAE's beside
                the ratio of their FLOPs
-    scaling    step time against batch size (convhvae, vamp, vae)
-    nll        test images/s of the IWAE NLL at S = 5000 (convhvae, vamp)
+    scaling    step time against batch size (convhvae, vamp, vae, fast)
+    nll        test images/s of the IWAE NLL at S = 5000 (convhvae, vamp), plain and fast
     ksg        ksg_mi against a per-point loop (one tree query per point, as NPEET and
                the authors' code do) on the same data, N = 1k, 10k, 100k, d = 2+2, 20+20
 
-Memory: on CUDA the peak allocated per measurement; on a CPU the process's peak resident
-size so far (ru_maxrss), which only ever grows.
+speed_up changes the allocator for the whole process and for good, so every plain
+measurement runs before the first fast one. Memory: on CUDA the peak allocated per
+measurement; on a CPU the process's peak resident size so far (ru_maxrss), which only
+ever grows.
 """
-import argparse
 import math
 import os
 import resource
@@ -41,8 +46,9 @@ import mim
 BATCH = 128
 IMAGE = (1, 28, 28)
 X_DIM = math.prod(IMAGE)
-# The authors' code (seraphlabs-ca/MIM) on our 2-core CPU, torch 2.13, batch 128, convHVAE:
-# images/s of one training step, as measured for issue 5; their NLL takes 33 s per image.
+# The authors' code (seraphlabs-ca/MIM), batch 128, convHVAE: images/s of one training
+# step, measured for issue 5 on another machine (a 2-core AMD EPYC, torch 2.13), not in
+# this run; their NLL took 33 s per image there. x_authors divides by these.
 AUTHORS_IMAGES_PER_S = {("vae", "vamp"): 55, ("amim", "vamp"): 55, ("mim", "vamp"): 27,
                         ("vae", "normal"): 110}
 AUTHORS_NLL_S_PER_IMAGE = 33.0
@@ -121,15 +127,18 @@ def conv_peak(rows, amp):
 # Training steps and the NLL
 # ----------------------------------------------------------------------------------------
 
-def image_model(arch, prior, loss, device, amp=False):
+def image_model(arch, prior, loss, device, amp=False, fast=True):
+    """The model of the command line's flags and their settings; fast: with speed_up."""
     torch.manual_seed(0)
     cfg = mim.Config(data="mnist", arch=arch, prior=prior, loss=loss, amp=amp)
     x_init = torch.bernoulli(torch.full((1000, X_DIM), 0.3))
-    return mim.build_model(cfg, X_DIM, True, x_init, IMAGE).to(device), cfg
+    spec = mim.model_spec(cfg, {"x_dim": X_DIM, "binary": True, "image_shape": IMAGE})
+    model = mim.build_model(spec, x_init)
+    return (mim.speed_up(model) if fast else model).to(device), cfg
 
 
 def step_function(model, cfg, x):
-    loss_fn, opt = mim.objective(cfg), mim.optimizer(model, cfg)
+    loss_fn, opt = mim.objective(cfg), mim.optimizer(model, mim.train_spec(cfg))
 
     def step():
         with mim.autocast(x.device, cfg.amp):
@@ -140,33 +149,48 @@ def step_function(model, cfg, x):
     return step
 
 
-def train_row(arch, prior, loss, amp, device, peaks, warmup, repeats, batch=BATCH):
-    model, cfg = image_model(arch, prior, loss, device, amp)
+def time_step(arch, prior, loss, amp, device, warmup, repeats, batch, fast):
+    """(seconds per step, FLOPs per step, memory) of one training step."""
+    model, cfg = image_model(arch, prior, loss, device, amp, fast)
     x = torch.bernoulli(torch.full((batch, X_DIM), 0.3, device=device))
     step = step_function(model, cfg, x)
     reset_memory(device)
     seconds = median_seconds(step, device, warmup, repeats)
-    flops = count_flops(step)
+    return seconds, count_flops(step), memory_mib(device)
+
+
+def train_row(arch, prior, loss, amp, device, peaks, warmup, repeats, batch=BATCH,
+              plain_s=None):
+    """The fast step's row; with plain_s (the plain step's seconds) also their ratio."""
+    seconds, flops, memory = time_step(arch, prior, loss, amp, device, warmup, repeats,
+                                       batch, fast=True)
     row = {"arch": arch, "prior": prior, "loss": loss, "amp": amp, "batch": batch,
            "step_s": seconds, "images_s": batch / seconds, "gflop_step": flops / 1e9,
-           "gflop_s": flops / seconds / 1e9, "memory_mib": memory_mib(device)}
+           "gflop_s": flops / seconds / 1e9, "memory_mib": memory}
     row["of_conv_peak"] = row["gflop_s"] / conv_peak(peaks, amp)
+    if plain_s is not None:
+        row.update(plain_step_s=plain_s, x_plain=plain_s / seconds)
     authors = AUTHORS_IMAGES_PER_S.get((loss, prior)) if arch == "convhvae" else None
     if authors and batch == BATCH and device.type == "cpu":
         row["x_authors"] = row["images_s"] / authors
     return row
 
 
-def nll_row(device, peaks, images):
-    model, _ = image_model("convhvae", "vamp", "vae", device)
+def nll_seconds(device, images, fast):
+    model, _ = image_model("convhvae", "vamp", "vae", device, fast=fast)
     model.eval()
     x = torch.bernoulli(torch.full((images, X_DIM), 0.3, device=device))
     reset_memory(device)
     seconds = median_seconds(lambda: evaluate.iwae_nll(model, x, NLL_S), device, 0, 1)
-    flops = count_flops(lambda: evaluate.iwae_nll(model, x, NLL_S))
+    return seconds, count_flops(lambda: evaluate.iwae_nll(model, x, NLL_S)), memory_mib(device)
+
+
+def nll_row(device, peaks, images, plain_s):
+    seconds, flops, memory = nll_seconds(device, images, fast=True)
     row = {"S": NLL_S, "images": images, "s_per_image": seconds / images,
            "images_s": images / seconds, "gflop_image": flops / images / 1e9,
-           "gflop_s": flops / seconds / 1e9, "memory_mib": memory_mib(device)}
+           "gflop_s": flops / seconds / 1e9, "memory_mib": memory,
+           "plain_s_per_image": plain_s / images, "x_plain": plain_s / seconds}
     row["limit_s_per_image"] = row["gflop_image"] / conv_peak(peaks, amp=False)
     row["x_limit"] = row["s_per_image"] / row["limit_s_per_image"]
     if device.type == "cpu":
@@ -268,7 +292,6 @@ def main(argv=None):
     folder = os.path.dirname(os.path.abspath(args.out))   # checked before minutes of timing
     if os.path.isdir(args.out) or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         parser.error(f"--out {args.out}: cannot write a file there; pass another path")
-    mim.reuse_freed_memory()          # as mim.py and evaluate.py do
     try:
         device = mim.choose_device(args.device)
     except mim.UsageError as e:
@@ -281,18 +304,24 @@ def main(argv=None):
     print_table("peak (GFLOP/s)", report["peak"])
 
     archs = ("convhvae",) if args.quick else ("convhvae", "pixelhvae")
+    settings = [(arch, prior, loss, amp) for arch in archs for prior in ("vamp", "normal")
+                for loss in ("vae", "amim", "mim")
+                if not (arch == "pixelhvae" and loss == "mim" and not args.pixel_mim)
+                for amp in ((False, True) if native else (False,))]
+    nll_images = 2 if args.quick else 4
+    plain = {}
+    for setting in settings:
+        plain[setting] = time_step(*setting, device, warmup, repeats, BATCH, fast=False)[0]
+        print(f"plain step {setting}: {plain[setting]:.3f} s", flush=True)
+    plain_nll = nll_seconds(device, nll_images, fast=False)[0]   # before speed_up's allocator
     rows = []
-    for arch in archs:
-        for prior in ("vamp", "normal"):
-            for loss in ("vae", "amim", "mim"):
-                if arch == "pixelhvae" and loss == "mim" and not args.pixel_mim:
-                    continue
-                for amp in (False, True) if native else (False,):
-                    rows.append(train_row(arch, prior, loss, amp, device, report["peak"],
-                                          warmup, repeats))
-                    print_table("train", rows[-1:])
+    for setting in settings:
+        rows.append(train_row(*setting, device, report["peak"], warmup, repeats,
+                              plain_s=plain[setting]))
+        print_table("train", rows[-1:])
     report["train"] = rows
-    print_table("train", rows)
+    print_table("train (x_plain: the plain step's time over the fast one's, this run; "
+                "x_authors: against the authors' code, measured elsewhere)", rows)
     report["mim_vs_vae"] = mim_vs_vae(rows)
     print_table("MIM step against the VAE step (Algorithm 2 does more work per step)",
                 report["mim_vs_vae"])
@@ -300,7 +329,7 @@ def main(argv=None):
     report["scaling"] = [train_row("convhvae", "vamp", "vae", False, device, report["peak"],
                                    warmup, repeats, batch=b) for b in (32, 64, 128, 256)]
     print_table("scaling", report["scaling"])
-    report["nll"] = [nll_row(device, report["peak"], images=2 if args.quick else 4)]
+    report["nll"] = [nll_row(device, report["peak"], nll_images, plain_nll)]
     print_table("nll", report["nll"])
     sizes = (1_000, 10_000) if args.quick else (1_000, 10_000, 100_000)
     report["ksg"] = [ksg_row(n, d, loop_points=10_000) for d in (2, 20) for n in sizes]

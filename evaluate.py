@@ -15,29 +15,20 @@
     consistency_1d         App. F.2: do the marginals of encoder and decoder match the priors?
     test_metrics           the metrics of one trained model on the test split
 
-Command line:
+Figures (Fig. 1, 5, 7-8, 12 and summaries over seeds) come back as PNG file contents:
+this file writes nothing. It does not import mim.py either: it uses a model through its
+interface (q_z_given_x, p_x_given_z, p_z(), P_z, q_x, z_dim, latent_groups), and mim.py's
+command line runs it on trained runs:
 
-    python evaluate.py RUN_DIR [RUN_DIR ...] [--nll-samples S] [--ais-steps T]
-                       [--ais-chains K] [--ais-leapfrog L] [--ais-points N]
-                       [--ais-inflate F]
-                       [--test-size N]
-                       [--knn-train N] [--max-batch N] [--data-dir DIR]
-                       [--device auto|cpu|cuda]
-                                  metrics of each run's best.pt on its test split into
-                                  RUN_DIR/eval.json, and its figures: fig1.png (2-D toy,
-                                  Fig. 1), consistency.png (1-D, Fig. 12), otherwise
-                                  tsne.png (Fig. 7-8), and for images also
-                                  reconstructions.png (Fig. 5) and samples.png
-    python evaluate.py --summary DIR [--x hidden]
-                                  mean and std over seeds of every DIR/*/results.json:
-                                  summary.md, .png
+    python mim.py evaluate RUN_DIR [RUN_DIR ...] [--nll-samples S] [--ais-steps T] ...
+    python mim.py evaluate --summary DIR [--x hidden]
 """
 import dataclasses
 import glob
+import io
 import json
 import math
 import os
-import sys
 from typing import Optional
 
 import numpy as np
@@ -46,7 +37,6 @@ from scipy.spatial import cKDTree
 from scipy.special import digamma
 from scipy.stats import kstest, norm
 
-import mim
 
 METRICS = {  # results.json / eval.json key: (label, unit)
     "test_mi_ksg": ("MI (KSG, k=5)", "nats"),
@@ -106,6 +96,7 @@ DIAGNOSTIC_POINTS = 1000        # validation points (and training points for 5-N
 MI_BATCH = 1000                 # points per batch of the minibatch MI estimate: at most
                                 # log(1000) = 6.91 nats
 PAIRS_PER_PASS = 2 ** 14        # (x, z) pairs per encoder pass in that estimate
+Z2_SAMPLES = 64                 # draws of z2 behind the variance of z1 of two levels
 
 
 def batch_limit(x_dim, cap):
@@ -225,7 +216,8 @@ def log_aggregate_posterior(q_z_given_x, z):
     """log q_B(z_i) = log 1/B sum_j q(z_i|x_j), the aggregate posterior of the batch
     behind q_z_given_x (batch B) at codes z (N, Z), in chunks of codes. (N,)"""
     chunk = max(1, PAIRS_PER_PASS // q_z_given_x.batch_shape[0])
-    log_q = [mim.pairwise_log_prob(q_z_given_x, zc).logsumexp(0) for zc in z.split(chunk)]
+    log_q = [q_z_given_x.log_prob(zc.unsqueeze(-2)).logsumexp(-1)      # (chunk,)
+             for zc in z.split(chunk)]
     return torch.cat(log_q) - math.log(q_z_given_x.batch_shape[0])
 
 
@@ -275,8 +267,8 @@ def posterior_variances(model, x, batch_size=None):
 
 
 def variance_of(q_z_given_x):
-    if hasattr(q_z_given_x, "conditional"):   # mim.TwoLevel, by duck type as below
-        z2 = q_z_given_x.top.sample((mim.MEAN_SAMPLES,))                # (S, B, Z2)
+    if hasattr(q_z_given_x, "conditional"):   # mim.TwoLevel, by duck type (no import of mim.py)
+        z2 = q_z_given_x.top.sample((Z2_SAMPLES,))                      # (S, B, Z2)
         z1 = q_z_given_x.conditional(z2)
         var_z1 = z1.variance.mean(0) + z1.mean.var(0, correction=0)     # (B, Z1)
         return torch.cat([var_z1, q_z_given_x.top.variance], dim=-1)
@@ -297,8 +289,7 @@ def informative_units(means, variances, latent_groups, threshold=SNR_THRESHOLD):
 
 def posterior_log_std(q_z_given_x):
     """log std of each unit (B, Z) of a diagonal Gaussian or a two-level posterior."""
-    if hasattr(q_z_given_x, "conditional"):   # mim.TwoLevel (by duck type: mim.py may be
-                                              # running as __main__, a second module)
+    if hasattr(q_z_given_x, "conditional"):   # mim.TwoLevel, by duck type (no import of mim.py)
         z2 = q_z_given_x.top.sample()
         return torch.cat([posterior_log_std(q_z_given_x.conditional(z2)),
                           posterior_log_std(q_z_given_x.top)], dim=-1)
@@ -415,7 +406,9 @@ def ais_start(model, x, inflate=AIS_INFLATE):
     it covers the posterior where a sharp encoder does not (any normalized r keeps AIS
     unbiased; it only changes how many steps it needs)."""
     q_z_given_x = model.q_z_given_x(x)
-    return mim.diag_gaussian(q_z_given_x.mean, inflate * variance_of(q_z_given_x).sqrt())
+    scale = inflate * variance_of(q_z_given_x).sqrt()
+    normal = torch.distributions.Normal(q_z_given_x.mean, scale, validate_args=False)
+    return torch.distributions.Independent(normal, 1)
 
 
 def hmc_step(model, p_z, start, x, state, beta, step_size, leapfrog):
@@ -717,12 +710,15 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path, dpi=120):
-    mim.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+def png_bytes(fig, dpi=120):
+    """The figure as PNG file contents; the figure is closed."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
     pyplot().close(fig)
+    return buffer.getvalue()
 
 
-def plot_summary(varying, table, metrics, x_key, path, columns=4):
+def plot_summary(varying, table, metrics, x_key, columns=4):
     """One panel per metric against x_key, one line per remaining group (Fig. 2 layout);
     categories on x (such as --x loss) get points with error bars and no lines."""
     plt = pyplot()
@@ -751,27 +747,20 @@ def plot_summary(varying, table, metrics, x_key, path, columns=4):
     if len(series) > 1:
         axes.flat[0].legend()
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
+    return fig
 
 
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    mim.atomic_write(path, write)
-
-
-def write_summary(folder, x_key=None):
-    runs = load_runs(folder)
+def summary(runs, x_key=None):
+    """The markdown table of mean and std over seeds of runs (load_runs) and, where x_key
+    varies between them, a PNG of every metric against it (else None)."""
     varying, table = summarize(runs)
     metrics = [m for m in METRICS if m in runs[0][1]] + sorted(
         m for m in runs[0][1] if m.startswith(("ks_", AU_PREFIX)))
     text = summary_markdown(varying, table, metrics)
-    write_text(os.path.join(folder, "summary.md"), text)
-    if x_key in varying:
-        plotted = [m for m in metrics if m != "test_mi_batch_cap"]   # a constant, log B
-        plot_summary(varying, table, plotted, x_key, os.path.join(folder, "summary.png"))
-    return text
+    if x_key not in varying:
+        return text, None
+    plotted = [m for m in metrics if m != "test_mi_batch_cap"]   # a constant, log B
+    return text, png_bytes(plot_summary(varying, table, plotted, x_key))
 
 
 # ----------------------------------------------------------------------------------------
@@ -779,7 +768,7 @@ def write_summary(folder, x_key=None):
 # ----------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def plot_toy2d(model, data, title, path, n_points=300):
+def plot_toy2d(model, data, title, n_points=300):
     """Fig. 1: top, level sets of P(x) and reconstructed test points; bottom, one-std
     ellipses of q(z|x) for test points and the unit circle of P(z)."""
     plt = pyplot()
@@ -802,11 +791,11 @@ def plot_toy2d(model, data, title, path, n_points=300):
     lim = max(3.0, float(loc.abs().max()) + 0.5)
     bottom.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
     fig.tight_layout()
-    save_figure(fig, path, dpi=150)
+    return png_bytes(fig, dpi=150)
 
 
 @torch.no_grad()
-def plot_consistency_1d(model, data, title, path, n=50_000):
+def plot_consistency_1d(model, data, title, n=50_000):
     """Fig. 12 (c-f): marginals of anchored and prior-driven encoder and decoder against
     the anchors P(x), P(z) (black) and the priors q(x) (red), p(z) (blue)."""
     plt = pyplot()
@@ -829,7 +818,7 @@ def plot_consistency_1d(model, data, title, path, n=50_000):
             ax.plot(v.numpy().ravel(), d.numpy().ravel(), colours[min(i, len(colours) - 1)])
             ax.set(title=f"{title}: {name}, {var}", xlim=(-6, 6))
     fig.tight_layout()
-    save_figure(fig, path, dpi=120)
+    return png_bytes(fig, dpi=120)
 
 
 TSNE_POINTS = 2000      # test codes in tsne.png: t-SNE costs O(N log N) and 2,000 points
@@ -842,7 +831,7 @@ INCHES_PER_PIXEL = 0.03  # image grids: 28-pixel images about 0.85 inch wide
 TITLE_INCHES = 0.5
 
 
-def plot_tsne(z, y, title, path, n_points=TSNE_POINTS, seed=TSNE_SEED):
+def plot_tsne(z, y, title, n_points=TSNE_POINTS, seed=TSNE_SEED):
     """Fig. 7-8: a 2-D t-SNE embedding of the first n_points codes z (N, Z), coloured by
     their labels y (N,)."""
     from sklearn.manifold import TSNE
@@ -860,7 +849,7 @@ def plot_tsne(z, y, title, path, n_points=TSNE_POINTS, seed=TSNE_SEED):
         ax.scatter(*xy[y == label].T, s=2, color=plt.cm.tab10(int(label) % 10), label=str(label))
     ax.legend(markerscale=4, fontsize=7, loc="best")
     ax.set(title=f"{title}: t-SNE of {len(z)} test codes", xticks=[], yticks=[])
-    save_figure(fig, path)
+    return png_bytes(fig)
 
 
 def image_mosaic(rows, image_shape, pad=1):
@@ -876,7 +865,7 @@ def image_mosaic(rows, image_shape, pad=1):
     return grid[..., 0] if channels == 1 else grid
 
 
-def plot_mosaic(rows, image_shape, title, path):
+def plot_mosaic(rows, image_shape, title):
     plt = pyplot()
     grid = image_mosaic(rows, image_shape)
     height, width = grid.shape[:2]
@@ -885,7 +874,7 @@ def plot_mosaic(rows, image_shape, title, path):
     ax.imshow(np.clip(grid, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set(title=title, xticks=[], yticks=[])
     fig.tight_layout()
-    save_figure(fig, path, dpi=150)
+    return png_bytes(fig, dpi=150)
 
 
 def decoded_images(p_x_given_z):
@@ -898,230 +887,35 @@ def decoded_images(p_x_given_z):
 
 
 @torch.no_grad()
-def plot_reconstructions(model, x, image_shape, title, path):
+def plot_reconstructions(model, x, image_shape, title):
     """Fig. 5: images x (n, D) on top; below, the decoder's image of one z ~ q(z|x)."""
     xhat = decoded_images(model.p_x_given_z(model.q_z_given_x(x).sample()))
-    plot_mosaic([x, xhat], image_shape, f"{title}: test images (top), reconstructions", path)
+    return plot_mosaic([x, xhat], image_shape, f"{title}: test images (top), reconstructions")
 
 
 @torch.no_grad()
-def plot_samples(model, image_shape, title, path, grid=SAMPLE_GRID):
+def plot_samples(model, image_shape, title, grid=SAMPLE_GRID):
     """The decoder's images of z ~ p(z), in a rows x columns grid."""
     rows, columns = grid
     images = decoded_images(model.p_x_given_z(model.p_z().sample((rows * columns,))))
-    plot_mosaic(list(images.split(columns)), image_shape, f"{title}: z ~ p(z)", path)
+    return plot_mosaic(list(images.split(columns)), image_shape, f"{title}: z ~ p(z)")
 
 
-def run_title(cfg):
-    arch = f"h={cfg.hidden}" if cfg.arch == "mlp" else cfg.arch
-    return f"{cfg.loss.upper()} {arch}"
-
-
-def plot_run(model, data, cfg, run_dir):
-    """The figures of one trained run, written into run_dir: Fig. 1 for 2-D toy runs,
-    Fig. 12 for 1-D ones, otherwise a t-SNE of the test codes and, for images, grids of
-    reconstructions and samples. Returns the paths written."""
-    title, out = run_title(cfg), lambda name: os.path.join(run_dir, name)
+def run_figures(model, data, title):
+    """The figures of one trained model, {file name: PNG contents}: Fig. 1 for 2-D toy
+    models, Fig. 12 for 1-D ones, otherwise a t-SNE of the test codes (Fig. 7-8) and,
+    for images, grids of reconstructions (Fig. 5) and samples."""
     model.eval()
-    if data.x_dim == 2 and cfg.z_dim == 2:
-        plot_toy2d(model.cpu(), data.to("cpu"), title, out("fig1.png"))
-        return [out("fig1.png")]
-    if data.x_dim == 1 and cfg.z_dim == 1:
-        plot_consistency_1d(model.cpu(), data.to("cpu"), title, out("consistency.png"))
-        return [out("consistency.png")]
+    one_level = len(model.latent_groups) == 1
+    if data.x_dim == 2 and one_level and model.z_dim == 2:
+        return {"fig1.png": plot_toy2d(model.cpu(), data.to("cpu"), title)}
+    if data.x_dim == 1 and one_level and model.z_dim == 1:
+        return {"consistency.png": plot_consistency_1d(model.cpu(), data.to("cpu"), title)}
     x = data.x_test[:TSNE_POINTS]
-    plot_tsne(encode(model, x).cpu(), data.y_test[:TSNE_POINTS].cpu(), title, out("tsne.png"))
-    if data.image_shape is None:
-        return [out("tsne.png")]
-    plot_reconstructions(model, x[:RECON_COLUMNS], data.image_shape, title,
-                         out("reconstructions.png"))
-    plot_samples(model, data.image_shape, title, out("samples.png"))
-    return [out(name) for name in ("tsne.png", "reconstructions.png", "samples.png")]
-
-
-# ----------------------------------------------------------------------------------------
-# Gradients of binary decoder samples: signal and noise of each estimator
-# ----------------------------------------------------------------------------------------
-
-GRADIENT_REPEATS = 30           # independent gradient estimates per estimator
-GRADIENT_SEED = 0
-ESTIMATOR_SETTINGS = {          # label: (estimator, draws: images per code of loo-code)
-    "loo-batch": ("loo-batch", mim.DRAWS_PER_CODE), "loo-code, 2 per code": ("loo-code", 2),
-    "loo-code, 4 per code": ("loo-code", 4), "loo-code, 8 per code": ("loo-code", 8),
-    "authors": ("authors", mim.DRAWS_PER_CODE)}
-
-
-def decoder_sample_gradients(model, n, sampling, repeats):
-    """Independent estimates (repeats, P) of the gradient of the decoder-sample half of
-    L_MIM (Eq. 8 over D_dec, n samples) for the decoder's parameters, in float64."""
-    params = list(model.p_x_given_z.parameters())
-    rows = []
-    for _ in range(repeats):
-        dec = mim.decoder_samples(model, n, model.p_z(), mim.FULL, sampling)
-        loss = mim.decoder_sample_loss(lambda lq, lp: -0.5 * (lq + lp), dec)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(torch.cat([torch.zeros(p.numel(), device=p.device) if g is None
-                               else g.reshape(-1) for p, g in zip(params, grads)]))
-    return torch.stack(rows).double()
-
-
-def signal_and_noise(grads):
-    """|E g| and sqrt(E |g - E g|^2) from R estimates g (R, P); |E g|^2 is estimated
-    without the noise^2 / R that the mean of R noisy estimates adds to it."""
-    noise2 = float(grads.var(0, correction=1).sum())
-    signal2 = float(grads.mean(0).square().sum()) - noise2 / len(grads)
-    return math.sqrt(max(signal2, 0.0)), math.sqrt(noise2)
-
-
-def gradient_noise(model, cfg, n, repeats=GRADIENT_REPEATS, seed=GRADIENT_SEED):
-    """Signal and noise of every estimator in ESTIMATOR_SETTINGS on `model`, with the
-    run's latent anchor: [{estimator, signal, noise, noise_over_signal}]."""
-    model.train()
-    rows = []
-    for label, (estimator, draws) in ESTIMATOR_SETTINGS.items():
-        torch.manual_seed(seed)
-        sampling = mim.DecoderSampling(cfg.latent_anchor, estimator, draws)
-        signal, noise = signal_and_noise(decoder_sample_gradients(model, n, sampling,
-                                                                  repeats))
-        rows.append({"estimator": label, "signal": signal, "noise": noise,
-                     "noise_over_signal": noise / signal if signal > 0 else math.inf})
-    return rows
-
-
-def gradient_noise_run(run_dir, device, repeats=GRADIENT_REPEATS):
-    """gradient_noise on RUN_DIR/best.pt and on a fresh initialisation of its config, at
-    the run's batch size; writes RUN_DIR/gradient_noise.json and prints a table."""
-    model, cfg = mim.load_checkpoint(os.path.join(run_dir, "best.pt"), device)
-    data = mim.load_data(cfg)
-    torch.manual_seed(cfg.seed)
-    fresh = mim.build_model(cfg, data.x_dim, data.binary, x_init=data.x_train,
-                            image_shape=data.image_shape).to(device)
-    table = {name: gradient_noise(m, cfg, cfg.batch_size, repeats)
-             for name, m in (("initialisation", fresh), ("trained", model))}
-    mim.write_json(os.path.join(run_dir, "gradient_noise.json"), table)
-    print(f"{run_dir}: gradient of the decoder-sample half of L_MIM for the decoder's "
-          f"parameters, {repeats} estimates of batch {cfg.batch_size} each")
-    print("| model | estimator | signal | noise | noise / signal |\n| --- | --- | --- | --- | --- |")
-    for name, rows in table.items():
-        for r in rows:
-            print(f"| {name} | {r['estimator']} | {r['signal']:.4g} | {r['noise']:.4g} | "
-                  f"{r['noise_over_signal']:.3g} |")
-    return table
-
-
-# ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
-
-def first_test_points(data, n):
-    """data with its test split cut to the first n points (all if n is None)."""
-    return dataclasses.replace(data, x_test=data.x_test[:n], y_test=data.y_test[:n])
-
-
-def evaluate_run(run_dir, device, nll_samples=NLL_SAMPLES, test_size=None,
-                 knn_train_size=None, max_batch=None, ais=NO_AIS, data_dir=None):
-    """Metrics of RUN_DIR/best.pt on its test split into RUN_DIR/eval.json, and its
-    figures; returns the metrics. The tight NLL runs only when `ais` asks for it: it
-    costs steps x leapfrog passes of the decoder with gradients per chain. data_dir
-    replaces the folder the run recorded; the test split must be the run's own."""
-    path = os.path.join(run_dir, "best.pt")
-    if not os.path.exists(path):
-        raise ValueError(f"{run_dir}/best.pt not found; train with mim.py --out {run_dir} first")
-    state = mim.checked_state(mim.read_checkpoint(path, device), path)
-    model, cfg = mim.model_from_state(state, path, device)
-    if data_dir is not None:
-        cfg = dataclasses.replace(cfg, data_dir=data_dir)
-    data = mim.load_data(cfg)
-    mim.check_same_data(state["data"], mim.data_identity(data), path)
-    data = first_test_points(data, test_size).to(device)
-    results = test_metrics(model, data, nll_samples, knn_train_size, max_batch,
-                           with_posterior_stats=True, ais=ais)
-    results.update(test_size=len(data.x_test), knn_train_size=len(
-        data.x_train[:knn_train_size]))
-    mim.write_json(os.path.join(run_dir, "eval.json"), results)
-    print(f"{run_dir}:\n{format_results(results)}", flush=True)
-    plot_run(model, data, cfg, run_dir)
-    return results
-
-
-def build_parser():
-    parser = mim.OneLineParser(prog="evaluate.py", description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="*", help="run directories (mim.py --out) to evaluate")
-    parser.add_argument("--nll-samples", type=int, default=NLL_SAMPLES,
-                        help=f"importance samples per test point for the NLL; 0 skips it "
-                             f"(default: {NLL_SAMPLES}, as the authors' code)")
-    parser.add_argument("--ais-steps", type=int, default=0,
-                        help=f"temperatures of the tight NLL by annealed importance "
-                             f"sampling, for example {AIS_STEPS}; 0 skips it (default)")
-    parser.add_argument("--ais-chains", type=int, default=AIS_CHAINS,
-                        help="AIS chains per test point (default: %(default)s)")
-    parser.add_argument("--ais-leapfrog", type=int, default=AIS_LEAPFROG,
-                        help="leapfrog steps per HMC transition of AIS (default: %(default)s)")
-    parser.add_argument("--ais-inflate", type=float, default=AIS_INFLATE,
-                        help="AIS starts from the encoder with its std times this "
-                             "(default: %(default)s; 1 suits calibrated encoders in many "
-                             "dimensions, see the README)")
-    parser.add_argument("--ais-points", type=int, default=None,
-                        help="run AIS on the first N test points only (default: all)")
-    parser.add_argument("--test-size", type=int, default=None,
-                        help="evaluate on the first N test points (default: all)")
-    parser.add_argument("--knn-train", type=int, default=None,
-                        help="fit the 5-NN classifier on the first N training codes "
-                             "(default: all)")
-    parser.add_argument("--max-batch", type=int, default=None,
-                        help=f"rows (points or codes) per forward pass (default: at most "
-                             f"{EVAL_MAX_VALUES} values of x)")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder of the data files, where the run's own has moved "
-                             "(default: the folder the run recorded)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--summary", metavar="DIR",
-                        help="write DIR/summary.md (and .png) over DIR/*/results.json")
-    parser.add_argument("--x", default="hidden", help="x-axis of the summary plot")
-    parser.add_argument("--gradient-noise", action="store_true",
-                        help="instead of the metrics: signal and noise of each estimator of "
-                             "the binary decoder samples' gradient, on each run's best.pt "
-                             "and on a fresh initialisation (gradient_noise.json)")
-    parser.add_argument("--repeats", type=int, default=GRADIENT_REPEATS,
-                        help="gradient estimates per estimator for --gradient-noise")
-    return parser
-
-
-def check_args(parser, args):
-    if not args.runs and not args.summary:
-        parser.error("give run directories to evaluate, or --summary DIR")
-    if args.nll_samples < 0 or args.ais_steps < 0:
-        parser.error("--nll-samples and --ais-steps must be at least 0")
-    if args.ais_chains < 1 or args.ais_leapfrog < 1:
-        parser.error("--ais-chains and --ais-leapfrog must be at least 1")
-    if not args.ais_inflate > 0:
-        parser.error("--ais-inflate must be above 0")
-    for flag in ("test_size", "ais_points", "knn_train", "max_batch", "repeats"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    mim.reuse_freed_memory()
-    try:
-        device = mim.choose_device(args.device) if args.runs else None
-        for run_dir in args.runs:
-            if args.gradient_noise:
-                gradient_noise_run(run_dir, device, args.repeats)
-                continue
-            evaluate_run(run_dir, device, args.nll_samples, args.test_size, args.knn_train,
-                         args.max_batch, AIS(args.ais_steps, args.ais_chains,
-                                             args.ais_leapfrog, args.ais_points,
-                                             args.ais_inflate), args.data_dir)
-        if args.summary:
-            print(write_summary(args.summary, args.x))
-    except (ValueError, OSError, KeyError, mim.UsageError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()
+    figures = {"tsne.png": plot_tsne(encode(model, x).cpu(), data.y_test[:TSNE_POINTS].cpu(),
+                                     title)}
+    if data.image_shape is not None:
+        figures["reconstructions.png"] = plot_reconstructions(model, x[:RECON_COLUMNS],
+                                                              data.image_shape, title)
+        figures["samples.png"] = plot_samples(model, data.image_shape, title)
+    return figures

@@ -1,48 +1,63 @@
 """The Mutual Information Machine (MIM): a reference implementation in one file.
 
-Livne, Swersky & Fleet, "MIM: Mutual Information Machine", arXiv:1910.03175.
-Equation, algorithm and section numbers below refer to that paper.
+Livne, Swersky & Fleet, "MIM: Mutual Information Machine", arXiv:1910.03175. Equation,
+algorithm and section numbers refer to that paper. The file follows its order: the
+distributions, the model, the objectives with Algorithms 1 and 2, warm-up and training;
+then, as appendices, the networks, the other remedies for posterior collapse, the CPU
+speed-ups (opt-in), and last the files and the command line.
 
-Notation
---------
-    paper               code                          shape / meaning
-    x, z                x, z                          (B, D) data, (B, Z) latent codes
-    P(x)                the training set              data anchor, known only through samples
-    P(z)                model.P_z()                   latent anchor N(0, I)
-    q(z|x)              model.q_z_given_x(x)          encoder
-    p(x|z)              model.p_x_given_z(z)          decoder
-    p(z)                model.p_z()                   latent prior (--prior: normal = P(z), mog,
-                                                      vamp = 1/K sum_k q(z|u_k), App. D.1)
-    z = (z1, z2)        TwoLevel                      two latent levels (convhvae, pixelhvae):
-                                                      q(z2|x) q(z1|x,z2) and p(z2) p(z1|z2)
-    q(x)                model.q_x()                   data prior (--q-x: marginal, Eq. 16; mog)
-    q(x,z)              log_q_xz = log q(z|x)q(x)     model encoding distribution
-    p(x,z)              log_p_xz = log p(x|z)p(z)     model decoding distribution
-    M_S                 D_enc + D_dec                 1/2 (q(z|x)P(x) + p(x|z)P(z)), Eq. 4
-    M_theta             -                             1/2 (q(x,z) + p(x,z))
-    L_MIM               mim_loss                      1/2 (CE(M_S, q(x,z)) + CE(M_S, p(x,z))), Eq. 8
-    L_CE                ce_loss                       CE(M_S, M_theta), Eq. 7
-    L_A-MIM             amim_loss                     Eq. 8 with M_S^q = q(z|x)P(x) only, Eq. 12
-    L_VAE               vae_loss                      negative ELBO, Eq. 2 / 26
-    -                   infomax_loss, critic_loss     for comparison: the ELBO plus a bound
-                                                      of I_q(x; z) from a critic (InfoMax-VAE;
-                                                      inference critics)
-    D_dec's z           DecoderSampling.anchor        normal = P(z) (the paper), prior = p(z)
-    grad of D_dec       score_function_surrogate      App. D.2 for binary x, with a leave-one-
-                                                      out baseline per code (loo-code) or per
-                                                      batch (loo-batch); DecoderSampling
-    warm-up             warmup_weights, log_prior     Sec. 5; beta on log p(z) (prior mode);
-                                                      the authors' image objective (authors)
+Paper to code
+-------------
+    paper                                   code
+    Sec. 3    x, z                          x (B, D) data, z (B, Z) latent codes
+              P(x), P(z) = N(0, I)          the training set; Model.P_z (the anchors)
+              q(z|x), p(x|z)                Model.q_z_given_x, Model.p_x_given_z
+              p(z)                          Model.p_z(), log_p_z; PRIORS: normal, mog,
+                                            vamp (VampPrior, App. D.1)
+              q(x)                          Model.q_x: None (the marginal of Eq. 16) or a
+                                            mixture (q_x="mog")
+              q(x,z), p(x,z)                log_q_xz = log q(z|x) q(x),
+                                            log_p_xz = log p(x|z) p(z)
+              z = (z1, z2), two levels      TwoLevel: q(z2|x) q(z1|x,z2), p(z2) p(z1|z2)
+    Eq. 4     M_S = 1/2 (D_enc + D_dec)     sample_m_s: encoder_samples, decoder_samples
+    Eq. 7     L_CE = CE(M_S, M_theta)       ce_loss
+    Eq. 8     L_MIM                         mim_loss
+    Eq. 12    L_A-MIM                       amim_loss
+    Eq. 2     L_VAE, the negative ELBO      vae_loss
+    Eq. 16    q(x) = E_p(z)[p(x|z)]         log_q_x: its one-sample bound (Sec. 4.2,
+                                            App. D.1)
+    Alg. 1    MIM with an explicit q(x)     mim_loss on a model with q_x="mog"
+    Alg. 2    MIM with the marginal q(x)    mim_loss on a model with q_x="marginal"
+    App. D.1  VampPrior p(z)                VampPrior (Appendix B)
+    App. D.2  gradient of binary decoder    score_function_surrogate; DecoderSampling
+              samples (score function)      chooses the estimator and the latent anchor;
+                                            gradient_noise measures each one (Appendix E)
+    Sec. 5    warm-up                       warmup_weights -> Weights on the terms
+              Adam, early stopping          train(model, loss_fn, x_train, x_val, TrainSpec)
+    Sec. 5.1  MLP encoder and decoder       Appendix A: GaussianMLP, BernoulliMLP
+    Sec. 5.2  convHVAE, PixelHVAE           Appendix B: TwoLevelEncoder, ConvDecoder,
+                                            PixelDecoder with PixelCNNBernoulli; VampPrior
+    -         InfoMax-VAE, inference        Appendix C: infomax_loss, critic_loss
+              critics (for comparison)
+    -         a model from a spec           Appendix D: build_model(ModelSpec)
+    -         CPU speed-ups, opt-in         Appendix F: speed_up(model)
+    -         files and checkpoints         Appendix G: save_checkpoint, load_checkpoint
+    -         the command line              Appendix H: Config, main; evaluate_main runs
+                                            evaluate.py's metrics on trained runs
 
-All log-densities are normalized and in nats. Each objective is a pure function
-`(model, x, weights) -> (loss, stats)`; `train` fits a model with Adam, warm-up and
-early stopping; `main` is the command line:
+Every log-density is normalized and in nats. Every objective is a pure function
+`(model, x, weights) -> (loss, stats)`. The library needs only this file and torch:
+
+    spec = ModelSpec(x_dim=2, z_dim=2, hidden=50)
+    model = build_model(spec)
+    best_state, best_epoch, epochs, history = train(model, mim_loss, x_train, x_val,
+                                                    TrainSpec(epochs=50))
+
+The command line also uses datasets.py and evaluate.py from this repository:
 
     python mim.py --data toy2d --loss mim --hidden 50 --out runs/mim
     python mim.py --data mnist --arch convhvae --prior vamp --loss mim --out runs/mnist
-
-The file imports only the standard library and torch, so it can be copied alone; `main`
-also uses datasets.py and evaluate.py from this repository.
+    python mim.py evaluate runs/mnist --nll-samples 5000
 """
 import argparse
 import ctypes
@@ -70,141 +85,26 @@ import torch.distributions as D
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ----------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------
-
 # Scales are softplus(raw) + STD_FLOOR. MIM drives the encoder towards a deterministic map,
 # and without a floor log q(z|x) grows without bound. The authors' code uses
 # exp(raw) + 1e-6 (--min-logvar 6); 1e-4 keeps float32 sampling well resolved and is far
 # below the nearest-neighbour spacing that KSG can see in 10,000 points.
 STD_FLOOR = 1e-4
-PCA_STD_FLOOR = 0.1      # pca_fashion_mnist: with 1e-4, MIM's decoder std sat at the floor
-                         # for z ~ P(z) and its loss exploded (README, Results: "Fig. 3")
-VALIDATION_SEED = 12345  # fixed noise for validation losses, so epochs compare fairly
 MEAN_SAMPLES = 64        # samples of z2 behind E[z1|x] of the two-level posterior
-PROGRESS_AFTER = 5.0     # seconds into an epoch before a progress line appears
-PROGRESS_EVERY = 2.0     # seconds between progress lines
-IMAGE_Z_DIM = 40         # z1 and z2 of the two-level models (Tomczak & Welling 2018)
 VAMP_COMPONENTS = 500    # pseudo-inputs K of the VampPrior (Tomczak & Welling 2018)
-IMAGE_WARMUP = 5         # warm-up epochs of the image architectures (README, Results: "Images")
-PRIOR_DELAY = 0.5        # --warmup-mode prior: fraction of the warm-up with beta = 0
-DRAWS_PER_CODE = 4       # loo-code: images per code (README: gradients of decoder samples)
-NORMGRAD_EPS = 1e-7      # --optimizer normgrad: g / (|g| + eps), as Tomczak & Welling's code
-
-
-def _help(text, **kw):
-    return field(metadata={"help": text}, **kw)
-
-
-@dataclass
-class Config:
-    data: str = _help("data set (datasets.py): toy2d, toy20d, toy1d, pca_fashion_mnist, "
-                      "mnist, fashion_mnist or omniglot", default="toy2d")
-    data_seed: int = _help("seed of the fixed train/validation/test samples", default=0)
-    data_dir: Optional[str] = _help("folder holding the image files (searched first; see "
-                                    "datasets.py)", default=None)
-    pca_dim: int = _help("principal components of pca_fashion_mnist (Sec. 5.1)", default=20)
-    train_size: Optional[int] = _help("train on the first N training points only (quick "
-                                      "runs; default: all)", default=None)
-    arch: str = _help("network architecture: mlp (Sec. 5.1), convhvae or pixelhvae "
-                      "(Sec. 5.2, two latent levels)", default="mlp")
-    hidden: int = _help("hidden units of each two-layer network", default=50)
-    activation: str = _help("hidden activation: tanh (Sec. 5.1) or silu (App. F.2)",
-                            default="tanh")
-    z_dim: Optional[int] = _help("latent dimension, per level for convhvae / pixelhvae "
-                                 "(default: 2 for mlp, 40 for the image architectures)",
-                                 default=None)
-    prior: str = _help("latent prior p(z) (of z2 for two levels): normal (= the anchor P(z)), "
-                       "mog or vamp (VampPrior)", default="normal")
-    prior_components: Optional[int] = _help("components K of p(z): default 10 for mog, 500 "
-                                            "for vamp", default=None)
-    q_x: str = _help("data prior q(x): marginal (Eq. 16) or mog (explicit, low-dim x)",
-                     default="marginal")
-    components: int = _help("components of the mog q(x)", default=10)
-    std_floor: Optional[float] = _help("floor added to every Gaussian standard deviation "
-                                       f"(default: {PCA_STD_FLOOR} for pca_fashion_mnist, "
-                                       f"{STD_FLOOR} otherwise)", default=None)
-    loss: str = _help("objective: mim (Eq. 8), amim (Eq. 12), vae (negative ELBO), ce "
-                      "(Eq. 7); for comparison infomax (InfoMax-VAE) or the inference "
-                      "critics critic-self, critic-nn, critic-hybrid", default="mim")
-    alpha: float = _help("infomax: weight of the mutual-information bound (InfoMax-VAE "
-                         "Eq. 3; 10 in its Sec. 6.1)", default=10.0)
-    beta: float = _help("infomax: weight of the ELBO's KL term (InfoMax-VAE Eq. 3)",
-                        default=1.0)
-    mi_bound: str = _help("infomax: f (f-divergence dual with f(t) = t log t, its Eq. 6) or "
-                          "dv (Donsker-Varadhan, its Eq. 12)", default="f")
-    critic_weight: float = _help("critic-*: weight lambda of the InfoNCE term (critics "
-                                 "paper, Alg. 1; Eq. 7 has 1)", default=1.0)
-    critic_lr: float = _help("Adam learning rate of a critic network (InfoMax-VAE App. D)",
-                             default=1e-4)
-    warmup: Optional[int] = _help("warm-up epochs (Sec. 5; default 3 for mlp, "
-                                  f"{IMAGE_WARMUP} for the image architectures)",
-                                  default=None)
-    warmup_mode: Optional[str] = _help(
-        "paper: weight on CE(M_S, p(x,z)) rises 0 -> 1/2 (Sec. 5); prior: weight beta on "
-        "log p(z) rises 0 -> 1 (KL annealing's analogue); authors: their code's schedule "
-        "(see warmup_weights). Default: paper for mlp, prior for the image architectures",
-        default=None)
-    latent_anchor: str = _help(
-        "where decoder samples draw z: normal (P(z) = N(0, I), the paper) or prior (the "
-        "model prior p(z), the authors' image code)", default="normal")
-    estimator: str = _help("gradient of binary decoder samples: loo-code (several images "
-                           "per code, per-code leave-one-out baseline), loo-batch (one "
-                           "image per code, batch baseline) or authors (mean images, no "
-                           "decoder gradient); see DecoderSampling", default="loo-code")
-    draws: int = _help("loo-code: images per code; divides --batch-size",
-                       default=DRAWS_PER_CODE)
-    optimizer: str = _help("adam, or normgrad: Adam on per-tensor normalized gradients "
-                           "(Tomczak & Welling's code)", default="adam")
-    patience: Optional[int] = _help("early-stopping patience in epochs (default: --warmup, "
-                                    "at least 1)", default=None)
-    epochs: int = _help("maximum number of epochs", default=200)
-    batch_size: int = _help("data points per step (B encoder + B decoder samples)",
-                            default=128)
-    lr: float = _help("Adam learning rate", default=1e-3)
-    seed: int = _help("seed of initialisation and sampling", default=1)
-    device: str = _help("auto, cpu or cuda", default="auto")
-    amp: bool = _help("run the networks in bfloat16 (autocast); log-densities, logsumexp "
-                      "and losses stay in float32", default=False)
-    nll_samples: Optional[int] = _help("importance samples per test point for the test NLL "
-                                       "(default: 1000; 0 = skip, the default for images, "
-                                       "whose NLL evaluate.py computes)", default=None)
-    out: Optional[str] = _help("directory for config.json, log.csv, last.pt, best.pt, "
-                               "results.json", default=None)
-    resume: Optional[str] = _help("continue the interrupted run in this directory from its "
-                                  "last.pt, with its saved configuration", default=None)
-    overwrite: bool = _help("let --out replace the run its folder holds (once the new "
-                            "run has finished its first epoch)", default=False)
-
-    def __post_init__(self):  # defaults that depend on other fields
-        image = self.arch != "mlp"
-        if self.z_dim is None:
-            self.z_dim = IMAGE_Z_DIM if image else 2
-        if self.warmup is None:
-            self.warmup = IMAGE_WARMUP if image else 3
-        if self.warmup_mode is None:
-            self.warmup_mode = "prior" if image else "paper"
-        if self.std_floor is None:
-            self.std_floor = PCA_STD_FLOOR if self.data == "pca_fashion_mnist" else STD_FLOOR
-        if self.prior_components is None:
-            self.prior_components = VAMP_COMPONENTS if self.prior == "vamp" else 10
-
-
-class UsageError(Exception):
-    """Bad input: reported as one line, exit status 2."""
+MOG_COMPONENTS = 10      # components of a mixture p(z) or q(x) unless a spec says otherwise
 
 
 # ----------------------------------------------------------------------------------------
-# Distributions: normalized log-densities in nats, reparameterized where possible
+# 1. Distributions: normalized log-densities in nats, reparameterized where possible
 # ----------------------------------------------------------------------------------------
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def full_precision(t):
-    """Network outputs are bf16 under --amp; every density is evaluated in float32 (or in
-    the float64 of a model made .double())."""
+    """Network outputs are bf16 under autocast; every density is evaluated in float32 (or
+    in the float64 of a model made .double())."""
     return t.float() if t.dtype in LOW_PRECISION else t
 
 
@@ -231,7 +131,7 @@ def pairwise_log_prob(q_z_given_x, z):
 
 
 class StandardNormal(nn.Module):
-    """The anchor P(z) = N(0, I); with --prior normal also the model prior p(z) = P(z)."""
+    """The anchor P(z) = N(0, I); with prior="normal" also the model prior p(z) = P(z)."""
 
     def __init__(self, dim):
         super().__init__()
@@ -262,24 +162,6 @@ class MixtureOfGaussians(nn.Module):
     def forward(self, encoder=None):
         components = diag_gaussian(self.loc, positive_scale(self.raw_scale, self.floor))
         weights = D.Categorical(logits=self.logits, validate_args=False)
-        return D.MixtureSameFamily(weights, components, validate_args=False)
-
-
-class VampPrior(nn.Module):
-    """p(z) = 1/K sum_k q(z|u_k) with K learnable pseudo-inputs u_k (Tomczak & Welling 2018;
-    the paper's App. D.1). The mixture is built from the current encoder at every call, so
-    one call per step encodes the K pseudo-inputs once."""
-
-    def __init__(self, components, x_dim, x_init=None, unit_range=False):
-        super().__init__()
-        init = torch.rand(components, x_dim) if x_init is None else x_init.clone()
-        self.pseudo_inputs = nn.Parameter(init.float())                  # (K, D)
-        self.unit_range = unit_range  # images: keep u_k in [0, 1], as the VampPrior code does
-
-    def forward(self, encoder):
-        u = self.pseudo_inputs.clamp(0, 1) if self.unit_range else self.pseudo_inputs
-        components = encoder(u)                                          # batch (K,)
-        weights = D.Categorical(logits=torch.zeros_like(u[:, 0]), validate_args=False)
         return D.MixtureSameFamily(weights, components, validate_args=False)
 
 
@@ -320,356 +202,14 @@ class TwoLevel(D.Distribution):
         return torch.cat([z1_mean, self.top.mean], dim=-1)
 
 
-class PixelCNNBernoulli(D.Distribution):
-    """p(x|z) = prod_i Bernoulli(x_i | x_<i, z) over the pixels in raster order, from a
-    causal PixelCNN `net(x_images, cond)` that returns logits (B, 1, H, W). log_prob is
-    one pass (teacher forcing); sample draws one pixel at a time. No mean: it would need
-    a sum over all 2^D images."""
-    arg_constraints = {}
-    has_rsample = False
-
-    def __init__(self, net, cond, image_shape):
-        self.net, self.cond, self.image_shape = net, cond, image_shape  # cond (B, c, H, W)
-        dim = math.prod(image_shape)
-        super().__init__(cond.shape[:1], torch.Size([dim]), validate_args=False)
-
-    def log_prob(self, x):                                              # (B, D) -> (B,)
-        logits = self.net(x.view(-1, *self.image_shape), self.cond)
-        return bernoulli(logits.flatten(1)).log_prob(x)
-
-    def sample(self, sample_shape=torch.Size()):
-        if len(sample_shape):
-            raise ValueError("PixelCNNBernoulli draws one image per z; repeat z instead")
-        with torch.no_grad():
-            x = torch.zeros(len(self.cond), *self.image_shape, device=self.cond.device)
-            depth = self.net.receptive_rows           # rows above a pixel that reach it
-            for row in range(self.image_shape[1]):
-                top = max(0, row - depth)            # only these rows can reach this row
-                crop_x, crop_c = x[:, :, top:row + 1], self.cond[:, :, top:row + 1]
-                for col in range(self.image_shape[2]):
-                    logits = self.net(crop_x, crop_c)[:, :, row - top, col]
-                    x[:, :, row, col] = torch.bernoulli(torch.sigmoid(full_precision(logits)))
-            return x.flatten(1)
-
-
 # ----------------------------------------------------------------------------------------
-# Networks (Sec. 5.1): two fully connected layers returning a distribution
-# ----------------------------------------------------------------------------------------
-
-ACTIVATIONS = {"tanh": nn.Tanh, "silu": nn.SiLU}
-
-
-def two_layer_mlp(in_dim, out_dim, hidden, activation):
-    return nn.Sequential(nn.Linear(in_dim, hidden), ACTIVATIONS[activation](),
-                         nn.Linear(hidden, out_dim))
-
-
-class GaussianMLP(nn.Module):
-    """v -> N(mean(v), diag(std(v)^2)), used for q(z|x) and for p(x|z) on continuous x."""
-    discrete = False                                        # as a decoder: x has rsample
-
-    def __init__(self, in_dim, out_dim, hidden, activation="tanh", floor=STD_FLOOR):
-        super().__init__()
-        self.net = two_layer_mlp(in_dim, 2 * out_dim, hidden, activation)
-        self.floor, self.feature_dim = floor, hidden
-
-    def features(self, v):                                  # (B, in_dim) -> (B, hidden)
-        """The first layer: what the hybrid inference critic shares."""
-        return self.net[:2](v)
-
-    def forward(self, v):                                   # (B, in_dim)
-        loc, raw = full_precision(self.net(v)).chunk(2, dim=-1)  # (B, out_dim) each
-        return diag_gaussian(loc, positive_scale(raw, self.floor))
-
-
-class BernoulliMLP(nn.Module):
-    """z -> independent Bernoulli(logits(z)), the decoder p(x|z) on binary x."""
-    discrete = True                                         # x has no rsample
-
-    def __init__(self, in_dim, out_dim, hidden, activation="tanh", floor=STD_FLOOR):
-        super().__init__()
-        self.net = two_layer_mlp(in_dim, out_dim, hidden, activation)
-
-    def forward(self, z):                                   # (B, Z)
-        return bernoulli(self.net(z))                       # over (B, D)
-
-
-DECODERS = {False: GaussianMLP, True: BernoulliMLP}        # keyed by "is x binary"
-
-
-# ----------------------------------------------------------------------------------------
-# Networks (Sec. 5.2): the two-level convHVAE and PixelHVAE of Tomczak & Welling (2018),
-# with the layer sizes of their code. x stays flattened (B, D) outside the networks.
-# ----------------------------------------------------------------------------------------
-
-LOGVAR_BOUNDS = (-6.0, 2.0)  # the VampPrior code clips log-variances (Hardtanh). The lower
-                             # bound matters: A-MIM has no encoder entropy term, so without
-                             # it the posterior variances collapse towards zero.
-HIDDEN = 300                 # units of the dense layers in the VampPrior code
-CHANNELS = 64                # channels of the decoder convolutions
-PIXELCNN_LAYERS = 8          # masked convolutions: one of type A, then type B
-
-
-def bounded_gaussian(h, mean_layer, logvar_layer):
-    logvar = full_precision(logvar_layer(h)).clamp(*LOGVAR_BOUNDS)
-    return diag_gaussian(mean_layer(h), torch.exp(0.5 * logvar))
-
-
-class Gated(nn.Module):
-    """h(v) * sigmoid(g(v)) (Dauphin et al. 2017), one layer computing both halves."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer                                  # returns 2x the output units
-
-    def forward(self, v):
-        h, g = self.layer(v).chunk(2, dim=1 if v.dim() == 4 else -1)
-        return h * torch.sigmoid(g)
-
-
-def gated_dense(n_in, n_out):
-    return Gated(nn.Linear(n_in, 2 * n_out))
-
-
-class ImageGradient(torch.autograd.Function):
-    """conv2d(v, weight, bias) of one-channel images v, stride 1, whose gradient for v is
-    computed as a matrix product and a fold. On our CPU oneDNN's input gradient for one
-    input channel took 181 ms for the VampPrior's 500 pseudo-inputs at the 7x7 first layer
-    (14 GFLOP/s); this takes 65 ms, and a convHVAE + VampPrior step 8% less time. The
-    weight and bias gradients are the library's."""
-
-    @staticmethod
-    def forward(ctx, v, weight, bias, padding):
-        ctx.save_for_backward(v, weight)
-        ctx.padding = padding
-        return F.conv2d(v, weight, bias, padding=padding)
-
-    @staticmethod
-    def backward(ctx, grad):                                # (B, C, H, W), maybe bf16
-        v, weight = (t.to(grad) for t in ctx.saved_tensors)  # bf16 under --amp
-        (b, c, h, w), k = grad.shape, weight.shape[-1]
-        grad_v = None
-        if ctx.needs_input_grad[0]:  # each pixel gathers grad * weight over its k x k window
-            w_t = weight.reshape(c, -1).t().expand(b, -1, -1)                 # (B, k*k, C)
-            taps = torch.bmm(w_t, grad.flatten(2))                            # (B, k*k, HW)
-            grad_v = F.fold(full_precision(taps), (h, w), k, padding=ctx.padding)
-        # arguments: bias size, stride, padding, dilation, transposed, output padding,
-        # groups, and which of the (input, weight, bias) gradients to compute
-        _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad, v, weight, [c], [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1,
-            [False, *ctx.needs_input_grad[1:3]])
-        return grad_v, grad_weight, grad_bias, None
-
-
-class OneChannelConv(nn.Conv2d):
-    """nn.Conv2d of one-channel images, stride 1: the first layer of each network. Where
-    the image needs a gradient (the VampPrior's pseudo-inputs, the decoder's first map),
-    ImageGradient computes it; CUDA and images without gradients keep the library's path.
-    """
-
-    def forward(self, v):
-        if v.is_cuda or not v.requires_grad:
-            return super().forward(v)
-        return ImageGradient.apply(v, self.weight, self.bias, self.padding)
-
-
-def gated_conv(c_in, c_out, kernel, stride=1):
-    conv = OneChannelConv if (c_in, stride) == (1, 1) else nn.Conv2d
-    return Gated(conv(c_in, 2 * c_out, kernel, stride, padding=kernel // 2))
-
-
-def conv_features(c_in, first_kernel, third_kernel):
-    """The encoders' gated convolutions: (B, C, H, W) -> (B, conv_feature_dim)."""
-    return nn.Sequential(gated_conv(c_in, 32, first_kernel), gated_conv(32, 32, 3, 2),
-                         gated_conv(32, 64, third_kernel), gated_conv(64, 64, 3, 2),
-                         gated_conv(64, 6, 3), nn.Flatten())
-
-
-def conv_feature_dim(image_shape):
-    """Output size of conv_features: 6 maps after two stride-2 layers."""
-    return 6 * (image_shape[1] // 4) * (image_shape[2] // 4)
-
-
-class TwoLevelEncoder(nn.Module):
-    """q(z|x) = q(z2|x) q(z1|x, z2), over z = (z1, z2)."""
-
-    def __init__(self, image_shape, z_dim):
-        super().__init__()
-        c, features = image_shape[0], conv_feature_dim(image_shape)
-        self.image_shape, self.z_dim, self.feature_dim = image_shape, z_dim, features
-        self.z2_features = conv_features(c, 7, 5)
-        self.z2_mean, self.z2_logvar = nn.Linear(features, z_dim), nn.Linear(features, z_dim)
-        self.z1_features = conv_features(c, 3, 3)
-        self.z1_from_z2 = gated_dense(z_dim, features)
-        self.z1_joint = gated_dense(2 * features, HIDDEN)
-        self.z1_mean, self.z1_logvar = nn.Linear(HIDDEN, z_dim), nn.Linear(HIDDEN, z_dim)
-
-    def features(self, x):                                  # (B, D) -> (B, F)
-        """The convolutions of q(z2|x): what the hybrid inference critic shares."""
-        return self.z2_features(x.view(-1, *self.image_shape))
-
-    def q_z2_given_x(self, x):                              # (B, D) -> over (B, Z)
-        return bounded_gaussian(self.features(x), self.z2_mean, self.z2_logvar)
-
-    def q_z1_given_x_z2(self, h_x, z2):                     # (B, F), (..., B or 1, Z)
-        h_z2 = self.z1_from_z2(z2)                          # (..., B or 1, F)
-        h = self.z1_joint(torch.cat(torch.broadcast_tensors(h_x, h_z2), dim=-1))
-        return bounded_gaussian(h, self.z1_mean, self.z1_logvar)
-
-    def forward(self, x):
-        h_x = self.z1_features(x.view(-1, *self.image_shape))           # (B, F)
-        return TwoLevel(self.q_z2_given_x(x),
-                        lambda z2: self.q_z1_given_x_z2(h_x, z2), self.z_dim)
-
-
-class ConditionalPrior(nn.Module):
-    """p(z1|z2): two gated dense layers."""
-
-    def __init__(self, z_dim):
-        super().__init__()
-        self.net = nn.Sequential(gated_dense(z_dim, HIDDEN), gated_dense(HIDDEN, HIDDEN))
-        self.mean, self.logvar = nn.Linear(HIDDEN, z_dim), nn.Linear(HIDDEN, z_dim)
-
-    def forward(self, z2):                                  # (..., Z) -> over (..., Z)
-        return bounded_gaussian(self.net(z2), self.mean, self.logvar)
-
-
-def split_levels(z):
-    """(..., 2Z) -> z1 (N, Z), z2 (N, Z), with the leading dimensions flattened."""
-    z1, z2 = z.reshape(-1, z.shape[-1]).chunk(2, dim=-1)
-    return z1, z2
-
-
-class ConvDecoder(nn.Module):
-    """convHVAE p(x|z1, z2): gated dense layers to an image, gated convolutions, logits."""
-    discrete = True
-
-    def __init__(self, image_shape, z_dim):
-        super().__init__()
-        self.image_shape = image_shape
-        self.from_z1, self.from_z2 = gated_dense(z_dim, HIDDEN), gated_dense(z_dim, HIDDEN)
-        self.to_image = gated_dense(2 * HIDDEN, math.prod(image_shape))
-        self.convs = nn.Sequential(gated_conv(image_shape[0], CHANNELS, 3),
-                                   *[gated_conv(CHANNELS, CHANNELS, 3) for _ in range(3)],
-                                   nn.Conv2d(CHANNELS, image_shape[0], 1))
-
-    def forward(self, z):                                   # (..., 2Z) -> over (..., D)
-        z1, z2 = split_levels(z)
-        h = self.to_image(torch.cat([self.from_z1(z1), self.from_z2(z2)], dim=-1))
-        logits = self.convs(h.view(-1, *self.image_shape)).flatten(1)   # (N, D)
-        return bernoulli(logits.view(*z.shape[:-1], -1))
-
-
-class MaskedConv(nn.Conv2d):
-    """A 3x3 convolution that sees only pixels before the centre in raster order (type A)
-    or also the centre (type B), in every input channel (van den Oord et al. 2016)."""
-
-    def __init__(self, kind, c_in, c_out):
-        super().__init__(c_in, c_out, 3, padding=1)
-        mask = torch.ones_like(self.weight)
-        mask[:, :, 1, 1 + (kind == "B"):] = 0
-        mask[:, :, 2:] = 0
-        self.register_buffer("mask", mask)
-
-    def forward(self, v):
-        return F.conv2d(v, self.weight * self.mask, self.bias, padding=1)
-
-
-class PixelCNN(nn.Module):
-    """Causal logits (B, 1, H, W) from x (B, 1, H, W) and conditioning maps (B, c, H, W).
-
-    The VampPrior code puts a BatchNorm after each masked convolution; it is left out here
-    because batch statistics would make log p(x|z) of one image depend on the others in
-    its batch (and on train / eval mode), which the objectives and the NLL must not.
-    """
-
-    def __init__(self, c_x, c_cond):
-        super().__init__()
-        layers = [MaskedConv("A", c_x + c_cond, CHANNELS), nn.ReLU()]
-        for _ in range(PIXELCNN_LAYERS - 1):
-            layers += [MaskedConv("B", CHANNELS, CHANNELS), nn.ReLU()]
-        self.net = nn.Sequential(*layers, nn.Conv2d(CHANNELS, c_x, 1))
-        self.receptive_rows = PIXELCNN_LAYERS  # each masked layer reaches one row up
-
-    def forward(self, x, cond):
-        return self.net(torch.cat([x, cond], dim=1))
-
-
-class PixelDecoder(nn.Module):
-    """PixelHVAE p(x|z1, z2): z1 and z2 each mapped to an image-sized map, then a PixelCNN."""
-    discrete = True
-
-    def __init__(self, image_shape, z_dim):
-        super().__init__()
-        self.image_shape = image_shape
-        self.from_z1 = gated_dense(z_dim, math.prod(image_shape))
-        self.from_z2 = gated_dense(z_dim, math.prod(image_shape))
-        self.pixelcnn = PixelCNN(image_shape[0], 2 * image_shape[0])
-
-    def forward(self, z):                                   # (N, 2Z) -> over (N, D)
-        if z.dim() != 2:
-            raise ValueError("PixelDecoder takes z of shape (N, 2Z)")
-        z1, z2 = split_levels(z)
-        maps = torch.cat([self.from_z1(z1), self.from_z2(z2)], dim=-1)
-        cond = maps.view(len(z), -1, *self.image_shape[1:])            # (N, 2C, H, W)
-        return PixelCNNBernoulli(self.pixelcnn, cond, self.image_shape)
-
-
-# ----------------------------------------------------------------------------------------
-# Networks: the critics of two other remedies for posterior collapse (--loss infomax,
-# critic-nn, critic-hybrid). Neither paper gives a critic for our architectures: x goes
-# through a fresh copy of the encoder's first layers (see x_trunk), z through an MLP.
-# ----------------------------------------------------------------------------------------
-
-CRITIC_DIM = 64              # embedding size of g(x) and h(z) in a separable critic
-
-
-def x_trunk(cfg, x_dim, image_shape):
-    """A new network with the design of the encoder's first layers, and its output size:
-    one dense layer on vectors, the gated convolutions of q(z2|x) on images."""
-    if image_shape is None:
-        return nn.Sequential(nn.Linear(x_dim, cfg.hidden), ACTIVATIONS[cfg.activation]()), \
-            cfg.hidden
-    return (nn.Sequential(nn.Unflatten(1, image_shape), conv_features(image_shape[0], 7, 5)),
-            conv_feature_dim(image_shape))
-
-
-class JointCritic(nn.Module):
-    """InfoMax-VAE's t(x, z) (its Eq. 5-6 and Fig. 1): an MLP on x's features and z."""
-
-    def __init__(self, trunk, feature_dim, z_dim, hidden, activation):
-        super().__init__()
-        self.trunk = trunk
-        self.net = two_layer_mlp(feature_dim + z_dim, 1, hidden, activation)
-
-    def forward(self, x, z):                                # (B, D), (B, Z) -> (B,)
-        return self.net(torch.cat([self.trunk(x), z], dim=-1)).squeeze(-1)
-
-
-class SeparableCritic(nn.Module):
-    """An inference critic scoring every pair at once, score(x_j, z_i) = g(x_j) . h(z_i),
-    with one pass per x and one per z (the critics paper, Sec. 4.5). The neural critic has
-    its own trunk for x; the hybrid one (trunk None) reads the encoder's first layers,
-    which it runs again on x: a second pass of those layers only, kept for simplicity."""
-
-    def __init__(self, trunk, feature_dim, z_dim, hidden, activation):
-        super().__init__()
-        self.trunk = trunk
-        self.g = nn.Linear(feature_dim, CRITIC_DIM)
-        self.h = two_layer_mlp(z_dim, CRITIC_DIM, hidden, activation)
-
-    def forward(self, x, z, encoder):                       # (B_x, D), (B_z, Z)
-        h_x = encoder.features(x) if self.trunk is None else self.trunk(x)
-        return self.g(h_x) @ self.h(z).T                    # (B_x, B_z)
-
-
-# ----------------------------------------------------------------------------------------
-# The model: encoder, decoder, priors and the latent anchor
+# 2. The model (Sec. 3): encoder, decoder, priors and the latent anchor
 # ----------------------------------------------------------------------------------------
 
 class Model(nn.Module):
     """q(z|x), p(x|z), p(z), q(x) (None for the marginal of Eq. 16), the anchor P(z) and,
-    for the objectives that train one, a critic network.
+    for the objectives that train one, a critic network. `build_model` (Appendix D)
+    assembles one from a ModelSpec.
 
     `prior` is p(z), or p(z2) of a two-level model (one with `p_z1_given_z2`), whose latent
     z = (z1, z2) has p(z) = p(z2) p(z1|z2) and the anchor P(z) = N(0, I) over both levels.
@@ -708,92 +248,37 @@ class Model(nn.Module):
         return self.p_z().log_prob(z)
 
 
-def data_mixture(cfg, x_dim, x_init):
-    """An explicit q(x); its components start on random points of x_init (N, D), if given,
-    with the data's spread."""
-    if x_init is None:
-        return MixtureOfGaussians(x_dim, cfg.components, floor=cfg.std_floor)
-    pick = torch.randperm(len(x_init))[:cfg.components]
-    return MixtureOfGaussians(x_dim, cfg.components, init_loc=x_init[pick].cpu(),
-                              init_scale=x_init.std(0).cpu(), floor=cfg.std_floor)
+@dataclass
+class ModelSpec:
+    """What `build_model` makes: the shape of x and the model's parts and sizes."""
+    x_dim: int                              # dimensions of x (C * H * W for images)
+    binary: bool = False                    # x in {0, 1}^D: Bernoulli decoders
+    image_shape: Optional[tuple] = None     # (C, H, W): needed by convhvae and pixelhvae
+    arch: str = "mlp"                       # ARCHS: mlp (Sec. 5.1), convhvae, pixelhvae
+    z_dim: int = 2                          # latent units (of each level for two levels)
+    hidden: int = 50                        # mlp: hidden units of each two-layer network
+    activation: str = "tanh"                # mlp: ACTIVATIONS, tanh (Sec. 5.1) or silu
+    prior: str = "normal"                   # PRIORS: p(z), or p(z2) of two levels
+    prior_components: Optional[int] = None  # K of p(z): MOG_COMPONENTS, VAMP_COMPONENTS
+    q_x: str = "marginal"                   # DATA_PRIORS: marginal (Eq. 16) or mog
+    components: int = MOG_COMPONENTS        # of the mog q(x)
+    std_floor: float = STD_FLOOR            # added to every Gaussian std of the MLPs
+    critic: Optional[str] = None            # CRITICS: joint (InfoMax-VAE), separable,
+                                            # hybrid (inference critics)
 
-
-def vamp_prior(cfg, x_dim, x_init, binary):
-    """Pseudo-inputs start on random training points (grey levels for binary images)."""
-    if x_init is not None:
-        x_init = x_init[torch.randperm(len(x_init))[:cfg.prior_components]].cpu()
-        if len(x_init) < cfg.prior_components:
-            raise UsageError(f"--prior-components {cfg.prior_components} exceeds the "
-                             f"{len(x_init)} training points that initialise them")
-    return VampPrior(cfg.prior_components, x_dim, x_init, unit_range=binary)
-
-
-PRIORS = {  # (cfg, x_dim, x_init, binary) -> p(z), or p(z2) for two levels
-    "normal": lambda cfg, *_: StandardNormal(cfg.z_dim),
-    "mog": lambda cfg, *_: MixtureOfGaussians(cfg.z_dim, cfg.prior_components,
-                                              floor=cfg.std_floor),
-    "vamp": vamp_prior,
-}
-
-DATA_PRIORS = {
-    "marginal": lambda cfg, x_dim, x_init: None,
-    "mog": data_mixture,
-}
-
-
-def build_mlp(cfg, x_dim, binary, image_shape):
-    encoder = GaussianMLP(x_dim, cfg.z_dim, cfg.hidden, cfg.activation, cfg.std_floor)
-    decoder = DECODERS[binary](cfg.z_dim, x_dim, cfg.hidden, cfg.activation, cfg.std_floor)
-    return encoder, decoder, None
-
-
-def build_two_level(decoder_class):
-    def build(cfg, x_dim, binary, image_shape):
-        if image_shape is None or not binary:
-            raise UsageError(f"--arch {cfg.arch} models binary images; use --data mnist, "
-                             "fashion_mnist or omniglot, or --arch mlp")
-        return (TwoLevelEncoder(image_shape, cfg.z_dim), decoder_class(image_shape, cfg.z_dim),
-                ConditionalPrior(cfg.z_dim))
-    return build
-
-
-ARCHS = {"mlp": build_mlp, "convhvae": build_two_level(ConvDecoder),
-         "pixelhvae": build_two_level(PixelDecoder)}
-
-
-def build_critic(cfg, x_dim, image_shape, encoder):
-    """The network of --loss infomax, critic-nn or critic-hybrid, else None (the
-    self-critic scores pairs with the encoder itself and adds no parameters)."""
-    flat = cfg.arch == "mlp"
-    hidden, z_dim = (cfg.hidden, cfg.z_dim) if flat else (HIDDEN, 2 * cfg.z_dim)
-    if cfg.loss == "critic-hybrid":
-        return SeparableCritic(None, encoder.feature_dim, z_dim, hidden, cfg.activation)
-    if cfg.loss in ("infomax", "critic-nn"):
-        network = JointCritic if cfg.loss == "infomax" else SeparableCritic
-        trunk, feature_dim = x_trunk(cfg, x_dim, None if flat else image_shape)
-        return network(trunk, feature_dim, z_dim, hidden, cfg.activation)
-    return None
-
-
-def build_model(cfg, x_dim, binary=False, x_init=None, image_shape=None):
-    """The model that `cfg` names, for x of x_dim dimensions (binary or continuous, images
-    of image_shape (C, H, W) when given); x_init (N, D) are training points to start
-    mixture components and pseudo-inputs on."""
-    if cfg.q_x == "mog" and binary:
-        raise UsageError("--q-x mog is a density on continuous x; use --q-x marginal "
-                         "for binary data")
-    encoder, decoder, p_z1_given_z2 = ARCHS[cfg.arch](cfg, x_dim, binary, image_shape)
-    model = Model(encoder, decoder, PRIORS[cfg.prior](cfg, x_dim, x_init, binary),
-                  DATA_PRIORS[cfg.q_x](cfg, x_dim, x_init), cfg.z_dim, p_z1_given_z2,
-                  build_critic(cfg, x_dim, image_shape, encoder))
-    # Convolution weights in the channels_last (NHWC) layout: every feature map then stays
-    # NHWC, for which the CPU and GPU convolution kernels are faster (bench.py).
-    return model.to(memory_format=torch.channels_last) if cfg.arch != "mlp" else model
+    def __post_init__(self):
+        if self.image_shape is not None:
+            self.image_shape = tuple(self.image_shape)     # JSON gives lists
+        if self.prior_components is None:
+            self.prior_components = VAMP_COMPONENTS if self.prior == "vamp" else MOG_COMPONENTS
 
 
 # ----------------------------------------------------------------------------------------
-# Samples from M_S and the model log-densities on them (Sec. 4, Algorithms 1 and 2)
+# 3. Samples from M_S and the model log-densities on them (Sec. 4, Algorithms 1 and 2)
 # ----------------------------------------------------------------------------------------
+
+DRAWS_PER_CODE = 4       # loo-code: images per code (README: gradients of decoder samples)
+
 
 @dataclass(frozen=True)
 class Weights:
@@ -976,7 +461,7 @@ def cross_entropy_stats(enc, dec):
 
 
 # ----------------------------------------------------------------------------------------
-# Objectives: (model, x, weights) -> (loss, stats). Losses in nats per sample.
+# 4. Objectives: (model, x, weights) -> (loss, stats). Losses in nats per sample.
 # ----------------------------------------------------------------------------------------
 
 def mim_loss(model, x, w=FULL, sampling=PAPER_SAMPLING):
@@ -1047,11 +532,616 @@ def vae_loss(model, x, w=FULL):
     return (rec + w.kl * kl).mean(), elbo_stats(rec, kl)
 
 
+
+
 # ----------------------------------------------------------------------------------------
-# Objectives of two other remedies for posterior collapse, for comparison: the ELBO plus a
-# mutual-information term. Their "loss" stat is the negative ELBO, the quantity the
-# critics paper (its Sec. 4) and our early stopping track.
+# 5. Warm-up (Sec. 5)
 # ----------------------------------------------------------------------------------------
+
+PRIOR_DELAY = 0.5        # warm-up mode prior: fraction of the warm-up with beta = 0
+
+
+def warmup_weights(mode, progress, warmup):
+    """Weights `progress` epochs into training (a float: 2.5 is halfway through epoch 3).
+
+    paper:   Sec. 5 -- the weight on the second (decoder) CE term of Eq. 8 rises
+             linearly from 0 to 1/2 over `warmup` epochs; the VAE's KL weight from 0 to 1.
+    prior:   the weight beta on log p(z) (of the top level: p(z2) of two levels) rises
+             from 0 to 1, wherever it appears (both CE terms and the estimate of
+             log q(x)): the analogue of KL annealing. beta stays 0 for the first
+             PRIOR_DELAY of the warm-up, then rises linearly. With the marginal q(x)
+             this is the only warm-up that changes the direction of the encoder-sample
+             gradient; `paper` rescales it, which Adam ignores. The VAE's KL weight
+             rises linearly from 0 over the whole warm-up, as in Tomczak & Welling:
+             with the delay, the unweighted KL grew to 10^4 nats and z2 collapsed
+             when the weight arrived (README, Results: "Images").
+    authors: the authors' code -- the weight on log q(z|x) + log q(x) steps up per epoch
+             as beta = min(1, epoch / warmup) (here scaled to 1/2, as in Eq. 8), decoder
+             samples join only once it is full, and in their image code (two-level
+             models) beta also weighs log p(z2): per encoder sample the loss is
+             -(1 + beta) / 2 [log p(x|z) + log p(z1|z2) + beta log p(z2)].
+    """
+    if warmup <= 0:
+        return FULL
+    if mode == "paper":
+        ramp = min(1.0, progress / warmup)
+        return Weights(p=0.5 * ramp, kl=ramp)
+    if mode == "prior":
+        beta = min(1.0, max(0.0, progress / warmup - PRIOR_DELAY) / (1 - PRIOR_DELAY))
+        return Weights(kl=min(1.0, progress / warmup), prior=beta)
+    beta = min(1.0, (math.floor(progress) + 1) / warmup)
+    return Weights(q=0.5 * beta, decoder_samples=beta >= 1.0, kl=beta, top_prior=beta)
+
+
+WARMUP_MODES = ("paper", "prior", "authors")
+
+
+
+# ----------------------------------------------------------------------------------------
+# 6. Training (Sec. 5): Adam, warm-up, early stopping on the validation loss
+# ----------------------------------------------------------------------------------------
+
+VALIDATION_SEED = 12345  # fixed noise for validation losses, so epochs compare fairly
+NORMGRAD_EPS = 1e-7      # optimizer normgrad: g / (|g| + eps), as Tomczak & Welling's code
+PROGRESS_AFTER = 5.0     # seconds into an epoch before a progress line appears
+PROGRESS_EVERY = 2.0     # seconds between progress lines
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How `train` fits a model; the defaults are the paper's Sec. 5.1 settings."""
+    epochs: int = 200                 # at most
+    batch_size: int = 128             # B data points: B encoder and B decoder samples
+    lr: float = 1e-3                  # Adam
+    critic_lr: float = 1e-4           # Adam, for a critic network (InfoMax-VAE App. D)
+    optimizer: str = "adam"           # OPTIMIZERS: adam or normgrad
+    warmup: int = 3                   # warm-up epochs
+    warmup_mode: str = "paper"        # WARMUP_MODES, see warmup_weights
+    patience: Optional[int] = None    # early stopping; default: warmup, at least 1
+    amp: bool = False                 # networks in bfloat16 (autocast), densities in fp32
+
+
+def optimizer(model, spec):
+    """Adam; a critic network's parameters form their own group with spec.critic_lr,
+    which for Adam is the same as the separate optimizer of InfoMax-VAE's Algorithm 1."""
+    critic = set(model.critic.parameters()) if model.critic is not None else set()
+    groups = [{"params": [p for p in model.parameters() if p not in critic], "lr": spec.lr}]
+    if critic:
+        groups.append({"params": list(model.critic.parameters()), "lr": spec.critic_lr})
+    return torch.optim.Adam(groups)
+
+
+@torch.no_grad()
+def normalize_gradients(model):
+    """Optimizer normgrad: each parameter tensor's gradient divided by its L2 norm before
+    the Adam step, as in the AdamNormGrad of Tomczak & Welling's code, so that every
+    tensor takes a step of the same scale whatever the size of its gradient."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.div_(p.grad.norm() + NORMGRAD_EPS)
+
+
+OPTIMIZERS = ("adam", "normgrad")
+
+
+def autocast(device, enabled):
+    """bfloat16 autocast of matrix products and convolutions (spec.amp); the distributions
+    cast network outputs back to float32 (full_precision)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def train_epoch(model, loss_fn, opt, x_train, spec, epoch, binarize=False):
+    """One pass over x_train (N, D) in shuffled batches; returns the mean stats and
+    loss_max, the largest batch loss, which shows a spike that the mean hides.
+    binarize: draw a fresh binary image from the grey levels at every use (dynamic
+    binarization, Sec. 5.2)."""
+    model.train()
+    n_batches = len(x_train) // spec.batch_size          # drop the last partial batch
+    order = torch.randperm(len(x_train), device=x_train.device)
+    totals, loss_max, progress = {}, -math.inf, Progress(f"epoch {epoch}", n_batches)
+    for i in range(n_batches):
+        x = x_train[order[i * spec.batch_size:(i + 1) * spec.batch_size]]
+        x = torch.bernoulli(x) if binarize else x
+        w = warmup_weights(spec.warmup_mode, epoch - 1 + i / n_batches, spec.warmup)
+        with autocast(x.device, spec.amp):
+            loss, stats = loss_fn(model, x, w)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss.item()} in epoch {epoch}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if spec.optimizer == "normgrad":
+            normalize_gradients(model)
+        opt.step()
+        for k, v in stats.items():
+            totals[k] = totals.get(k, 0.0) + v / n_batches
+        loss_max = max(loss_max, stats["loss"])
+        progress.update(i + 1, stats["loss"])
+    progress.close()
+    return {**totals, "loss_max": loss_max}
+
+
+@torch.no_grad()
+def validate(model, loss_fn, x_val, spec):
+    """Mean stats over x_val at the full (end-of-warm-up) weights, with fixed noise."""
+    model.eval()
+    totals = {}
+    with torch.random.fork_rng(devices=cuda_devices(x_val.device)):
+        torch.manual_seed(VALIDATION_SEED)
+        for x in x_val.split(spec.batch_size):
+            with autocast(x.device, spec.amp):
+                _, stats = loss_fn(model, x, FULL)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v * len(x) / len(x_val)
+    return totals
+
+
+def train(model, loss_fn, x_train, x_val, spec=TrainSpec(), on_epoch=None, binarize=False,
+          checkpoint=None, resume=None, diagnose=None):
+    """Fit `model` with loss_fn (model, x, weights) -> (loss, stats) on x_train (N, D),
+    stopping early on x_val; returns (best state_dict, best epoch, epochs run, history).
+
+    Early stopping: once warm-up is over, stop when the validation loss at full weights
+    has not improved for `patience` epochs, and return the best weights. A loss that is
+    not finite raises FloatingPointError.
+    on_epoch(row) receives each epoch's row of the history (the command line prints it).
+    diagnose(model) -> dict, if given, adds its values to each row with the prefix val_
+    (the command line passes evaluate.epoch_diagnostics: active units, MI, posterior
+    scales, 5-NN), so that collapse shows while it happens.
+    After every epoch, checkpoint(state, improved) receives everything needed to go on:
+    the optimizer, the counters, the history, the best weights and the random-number
+    state. train(..., resume=state) continues from such a state (with model already
+    holding its weights) exactly as the uninterrupted run would have.
+    """
+    patience = max(1, spec.warmup) if spec.patience is None else spec.patience
+    opt = optimizer(model, spec)
+    progress = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "history": [],
+                "finished": False}
+    best_state = None
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        for group, fresh in zip(opt.param_groups, optimizer(model, spec).param_groups):
+            group["lr"] = fresh["lr"]                     # a resumed run may change lr
+        progress, best_state = resume["progress"], resume["best_model"]
+        progress = {**progress, "finished": run_is_over(progress, spec, patience)}
+        set_rng_state(resume["rng"], x_train.device)
+    while not progress["finished"]:
+        epoch, start = progress["epoch"] + 1, time.perf_counter()
+        train_stats = train_epoch(model, loss_fn, opt, x_train, spec, epoch, binarize)
+        val_stats = validate(model, loss_fn, x_val, spec)
+        if not math.isfinite(val_stats["loss"]):
+            raise FloatingPointError(f"the validation loss became {val_stats['loss']} in "
+                                     f"epoch {epoch}")
+        seconds = time.perf_counter() - start
+        if diagnose is not None:
+            val_stats.update(diagnose(model))
+        row = {"epoch": epoch, **prefixed("train_", train_stats),
+               **prefixed("val_", val_stats), "lr": opt.param_groups[0]["lr"],
+               "seconds": seconds}
+        if on_epoch is not None:
+            on_epoch(row)
+        improved = epoch >= spec.warmup and val_stats["loss"] < progress["best_loss"]
+        if improved:
+            progress.update(best_loss=val_stats["loss"], best_epoch=epoch)
+            best_state = snapshot(model)
+        progress.update(epoch=epoch, history=progress["history"] + [row])
+        progress.update(finished=run_is_over(progress, spec, patience))
+        if checkpoint is not None:
+            checkpoint({"optimizer": opt.state_dict(), "progress": progress,
+                        "best_model": best_state, "rng": rng_state(x_train.device)}, improved)
+    if best_state is None:                    # warm-up never ended: keep the last weights
+        progress["best_epoch"], best_state = progress["epoch"], snapshot(model)
+    return best_state, progress["best_epoch"], progress["epoch"], progress["history"]
+
+
+def run_is_over(progress, spec, patience):
+    """All epochs run, or no improvement for `patience` epochs after the warm-up. Checked
+    again on resume, where more epochs or patience may give a finished run more room."""
+    epoch = progress["epoch"]
+    return epoch >= spec.epochs or (epoch >= spec.warmup
+                                    and epoch - progress["best_epoch"] >= patience)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def prefixed(prefix, stats):
+    return {prefix + k: v for k, v in stats.items()}
+
+
+def cuda_devices(device):
+    return [torch.cuda.current_device()] if device.type == "cuda" else []
+
+
+def rng_state(device):
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Progress:
+    """A status line on stderr, shown once a loop has taken PROGRESS_AFTER seconds."""
+
+    def __init__(self, label, total):
+        self.label, self.total = label, total
+        self.start = self.last = time.perf_counter()
+        self.shown = False
+
+    def update(self, done, loss):
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_EVERY or now - self.start < PROGRESS_AFTER:
+            return
+        self.last, self.shown = now, True
+        left = (now - self.start) / done * (self.total - done)
+        end = "\r" if sys.stderr.isatty() else "\n"
+        print(f"{self.label}: {done}/{self.total} batches, loss {loss:.4f} nats, "
+              f"{now - self.start:.0f} s, about {left:.0f} s left", end=end, file=sys.stderr,
+              flush=True)
+
+    def close(self):
+        if self.shown and sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+# ========================================================================================
+# Appendices: the networks, the other remedies for posterior collapse, the CPU speed-ups,
+# the files and the command line
+# ========================================================================================
+
+# ----------------------------------------------------------------------------------------
+# A. Networks of Sec. 5.1: two fully connected layers returning a distribution
+# ----------------------------------------------------------------------------------------
+
+ACTIVATIONS = {"tanh": nn.Tanh, "silu": nn.SiLU}
+
+
+def two_layer_mlp(in_dim, out_dim, hidden, activation):
+    return nn.Sequential(nn.Linear(in_dim, hidden), ACTIVATIONS[activation](),
+                         nn.Linear(hidden, out_dim))
+
+
+class GaussianMLP(nn.Module):
+    """v -> N(mean(v), diag(std(v)^2)), used for q(z|x) and for p(x|z) on continuous x."""
+    discrete = False                                        # as a decoder: x has rsample
+
+    def __init__(self, in_dim, out_dim, hidden, activation="tanh", floor=STD_FLOOR):
+        super().__init__()
+        self.net = two_layer_mlp(in_dim, 2 * out_dim, hidden, activation)
+        self.floor, self.feature_dim = floor, hidden
+
+    def features(self, v):                                  # (B, in_dim) -> (B, hidden)
+        """The first layer: what the hybrid inference critic shares."""
+        return self.net[:2](v)
+
+    def forward(self, v):                                   # (B, in_dim)
+        loc, raw = full_precision(self.net(v)).chunk(2, dim=-1)  # (B, out_dim) each
+        return diag_gaussian(loc, positive_scale(raw, self.floor))
+
+
+class BernoulliMLP(nn.Module):
+    """z -> independent Bernoulli(logits(z)), the decoder p(x|z) on binary x."""
+    discrete = True                                         # x has no rsample
+
+    def __init__(self, in_dim, out_dim, hidden, activation="tanh", floor=STD_FLOOR):
+        super().__init__()
+        self.net = two_layer_mlp(in_dim, out_dim, hidden, activation)
+
+    def forward(self, z):                                   # (B, Z)
+        return bernoulli(self.net(z))                       # over (B, D)
+
+
+DECODERS = {False: GaussianMLP, True: BernoulliMLP}        # keyed by "is x binary"
+
+
+
+# ----------------------------------------------------------------------------------------
+# B. Networks of Sec. 5.2: the two-level convHVAE and PixelHVAE of Tomczak & Welling
+# (2018), with the layer sizes of their code, and the VampPrior (App. D.1). x stays
+# flattened (B, D) outside the networks.
+# ----------------------------------------------------------------------------------------
+
+LOGVAR_BOUNDS = (-6.0, 2.0)  # the VampPrior code clips log-variances (Hardtanh). The lower
+                             # bound matters: A-MIM has no encoder entropy term, so without
+                             # it the posterior variances collapse towards zero.
+HIDDEN = 300                 # units of the dense layers in the VampPrior code
+CHANNELS = 64                # channels of the decoder convolutions
+PIXELCNN_LAYERS = 8          # masked convolutions: one of type A, then type B
+
+
+def bounded_gaussian(h, mean_layer, logvar_layer):
+    logvar = full_precision(logvar_layer(h)).clamp(*LOGVAR_BOUNDS)
+    return diag_gaussian(mean_layer(h), torch.exp(0.5 * logvar))
+
+
+class Gated(nn.Module):
+    """h(v) * sigmoid(g(v)) (Dauphin et al. 2017), one layer computing both halves."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer                                  # returns 2x the output units
+
+    def forward(self, v):
+        h, g = self.layer(v).chunk(2, dim=1 if v.dim() == 4 else -1)
+        return h * torch.sigmoid(g)
+
+
+def gated_dense(n_in, n_out):
+    return Gated(nn.Linear(n_in, 2 * n_out))
+
+
+
+
+def gated_conv(c_in, c_out, kernel, stride=1):
+    return Gated(nn.Conv2d(c_in, 2 * c_out, kernel, stride, padding=kernel // 2))
+
+
+def conv_features(c_in, first_kernel, third_kernel):
+    """The encoders' gated convolutions: (B, C, H, W) -> (B, conv_feature_dim)."""
+    return nn.Sequential(gated_conv(c_in, 32, first_kernel), gated_conv(32, 32, 3, 2),
+                         gated_conv(32, 64, third_kernel), gated_conv(64, 64, 3, 2),
+                         gated_conv(64, 6, 3), nn.Flatten())
+
+
+def conv_feature_dim(image_shape):
+    """Output size of conv_features: 6 maps after two stride-2 layers."""
+    return 6 * (image_shape[1] // 4) * (image_shape[2] // 4)
+
+
+class TwoLevelEncoder(nn.Module):
+    """q(z|x) = q(z2|x) q(z1|x, z2), over z = (z1, z2)."""
+
+    def __init__(self, image_shape, z_dim):
+        super().__init__()
+        c, features = image_shape[0], conv_feature_dim(image_shape)
+        self.image_shape, self.z_dim, self.feature_dim = image_shape, z_dim, features
+        self.z2_features = conv_features(c, 7, 5)
+        self.z2_mean, self.z2_logvar = nn.Linear(features, z_dim), nn.Linear(features, z_dim)
+        self.z1_features = conv_features(c, 3, 3)
+        self.z1_from_z2 = gated_dense(z_dim, features)
+        self.z1_joint = gated_dense(2 * features, HIDDEN)
+        self.z1_mean, self.z1_logvar = nn.Linear(HIDDEN, z_dim), nn.Linear(HIDDEN, z_dim)
+
+    def features(self, x):                                  # (B, D) -> (B, F)
+        """The convolutions of q(z2|x): what the hybrid inference critic shares."""
+        return self.z2_features(x.view(-1, *self.image_shape))
+
+    def q_z2_given_x(self, x):                              # (B, D) -> over (B, Z)
+        return bounded_gaussian(self.features(x), self.z2_mean, self.z2_logvar)
+
+    def q_z1_given_x_z2(self, h_x, z2):                     # (B, F), (..., B or 1, Z)
+        h_z2 = self.z1_from_z2(z2)                          # (..., B or 1, F)
+        h = self.z1_joint(torch.cat(torch.broadcast_tensors(h_x, h_z2), dim=-1))
+        return bounded_gaussian(h, self.z1_mean, self.z1_logvar)
+
+    def forward(self, x):
+        h_x = self.z1_features(x.view(-1, *self.image_shape))           # (B, F)
+        return TwoLevel(self.q_z2_given_x(x),
+                        lambda z2: self.q_z1_given_x_z2(h_x, z2), self.z_dim)
+
+
+class ConditionalPrior(nn.Module):
+    """p(z1|z2): two gated dense layers."""
+
+    def __init__(self, z_dim):
+        super().__init__()
+        self.net = nn.Sequential(gated_dense(z_dim, HIDDEN), gated_dense(HIDDEN, HIDDEN))
+        self.mean, self.logvar = nn.Linear(HIDDEN, z_dim), nn.Linear(HIDDEN, z_dim)
+
+    def forward(self, z2):                                  # (..., Z) -> over (..., Z)
+        return bounded_gaussian(self.net(z2), self.mean, self.logvar)
+
+
+def split_levels(z):
+    """(..., 2Z) -> z1 (N, Z), z2 (N, Z), with the leading dimensions flattened."""
+    z1, z2 = z.reshape(-1, z.shape[-1]).chunk(2, dim=-1)
+    return z1, z2
+
+
+class ConvDecoder(nn.Module):
+    """convHVAE p(x|z1, z2): gated dense layers to an image, gated convolutions, logits."""
+    discrete = True
+
+    def __init__(self, image_shape, z_dim):
+        super().__init__()
+        self.image_shape = image_shape
+        self.from_z1, self.from_z2 = gated_dense(z_dim, HIDDEN), gated_dense(z_dim, HIDDEN)
+        self.to_image = gated_dense(2 * HIDDEN, math.prod(image_shape))
+        self.convs = nn.Sequential(gated_conv(image_shape[0], CHANNELS, 3),
+                                   *[gated_conv(CHANNELS, CHANNELS, 3) for _ in range(3)],
+                                   nn.Conv2d(CHANNELS, image_shape[0], 1))
+
+    def forward(self, z):                                   # (..., 2Z) -> over (..., D)
+        z1, z2 = split_levels(z)
+        h = self.to_image(torch.cat([self.from_z1(z1), self.from_z2(z2)], dim=-1))
+        logits = self.convs(h.view(-1, *self.image_shape)).flatten(1)   # (N, D)
+        return bernoulli(logits.view(*z.shape[:-1], -1))
+
+
+class MaskedConv(nn.Conv2d):
+    """A 3x3 convolution that sees only pixels before the centre in raster order (type A)
+    or also the centre (type B), in every input channel (van den Oord et al. 2016)."""
+
+    def __init__(self, kind, c_in, c_out):
+        super().__init__(c_in, c_out, 3, padding=1)
+        mask = torch.ones_like(self.weight)
+        mask[:, :, 1, 1 + (kind == "B"):] = 0
+        mask[:, :, 2:] = 0
+        self.register_buffer("mask", mask)
+
+    def forward(self, v):
+        return F.conv2d(v, self.weight * self.mask, self.bias, padding=1)
+
+
+class PixelCNN(nn.Module):
+    """Causal logits (B, 1, H, W) from x (B, 1, H, W) and conditioning maps (B, c, H, W).
+
+    The VampPrior code puts a BatchNorm after each masked convolution; it is left out here
+    because batch statistics would make log p(x|z) of one image depend on the others in
+    its batch (and on train / eval mode), which the objectives and the NLL must not.
+    """
+
+    def __init__(self, c_x, c_cond):
+        super().__init__()
+        layers = [MaskedConv("A", c_x + c_cond, CHANNELS), nn.ReLU()]
+        for _ in range(PIXELCNN_LAYERS - 1):
+            layers += [MaskedConv("B", CHANNELS, CHANNELS), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Conv2d(CHANNELS, c_x, 1))
+        self.receptive_rows = PIXELCNN_LAYERS  # each masked layer reaches one row up
+
+    def forward(self, x, cond):
+        return self.net(torch.cat([x, cond], dim=1))
+
+
+class PixelDecoder(nn.Module):
+    """PixelHVAE p(x|z1, z2): z1 and z2 each mapped to an image-sized map, then a PixelCNN."""
+    discrete = True
+
+    def __init__(self, image_shape, z_dim):
+        super().__init__()
+        self.image_shape = image_shape
+        self.from_z1 = gated_dense(z_dim, math.prod(image_shape))
+        self.from_z2 = gated_dense(z_dim, math.prod(image_shape))
+        self.pixelcnn = PixelCNN(image_shape[0], 2 * image_shape[0])
+
+    def forward(self, z):                                   # (N, 2Z) -> over (N, D)
+        if z.dim() != 2:
+            raise ValueError("PixelDecoder takes z of shape (N, 2Z)")
+        z1, z2 = split_levels(z)
+        maps = torch.cat([self.from_z1(z1), self.from_z2(z2)], dim=-1)
+        cond = maps.view(len(z), -1, *self.image_shape[1:])            # (N, 2C, H, W)
+        return PixelCNNBernoulli(self.pixelcnn, cond, self.image_shape)
+
+
+
+
+class PixelCNNBernoulli(D.Distribution):
+    """p(x|z) = prod_i Bernoulli(x_i | x_<i, z) over the pixels in raster order, from a
+    causal PixelCNN `net(x_images, cond)` that returns logits (B, 1, H, W). log_prob is
+    one pass (teacher forcing); sample draws one pixel at a time. No mean: it would need
+    a sum over all 2^D images."""
+    arg_constraints = {}
+    has_rsample = False
+
+    def __init__(self, net, cond, image_shape):
+        self.net, self.cond, self.image_shape = net, cond, image_shape  # cond (B, c, H, W)
+        dim = math.prod(image_shape)
+        super().__init__(cond.shape[:1], torch.Size([dim]), validate_args=False)
+
+    def log_prob(self, x):                                              # (B, D) -> (B,)
+        logits = self.net(x.view(-1, *self.image_shape), self.cond)
+        return bernoulli(logits.flatten(1)).log_prob(x)
+
+    def sample(self, sample_shape=torch.Size()):
+        if len(sample_shape):
+            raise ValueError("PixelCNNBernoulli draws one image per z; repeat z instead")
+        with torch.no_grad():
+            x = torch.zeros(len(self.cond), *self.image_shape, device=self.cond.device)
+            depth = self.net.receptive_rows           # rows above a pixel that reach it
+            for row in range(self.image_shape[1]):
+                top = max(0, row - depth)            # only these rows can reach this row
+                crop_x, crop_c = x[:, :, top:row + 1], self.cond[:, :, top:row + 1]
+                for col in range(self.image_shape[2]):
+                    logits = self.net(crop_x, crop_c)[:, :, row - top, col]
+                    x[:, :, row, col] = torch.bernoulli(torch.sigmoid(full_precision(logits)))
+            return x.flatten(1)
+
+
+
+class VampPrior(nn.Module):
+    """p(z) = 1/K sum_k q(z|u_k) with K learnable pseudo-inputs u_k (Tomczak & Welling 2018;
+    the paper's App. D.1). The mixture is built from the current encoder at every call, so
+    one call per step encodes the K pseudo-inputs once."""
+
+    def __init__(self, components, x_dim, x_init=None, unit_range=False):
+        super().__init__()
+        init = torch.rand(components, x_dim) if x_init is None else x_init.clone()
+        self.pseudo_inputs = nn.Parameter(init.float())                  # (K, D)
+        self.unit_range = unit_range  # images: keep u_k in [0, 1], as the VampPrior code does
+
+    def forward(self, encoder):
+        u = self.pseudo_inputs.clamp(0, 1) if self.unit_range else self.pseudo_inputs
+        components = encoder(u)                                          # batch (K,)
+        weights = D.Categorical(logits=torch.zeros_like(u[:, 0]), validate_args=False)
+        return D.MixtureSameFamily(weights, components, validate_args=False)
+
+
+
+# ----------------------------------------------------------------------------------------
+# C. Two other remedies for posterior collapse, for comparison: the ELBO plus a bound of
+# I_q(x; z) from a critic (InfoMax-VAE; the inference critics of "Forget-me-not"). Neither
+# paper gives a critic for our architectures: x goes through a fresh copy of the
+# encoder's first layers (see x_trunk), z through an MLP. Their "loss" stat is the
+# negative ELBO, the quantity the critics paper (its Sec. 4) and early stopping track.
+# ----------------------------------------------------------------------------------------
+
+CRITIC_DIM = 64              # embedding size of g(x) and h(z) in a separable critic
+
+
+def x_trunk(spec):
+    """A new network with the design of the encoder's first layers, and its output size:
+    one dense layer for the MLPs, the gated convolutions of q(z2|x) for two levels."""
+    if spec.arch == "mlp":
+        return (nn.Sequential(nn.Linear(spec.x_dim, spec.hidden),
+                              ACTIVATIONS[spec.activation]()), spec.hidden)
+    shape = spec.image_shape
+    return (nn.Sequential(nn.Unflatten(1, shape), conv_features(shape[0], 7, 5)),
+            conv_feature_dim(shape))
+
+
+class JointCritic(nn.Module):
+    """InfoMax-VAE's t(x, z) (its Eq. 5-6 and Fig. 1): an MLP on x's features and z."""
+
+    def __init__(self, trunk, feature_dim, z_dim, hidden, activation):
+        super().__init__()
+        self.trunk = trunk
+        self.net = two_layer_mlp(feature_dim + z_dim, 1, hidden, activation)
+
+    def forward(self, x, z):                                # (B, D), (B, Z) -> (B,)
+        return self.net(torch.cat([self.trunk(x), z], dim=-1)).squeeze(-1)
+
+
+class SeparableCritic(nn.Module):
+    """An inference critic scoring every pair at once, score(x_j, z_i) = g(x_j) . h(z_i),
+    with one pass per x and one per z (the critics paper, Sec. 4.5). The neural critic has
+    its own trunk for x; the hybrid one (trunk None) reads the encoder's first layers,
+    which it runs again on x: a second pass of those layers only, kept for simplicity."""
+
+    def __init__(self, trunk, feature_dim, z_dim, hidden, activation):
+        super().__init__()
+        self.trunk = trunk
+        self.g = nn.Linear(feature_dim, CRITIC_DIM)
+        self.h = two_layer_mlp(z_dim, CRITIC_DIM, hidden, activation)
+
+    def forward(self, x, z, encoder):                       # (B_x, D), (B_z, Z)
+        h_x = encoder.features(x) if self.trunk is None else self.trunk(x)
+        return self.g(h_x) @ self.h(z).T                    # (B_x, B_z)
+
+
+
+
+def build_critic(spec, encoder):
+    """The critic network that spec.critic names (CRITICS), or None: the self-critic
+    scores pairs with the encoder itself and adds no parameters."""
+    flat = spec.arch == "mlp"
+    hidden, z_dim = (spec.hidden, spec.z_dim) if flat else (HIDDEN, 2 * spec.z_dim)
+    if spec.critic == "hybrid":
+        return SeparableCritic(None, encoder.feature_dim, z_dim, hidden, spec.activation)
+    if spec.critic in ("joint", "separable"):
+        network = JointCritic if spec.critic == "joint" else SeparableCritic
+        trunk, feature_dim = x_trunk(spec)
+        return network(trunk, feature_dim, z_dim, hidden, spec.activation)
+    return None
+
+
+CRITICS = (None, "joint", "separable", "hybrid")
+
 
 def shuffled_pairs(z):
     """z (B, Z) reordered by a random cyclic derangement sigma, so that (x_i, z_sigma(i)),
@@ -1124,273 +1214,230 @@ def critic_loss(model, x, w=FULL, weight=1.0, scores=self_critic_scores):
 
 
 network_critic_loss = functools.partial(critic_loss, scores=network_critic_scores)
-LOSSES = {"mim": mim_loss, "amim": amim_loss, "vae": vae_loss, "ce": ce_loss,
-          "infomax": infomax_loss, "critic-self": critic_loss,
-          "critic-nn": network_critic_loss,       # the model's critic tells the two apart
-          "critic-hybrid": network_critic_loss}
-
-
-def objective(cfg):
-    """The loss function (model, x, w) -> (loss, stats) of --loss, with its settings."""
-    if cfg.loss == "infomax":
-        return functools.partial(infomax_loss, alpha=cfg.alpha, beta=cfg.beta,
-                                 bound=cfg.mi_bound)
-    if cfg.loss.startswith("critic-"):
-        return functools.partial(LOSSES[cfg.loss], weight=cfg.critic_weight)
-    if cfg.loss in ("mim", "amim", "ce"):
-        return functools.partial(LOSSES[cfg.loss], sampling=DecoderSampling(
-            cfg.latent_anchor, cfg.estimator, cfg.draws))
-    return LOSSES[cfg.loss]
 
 
 # ----------------------------------------------------------------------------------------
-# Warm-up (Sec. 5)
+# D. A model from a ModelSpec
 # ----------------------------------------------------------------------------------------
 
-def warmup_weights(mode, progress, warmup):
-    """Weights `progress` epochs into training (a float: 2.5 is halfway through epoch 3).
-
-    paper:   Sec. 5 -- the weight on the second (decoder) CE term of Eq. 8 rises
-             linearly from 0 to 1/2 over `warmup` epochs; the VAE's KL weight from 0 to 1.
-    prior:   the weight beta on log p(z) (of the top level: p(z2) of two levels) rises
-             from 0 to 1, wherever it appears (both CE terms and the estimate of
-             log q(x)): the analogue of KL annealing. beta stays 0 for the first
-             PRIOR_DELAY of the warm-up, then rises linearly. With the marginal q(x)
-             this is the only warm-up that changes the direction of the encoder-sample
-             gradient; `paper` rescales it, which Adam ignores. The VAE's KL weight
-             rises linearly from 0 over the whole warm-up, as in Tomczak & Welling:
-             with the delay, the unweighted KL grew to 10^4 nats and z2 collapsed
-             when the weight arrived (README, Results: "Images").
-    authors: the authors' code -- the weight on log q(z|x) + log q(x) steps up per epoch
-             as beta = min(1, epoch / warmup) (here scaled to 1/2, as in Eq. 8), decoder
-             samples join only once it is full, and in their image code (two-level
-             models) beta also weighs log p(z2): per encoder sample the loss is
-             -(1 + beta) / 2 [log p(x|z) + log p(z1|z2) + beta log p(z2)].
-    """
-    if warmup <= 0:
-        return FULL
-    if mode == "paper":
-        ramp = min(1.0, progress / warmup)
-        return Weights(p=0.5 * ramp, kl=ramp)
-    if mode == "prior":
-        beta = min(1.0, max(0.0, progress / warmup - PRIOR_DELAY) / (1 - PRIOR_DELAY))
-        return Weights(kl=min(1.0, progress / warmup), prior=beta)
-    beta = min(1.0, (math.floor(progress) + 1) / warmup)
-    return Weights(q=0.5 * beta, decoder_samples=beta >= 1.0, kl=beta, top_prior=beta)
+def data_mixture(spec, x_init):
+    """An explicit q(x); its components start on random points of x_init (N, D), if given,
+    with the data's spread."""
+    if x_init is None:
+        return MixtureOfGaussians(spec.x_dim, spec.components, floor=spec.std_floor)
+    pick = torch.randperm(len(x_init))[:spec.components]
+    return MixtureOfGaussians(spec.x_dim, spec.components, init_loc=x_init[pick].cpu(),
+                              init_scale=x_init.std(0).cpu(), floor=spec.std_floor)
 
 
-WARMUP_MODES = ("paper", "prior", "authors")
+def vamp_prior(spec, x_init):
+    """Pseudo-inputs start on random points of x_init (grey levels for binary images)."""
+    if x_init is not None:
+        x_init = x_init[torch.randperm(len(x_init))[:spec.prior_components]].cpu()
+        if len(x_init) < spec.prior_components:
+            raise ValueError(f"prior_components={spec.prior_components} exceeds the "
+                             f"{len(x_init)} points of x_init that initialise them")
+    return VampPrior(spec.prior_components, spec.x_dim, x_init, unit_range=spec.binary)
+
+
+PRIORS = {  # (spec, x_init) -> p(z), or p(z2) for two levels
+    "normal": lambda spec, x_init: StandardNormal(spec.z_dim),
+    "mog": lambda spec, x_init: MixtureOfGaussians(spec.z_dim, spec.prior_components,
+                                                   floor=spec.std_floor),
+    "vamp": vamp_prior,
+}
+
+DATA_PRIORS = {  # (spec, x_init) -> q(x), None for the marginal of Eq. 16
+    "marginal": lambda spec, x_init: None,
+    "mog": data_mixture,
+}
+
+
+def build_mlp(spec):
+    encoder = GaussianMLP(spec.x_dim, spec.z_dim, spec.hidden, spec.activation,
+                          spec.std_floor)
+    decoder = DECODERS[spec.binary](spec.z_dim, spec.x_dim, spec.hidden, spec.activation,
+                                    spec.std_floor)
+    return encoder, decoder, None
+
+
+def build_two_level(decoder_class):
+    def build(spec):
+        if spec.image_shape is None or not spec.binary:
+            raise ValueError(f"arch={spec.arch!r} models binary images: give binary=True "
+                             "and image_shape=(C, H, W), or use arch='mlp'")
+        return (TwoLevelEncoder(spec.image_shape, spec.z_dim),
+                decoder_class(spec.image_shape, spec.z_dim), ConditionalPrior(spec.z_dim))
+    return build
+
+
+ARCHS = {"mlp": build_mlp, "convhvae": build_two_level(ConvDecoder),
+         "pixelhvae": build_two_level(PixelDecoder)}
+
+
+def build_model(spec, x_init=None):
+    """The model that `spec` (a ModelSpec) describes; x_init (N, D), if given, are
+    training points to start mixture components and pseudo-inputs on."""
+    for name, table in (("arch", ARCHS), ("activation", ACTIVATIONS), ("prior", PRIORS),
+                        ("q_x", DATA_PRIORS), ("critic", CRITICS)):
+        if getattr(spec, name) not in table:
+            raise ValueError(f"{name}={getattr(spec, name)!r} is not one of "
+                             f"{', '.join(map(repr, table))}")
+    if spec.q_x == "mog" and spec.binary:
+        raise ValueError("q_x='mog' is a density on continuous x; use q_x='marginal' for "
+                         "binary data")
+    encoder, decoder, p_z1_given_z2 = ARCHS[spec.arch](spec)
+    return Model(encoder, decoder, PRIORS[spec.prior](spec, x_init),
+                 DATA_PRIORS[spec.q_x](spec, x_init), spec.z_dim, p_z1_given_z2,
+                 build_critic(spec, encoder))
 
 
 # ----------------------------------------------------------------------------------------
-# Training: Adam, warm-up, early stopping on the validation loss (Sec. 5)
+# E. The gradient of binary decoder samples: signal and noise of each estimator (App. D.2)
 # ----------------------------------------------------------------------------------------
 
-def train_epoch(model, loss_fn, opt, x_train, cfg, epoch, binarize=False):
-    """One pass over x_train (N, D) in shuffled batches; returns the mean stats and
-    loss_max, the largest batch loss, which shows a spike that the mean hides.
-    binarize: draw a fresh binary image from the grey levels at every use (dynamic
-    binarization, Sec. 5.2)."""
+GRADIENT_REPEATS = 30           # independent gradient estimates per estimator
+GRADIENT_SEED = 0
+ESTIMATOR_SETTINGS = {          # label: (estimator, draws: images per code of loo-code)
+    "loo-batch": ("loo-batch", DRAWS_PER_CODE), "loo-code, 2 per code": ("loo-code", 2),
+    "loo-code, 4 per code": ("loo-code", 4), "loo-code, 8 per code": ("loo-code", 8),
+    "authors": ("authors", DRAWS_PER_CODE)}
+
+
+def decoder_sample_gradients(model, n, sampling, repeats):
+    """Independent estimates (repeats, P) of the gradient of the decoder-sample half of
+    L_MIM (Eq. 8 over D_dec, n samples) for the decoder's parameters, in float64."""
+    params = list(model.p_x_given_z.parameters())
+    rows = []
+    for _ in range(repeats):
+        dec = decoder_samples(model, n, model.p_z(), FULL, sampling)
+        loss = decoder_sample_loss(lambda lq, lp: -0.5 * (lq + lp), dec)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(torch.cat([torch.zeros(p.numel(), device=p.device) if g is None
+                               else g.reshape(-1) for p, g in zip(params, grads)]))
+    return torch.stack(rows).double()
+
+
+def signal_and_noise(grads):
+    """|E g| and sqrt(E |g - E g|^2) from R estimates g (R, P); |E g|^2 is estimated
+    without the noise^2 / R that the mean of R noisy estimates adds to it."""
+    noise2 = float(grads.var(0, correction=1).sum())
+    signal2 = float(grads.mean(0).square().sum()) - noise2 / len(grads)
+    return math.sqrt(max(signal2, 0.0)), math.sqrt(noise2)
+
+
+def gradient_noise(model, anchor, n, repeats=GRADIENT_REPEATS, seed=GRADIENT_SEED):
+    """Signal and noise of every estimator in ESTIMATOR_SETTINGS on `model`, drawing
+    decoder samples from `anchor` (DecoderSampling.anchor), n per estimate:
+    [{estimator, signal, noise, noise_over_signal}]."""
     model.train()
-    n_batches = len(x_train) // cfg.batch_size           # drop the last partial batch
-    order = torch.randperm(len(x_train), device=x_train.device)
-    totals, loss_max, progress = {}, -math.inf, Progress(f"epoch {epoch}", n_batches)
-    for i in range(n_batches):
-        x = x_train[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
-        x = torch.bernoulli(x) if binarize else x
-        w = warmup_weights(cfg.warmup_mode, epoch - 1 + i / n_batches, cfg.warmup)
-        with autocast(x.device, cfg.amp):
-            loss, stats = loss_fn(model, x, w)
-        if not torch.isfinite(loss):
-            raise UsageError(f"the loss became {loss.item()} in epoch {epoch}; "
-                             f"{NAN_ADVICE}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optimizer == "normgrad":
-            normalize_gradients(model)
-        opt.step()
-        for k, v in stats.items():
-            totals[k] = totals.get(k, 0.0) + v / n_batches
-        loss_max = max(loss_max, stats["loss"])
-        progress.update(i + 1, stats["loss"])
-    progress.close()
-    return {**totals, "loss_max": loss_max}
+    rows = []
+    for label, (estimator, draws) in ESTIMATOR_SETTINGS.items():
+        torch.manual_seed(seed)
+        sampling = DecoderSampling(anchor, estimator, draws)
+        signal, noise = signal_and_noise(decoder_sample_gradients(model, n, sampling,
+                                                                  repeats))
+        rows.append({"estimator": label, "signal": signal, "noise": noise,
+                     "noise_over_signal": noise / signal if signal > 0 else math.inf})
+    return rows
 
 
-class Progress:
-    """A status line on stderr, shown once a loop has taken PROGRESS_AFTER seconds."""
+# ----------------------------------------------------------------------------------------
+# F. CPU speed-ups, opt-in: speed_up(model). Nothing above needs them; each leaves every
+# result the same up to floating-point rounding (bench.py times them).
+# ----------------------------------------------------------------------------------------
 
-    def __init__(self, label, total):
-        self.label, self.total = label, total
-        self.start = self.last = time.perf_counter()
-        self.shown = False
+class ImageGradient(torch.autograd.Function):
+    """conv2d(v, weight, bias) of one-channel images v, stride 1, whose gradient for v is
+    computed as a matrix product and a fold. On our CPU oneDNN's input gradient for one
+    input channel took 181 ms for the VampPrior's 500 pseudo-inputs at the 7x7 first layer
+    (14 GFLOP/s); this takes 65 ms, and a convHVAE + VampPrior step 8% less time. The
+    weight and bias gradients are the library's."""
 
-    def update(self, done, loss):
-        now = time.perf_counter()
-        if now - self.last < PROGRESS_EVERY or now - self.start < PROGRESS_AFTER:
-            return
-        self.last, self.shown = now, True
-        left = (now - self.start) / done * (self.total - done)
-        end = "\r" if sys.stderr.isatty() else "\n"
-        print(f"{self.label}: {done}/{self.total} batches, loss {loss:.4f} nats, "
-              f"{now - self.start:.0f} s, about {left:.0f} s left", end=end, file=sys.stderr,
-              flush=True)
+    @staticmethod
+    def forward(ctx, v, weight, bias, padding):
+        ctx.save_for_backward(v, weight)
+        ctx.padding = padding
+        return F.conv2d(v, weight, bias, padding=padding)
 
-    def close(self):
-        if self.shown and sys.stderr.isatty():
-            print(file=sys.stderr)
-
-
-@torch.no_grad()
-def validate(model, loss_fn, x_val, cfg):
-    """Mean stats over x_val at the full (end-of-warm-up) weights, with fixed noise."""
-    model.eval()
-    totals = {}
-    with torch.random.fork_rng(devices=cuda_devices(x_val.device)):
-        torch.manual_seed(VALIDATION_SEED)
-        for x in x_val.split(cfg.batch_size):
-            with autocast(x.device, cfg.amp):
-                _, stats = loss_fn(model, x, FULL)
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v * len(x) / len(x_val)
-    return totals
+    @staticmethod
+    def backward(ctx, grad):                                # (B, C, H, W), maybe bf16
+        v, weight = (t.to(grad) for t in ctx.saved_tensors)  # bf16 under --amp
+        (b, c, h, w), k = grad.shape, weight.shape[-1]
+        grad_v = None
+        if ctx.needs_input_grad[0]:  # each pixel gathers grad * weight over its k x k window
+            w_t = weight.reshape(c, -1).t().expand(b, -1, -1)                 # (B, k*k, C)
+            taps = torch.bmm(w_t, grad.flatten(2))                            # (B, k*k, HW)
+            grad_v = F.fold(full_precision(taps), (h, w), k, padding=ctx.padding)
+        # arguments: bias size, stride, padding, dilation, transposed, output padding,
+        # groups, and which of the (input, weight, bias) gradients to compute
+        _, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+            grad, v, weight, [c], [1, 1], list(ctx.padding), [1, 1], False, [0, 0], 1,
+            [False, *ctx.needs_input_grad[1:3]])
+        return grad_v, grad_weight, grad_bias, None
 
 
-def autocast(device, enabled):
-    """bfloat16 autocast of matrix products and convolutions (--amp); the distributions
-    cast network outputs back to float32 (full_precision)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def cuda_devices(device):
-    return [torch.cuda.current_device()] if device.type == "cuda" else []
-
-
-def log_line(row):
-    """One line per epoch: train and validation loss with their terms, and seconds."""
-    def terms(prefix):
-        return " ".join(f"{k[len(prefix):]} {format_value(v, '.4f')}" for k, v in row.items()
-                        if k.startswith(prefix) and k != prefix + "loss")
-    print(f"epoch {row['epoch']:3d} | train {row['train_loss']:.4f} nats ({terms('train_')})"
-          f" | val {row['val_loss']:.4f} nats ({terms('val_')}) | {row['seconds']:.2f} s",
-          flush=True)
-
-
-def train(model, cfg, x_train, x_val, on_epoch=log_line, binarize=False, checkpoint=None,
-          resume=None, diagnose=None):
-    """Fit `model`; returns (best state_dict, best epoch, epochs run, history).
-
-    diagnose(model) -> dict, if given, adds its values to each epoch's row with the
-    prefix val_ (mim.py passes evaluate.epoch_diagnostics: active units, MI, posterior
-    scales, 5-NN), so that collapse shows while it happens.
-
-    Early stopping: once warm-up is over, stop when the validation loss at full weights
-    has not improved for `patience` epochs, and return the best weights.
-    After every epoch, checkpoint(state, improved) receives everything needed to go on:
-    the optimizer, the counters, the history, the best weights and the random-number
-    state. train(..., resume=state) continues from such a state (with model already
-    holding its weights) exactly as the uninterrupted run would have.
+class OneChannelConv(nn.Conv2d):
+    """nn.Conv2d of one-channel images, stride 1: the first layer of each network. Where
+    the image needs a gradient (the VampPrior's pseudo-inputs, the decoder's first map),
+    ImageGradient computes it; CUDA and images without gradients keep the library's path.
     """
-    loss_fn, patience = objective(cfg), cfg.patience
-    patience = max(1, cfg.warmup) if patience is None else patience
-    opt = optimizer(model, cfg)
-    progress = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "history": [],
-                "finished": False}
-    best_state = None
-    if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
-        for group, fresh in zip(opt.param_groups, optimizer(model, cfg).param_groups):
-            group["lr"] = fresh["lr"]                     # --resume DIR --lr: from here on
-        progress, best_state = resume["progress"], resume["best_model"]
-        progress = {**progress, "finished": run_is_over(progress, cfg, patience)}
-        set_rng_state(resume["rng"], x_train.device)
-    while not progress["finished"]:
-        epoch, start = progress["epoch"] + 1, time.perf_counter()
-        train_stats = train_epoch(model, loss_fn, opt, x_train, cfg, epoch, binarize)
-        val_stats = validate(model, loss_fn, x_val, cfg)
-        if not math.isfinite(val_stats["loss"]):
-            raise UsageError(f"the validation loss became {val_stats['loss']} in epoch "
-                             f"{epoch}; {NAN_ADVICE}")
-        seconds = time.perf_counter() - start
-        if diagnose is not None:
-            val_stats.update(diagnose(model))
-        row = {"epoch": epoch, **prefixed("train_", train_stats),
-               **prefixed("val_", val_stats), "lr": opt.param_groups[0]["lr"],
-               "seconds": seconds}
-        on_epoch(row)
-        improved = epoch >= cfg.warmup and val_stats["loss"] < progress["best_loss"]
-        if improved:
-            progress.update(best_loss=val_stats["loss"], best_epoch=epoch)
-            best_state = snapshot(model)
-        progress.update(epoch=epoch, history=progress["history"] + [row])
-        progress.update(finished=run_is_over(progress, cfg, patience))
-        if checkpoint is not None:
-            checkpoint({"optimizer": opt.state_dict(), "progress": progress,
-                        "best_model": best_state, "rng": rng_state(x_train.device)}, improved)
-    if best_state is None:                    # warm-up never ended: keep the last weights
-        progress["best_epoch"], best_state = progress["epoch"], snapshot(model)
-    return best_state, progress["best_epoch"], progress["epoch"], progress["history"]
+
+    def forward(self, v):
+        if v.is_cuda or not v.requires_grad:
+            return super().forward(v)
+        return ImageGradient.apply(v, self.weight, self.bias, self.padding)
 
 
-NAN_ADVICE = ("go on from the last finished epoch with a lower rate (mim.py --resume DIR "
-              "--lr LR), or train again with a higher --std-floor")
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # mallopt parameters, glibc <malloc.h>
+C_INT_MAX = 2 ** 31 - 1
 
 
-def run_is_over(progress, cfg, patience):
-    """All epochs run, or no improvement for `patience` epochs after the warm-up. Checked
-    again on --resume, where --epochs or --patience may give a finished run more room."""
-    epoch = progress["epoch"]
-    return epoch >= cfg.epochs or (epoch >= cfg.warmup
-                                   and epoch - progress["best_epoch"] >= patience)
+def reuse_freed_memory():
+    """Keep freed CPU memory in the process, so that the next step reuses it (glibc only).
+
+    glibc gives every large allocation (above 128 KiB, a threshold that grows to 32 MiB)
+    its own mapping and returns it to the system on free, so each step's activations are
+    fresh pages and every 4 KiB of them costs a page fault when first written: on our
+    2-core CPU about 40% of the IWAE NLL's time and 8% of a convHVAE training step.
+    Serving all allocations from the heap and never trimming it keeps those pages.
+    Returns whether it took effect; without glibc (macOS, Windows, musl) it does nothing.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, C_INT_MAX))
 
 
-def optimizer(model, cfg):
-    """Adam; a critic network's parameters form their own group with --critic-lr, which
-    for Adam is the same as the separate optimizer of InfoMax-VAE's Algorithm 1."""
-    critic = set(model.critic.parameters()) if model.critic is not None else set()
-    groups = [{"params": [p for p in model.parameters() if p not in critic], "lr": cfg.lr}]
-    if critic:
-        groups.append({"params": list(model.critic.parameters()), "lr": cfg.critic_lr})
-    return torch.optim.Adam(groups)
+def speed_up(model):
+    """Three CPU speed-ups for a model from build_model; returns it. Call it before
+    making the optimizer (the first one changes layers, not parameters).
 
-
-@torch.no_grad()
-def normalize_gradients(model):
-    """--optimizer normgrad: each parameter tensor's gradient divided by its L2 norm before
-    the Adam step, as in the AdamNormGrad of Tomczak & Welling's code, so that every
-    tensor takes a step of the same scale whatever the size of its gradient."""
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.div_(p.grad.norm() + NORMGRAD_EPS)
-
-
-OPTIMIZERS = ("adam", "normgrad")
-
-
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def prefixed(prefix, stats):
-    return {prefix + k: v for k, v in stats.items()}
+    - The first convolution of one-channel images (stride 1) computes its input
+      gradient as a matrix product (OneChannelConv).
+    - Convolution weights in the channels_last (NHWC) layout: every feature map then
+      stays NHWC, for which the CPU and GPU convolution kernels are faster.
+    - Freed memory stays in the process (reuse_freed_memory): this one holds for the
+      whole process and is not undone.
+    """
+    for module in model.modules():
+        if type(module) is nn.Conv2d and module.in_channels == 1 and module.stride == (1, 1):
+            module.__class__ = OneChannelConv           # same parameters, its own backward
+    if any(isinstance(module, nn.Conv2d) for module in model.modules()):
+        model = model.to(memory_format=torch.channels_last)
+    reuse_freed_memory()
+    return model
 
 
 # ----------------------------------------------------------------------------------------
-# Files: every write goes to a temporary file that is then renamed
+# G. Files: every write goes to a temporary file that is then renamed; checkpoints are
+# state_dicts with the settings that rebuild their model
 # ----------------------------------------------------------------------------------------
+
+class UsageError(Exception):
+    """Bad input to the command line: reported as one line, exit status 2."""
+
 
 def current_umask():
     mask = os.umask(0)
@@ -1412,7 +1459,7 @@ def atomic_write(path, write):
         raise
 
 
-# What a finished run adds to its folder after training (mim.py, then evaluate.py), removed
+# What a finished run adds to its folder after training (then the evaluate command), removed
 # when --overwrite replaces the run; config.json, log.csv and last.pt are rewritten.
 RUN_OUTPUTS = ("best.pt", "results.json", "eval.json", "gradient_noise.json", "fig1.png",
                "consistency.png", "tsne.png", "reconstructions.png", "samples.png")
@@ -1471,6 +1518,20 @@ def write_csv(path, rows):
             f.write(",".join(keys) + "\n")
             for row in rows:
                 f.write(",".join(format_value(row.get(k, "")) for k in keys) + "\n")
+    atomic_write(path, write)
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def write_bytes(path, data):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
     atomic_write(path, write)
 
 
@@ -1545,17 +1606,167 @@ def load_checkpoint(path, device="cpu"):
 
 
 def model_from_state(state, path, device="cpu"):
-    cfg, info = saved_config(state, path), state["data"]
-    shape = info.get("image_shape")
-    model = build_model(cfg, info["x_dim"], info["binary"],
-                        image_shape=tuple(shape) if shape else None)
+    cfg = saved_config(state, path)
+    model = build_model(model_spec(cfg, state["data"]))
     load_weights(model, state["model"], path)
     return model.to(device), cfg
 
 
+
+
 # ----------------------------------------------------------------------------------------
-# Command line
+# H. The command line: flags, defaults that depend on the data, runs and their folders
 # ----------------------------------------------------------------------------------------
+
+PCA_STD_FLOOR = 0.1      # pca_fashion_mnist: with 1e-4, MIM's decoder std sat at the floor
+                         # for z ~ P(z) and its loss exploded (README, Results: "Fig. 3")
+IMAGE_Z_DIM = 40         # z1 and z2 of the two-level models (Tomczak & Welling 2018)
+IMAGE_WARMUP = 5         # warm-up epochs of the image architectures (README, Results: "Images")
+
+
+def _help(text, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class Config:
+    data: str = _help("data set (datasets.py): toy2d, toy20d, toy1d, pca_fashion_mnist, "
+                      "mnist, fashion_mnist or omniglot", default="toy2d")
+    data_seed: int = _help("seed of the fixed train/validation/test samples", default=0)
+    data_dir: Optional[str] = _help("folder holding the image files (searched first; see "
+                                    "datasets.py)", default=None)
+    pca_dim: int = _help("principal components of pca_fashion_mnist (Sec. 5.1)", default=20)
+    train_size: Optional[int] = _help("train on the first N training points only (quick "
+                                      "runs; default: all)", default=None)
+    arch: str = _help("network architecture: mlp (Sec. 5.1), convhvae or pixelhvae "
+                      "(Sec. 5.2, two latent levels)", default="mlp")
+    hidden: int = _help("hidden units of each two-layer network", default=50)
+    activation: str = _help("hidden activation: tanh (Sec. 5.1) or silu (App. F.2)",
+                            default="tanh")
+    z_dim: Optional[int] = _help("latent dimension, per level for convhvae / pixelhvae "
+                                 "(default: 2 for mlp, 40 for the image architectures)",
+                                 default=None)
+    prior: str = _help("latent prior p(z) (of z2 for two levels): normal (= the anchor P(z)), "
+                       "mog or vamp (VampPrior)", default="normal")
+    prior_components: Optional[int] = _help("components K of p(z): default 10 for mog, 500 "
+                                            "for vamp", default=None)
+    q_x: str = _help("data prior q(x): marginal (Eq. 16) or mog (explicit, low-dim x)",
+                     default="marginal")
+    components: int = _help("components of the mog q(x)", default=10)
+    std_floor: Optional[float] = _help("floor added to every Gaussian standard deviation "
+                                       f"(default: {PCA_STD_FLOOR} for pca_fashion_mnist, "
+                                       f"{STD_FLOOR} otherwise)", default=None)
+    loss: str = _help("objective: mim (Eq. 8), amim (Eq. 12), vae (negative ELBO), ce "
+                      "(Eq. 7); for comparison infomax (InfoMax-VAE) or the inference "
+                      "critics critic-self, critic-nn, critic-hybrid", default="mim")
+    alpha: float = _help("infomax: weight of the mutual-information bound (InfoMax-VAE "
+                         "Eq. 3; 10 in its Sec. 6.1)", default=10.0)
+    beta: float = _help("infomax: weight of the ELBO's KL term (InfoMax-VAE Eq. 3)",
+                        default=1.0)
+    mi_bound: str = _help("infomax: f (f-divergence dual with f(t) = t log t, its Eq. 6) or "
+                          "dv (Donsker-Varadhan, its Eq. 12)", default="f")
+    critic_weight: float = _help("critic-*: weight lambda of the InfoNCE term (critics "
+                                 "paper, Alg. 1; Eq. 7 has 1)", default=1.0)
+    critic_lr: float = _help("Adam learning rate of a critic network (InfoMax-VAE App. D)",
+                             default=1e-4)
+    warmup: Optional[int] = _help("warm-up epochs (Sec. 5; default 3 for mlp, "
+                                  f"{IMAGE_WARMUP} for the image architectures)",
+                                  default=None)
+    warmup_mode: Optional[str] = _help(
+        "paper: weight on CE(M_S, p(x,z)) rises 0 -> 1/2 (Sec. 5); prior: weight beta on "
+        "log p(z) rises 0 -> 1 (KL annealing's analogue); authors: their code's schedule "
+        "(see warmup_weights). Default: paper for mlp, prior for the image architectures",
+        default=None)
+    latent_anchor: str = _help(
+        "where decoder samples draw z: normal (P(z) = N(0, I), the paper) or prior (the "
+        "model prior p(z), the authors' image code)", default="normal")
+    estimator: str = _help("gradient of binary decoder samples: loo-code (several images "
+                           "per code, per-code leave-one-out baseline), loo-batch (one "
+                           "image per code, batch baseline) or authors (mean images, no "
+                           "decoder gradient); see DecoderSampling", default="loo-code")
+    draws: int = _help("loo-code: images per code; divides --batch-size",
+                       default=DRAWS_PER_CODE)
+    optimizer: str = _help("adam, or normgrad: Adam on per-tensor normalized gradients "
+                           "(Tomczak & Welling's code)", default="adam")
+    patience: Optional[int] = _help("early-stopping patience in epochs (default: --warmup, "
+                                    "at least 1)", default=None)
+    epochs: int = _help("maximum number of epochs", default=200)
+    batch_size: int = _help("data points per step (B encoder + B decoder samples)",
+                            default=128)
+    lr: float = _help("Adam learning rate", default=1e-3)
+    seed: int = _help("seed of initialisation and sampling", default=1)
+    device: str = _help("auto, cpu or cuda", default="auto")
+    amp: bool = _help("run the networks in bfloat16 (autocast); log-densities, logsumexp "
+                      "and losses stay in float32", default=False)
+    nll_samples: Optional[int] = _help("importance samples per test point for the test NLL "
+                                       "(default: 1000; 0 = skip, the default for images, "
+                                       "whose NLL evaluate.py computes)", default=None)
+    out: Optional[str] = _help("directory for config.json, log.csv, last.pt, best.pt, "
+                               "results.json", default=None)
+    resume: Optional[str] = _help("continue the interrupted run in this directory from its "
+                                  "last.pt, with its saved configuration", default=None)
+    overwrite: bool = _help("let --out replace the run its folder holds (once the new "
+                            "run has finished its first epoch)", default=False)
+
+    def __post_init__(self):  # defaults that depend on other fields
+        image = self.arch != "mlp"
+        if self.z_dim is None:
+            self.z_dim = IMAGE_Z_DIM if image else 2
+        if self.warmup is None:
+            self.warmup = IMAGE_WARMUP if image else 3
+        if self.warmup_mode is None:
+            self.warmup_mode = "prior" if image else "paper"
+        if self.std_floor is None:
+            self.std_floor = PCA_STD_FLOOR if self.data == "pca_fashion_mnist" else STD_FLOOR
+        if self.prior_components is None:
+            self.prior_components = VAMP_COMPONENTS if self.prior == "vamp" else MOG_COMPONENTS
+
+
+
+
+
+LOSSES = {"mim": mim_loss, "amim": amim_loss, "vae": vae_loss, "ce": ce_loss,
+          "infomax": infomax_loss, "critic-self": critic_loss,
+          "critic-nn": network_critic_loss,       # the model's critic tells the two apart
+          "critic-hybrid": network_critic_loss}
+CRITIC_OF_LOSS = {"infomax": "joint", "critic-nn": "separable", "critic-hybrid": "hybrid"}
+
+
+def objective(cfg):
+    """The loss function (model, x, w) -> (loss, stats) of --loss, with its settings."""
+    if cfg.loss == "infomax":
+        return functools.partial(infomax_loss, alpha=cfg.alpha, beta=cfg.beta,
+                                 bound=cfg.mi_bound)
+    if cfg.loss.startswith("critic-"):
+        return functools.partial(LOSSES[cfg.loss], weight=cfg.critic_weight)
+    if cfg.loss in ("mim", "amim", "ce"):
+        return functools.partial(LOSSES[cfg.loss], sampling=DecoderSampling(
+            cfg.latent_anchor, cfg.estimator, cfg.draws))
+    return LOSSES[cfg.loss]
+
+
+def model_spec(cfg, info):
+    """The ModelSpec of the flags in cfg for data described by info (x_dim, binary,
+    image_shape), refused in one line where the two do not fit."""
+    binary, shape = info["binary"], info.get("image_shape")
+    if cfg.arch != "mlp" and not (binary and shape):
+        raise UsageError(f"--arch {cfg.arch} models binary images; use --data mnist, "
+                         "fashion_mnist or omniglot, or --arch mlp")
+    if cfg.q_x == "mog" and binary:
+        raise UsageError("--q-x mog is a density on continuous x; use --q-x marginal "
+                         "for binary data")
+    return ModelSpec(x_dim=info["x_dim"], binary=binary, image_shape=shape, arch=cfg.arch,
+                     z_dim=cfg.z_dim, hidden=cfg.hidden, activation=cfg.activation,
+                     prior=cfg.prior, prior_components=cfg.prior_components, q_x=cfg.q_x,
+                     components=cfg.components, std_floor=cfg.std_floor,
+                     critic=CRITIC_OF_LOSS.get(cfg.loss))
+
+
+def train_spec(cfg):
+    return TrainSpec(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                     critic_lr=cfg.critic_lr, optimizer=cfg.optimizer, warmup=cfg.warmup,
+                     warmup_mode=cfg.warmup_mode, patience=cfg.patience, amp=cfg.amp)
+
 
 CHOICES = {"arch": ARCHS, "activation": ACTIVATIONS, "prior": PRIORS, "q_x": DATA_PRIORS,
            "loss": LOSSES, "mi_bound": MI_BOUNDS, "warmup_mode": WARMUP_MODES,
@@ -1583,7 +1794,9 @@ def given_flags(parser, argv):
 def parse_args(argv=None):
     """A Config from command-line flags, one per field (--z-dim for z_dim), and the
     fields given explicitly (with --resume, those replace the saved configuration's)."""
-    parser = OneLineParser(prog="mim.py", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="mim.py", description=__doc__.split("\n")[0],
+                           epilog="python mim.py evaluate --help: metrics and figures of "
+                                  "trained runs")
     for f in dataclasses.fields(Config):
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if f.type is bool:
@@ -1671,25 +1884,6 @@ def checked_amp(cfg, device):
     return dataclasses.replace(cfg, amp=False)
 
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4   # mallopt parameters, glibc <malloc.h>
-C_INT_MAX = 2 ** 31 - 1
-
-
-def reuse_freed_memory():
-    """Keep freed CPU memory in the process, so that the next step reuses it (glibc only).
-
-    glibc gives every large allocation (above 128 KiB, a threshold that grows to 32 MiB)
-    its own mapping and returns it to the system on free, so each step's activations are
-    fresh pages and every 4 KiB of them costs a page fault when first written: on our
-    2-core CPU about 40% of the IWAE NLL's time and 8% of a convHVAE training step.
-    Serving all allocations from the heap and never trimming it keeps those pages.
-    Returns whether it took effect; without glibc (macOS, Windows, musl) it does nothing.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, C_INT_MAX))
 
 
 def load_data(cfg):
@@ -1715,7 +1909,7 @@ def run(cfg, overrides=("device",)):
     """Train (or resume, with the fields in `overrides` taken from cfg) and evaluate as
     `cfg` says, in the folder cfg.out if given; returns the results dict."""
     device = choose_device(cfg.device)
-    if cfg.data_dir:  # recorded absolute, so that evaluate.py and --resume work from anywhere
+    if cfg.data_dir:  # recorded absolute, so that evaluating and resuming work from anywhere
         cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))
     cfg, resume = resumed_config(cfg, overrides) if cfg.resume else (cfg, None)
     cfg = checked_amp(cfg, device)
@@ -1767,6 +1961,9 @@ def fitting_data(data, cfg):
     if n < cfg.batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {n} training points; "
                          "lower it")
+    if cfg.prior == "vamp" and cfg.prior_components > n:
+        raise UsageError(f"--prior-components {cfg.prior_components} exceeds the {n} training "
+                         "points that initialise the pseudo-inputs; lower it")
     if cfg.q_x == "mog" and cfg.components > n:
         raise UsageError(f"--components {cfg.components} exceeds the {n} training points "
                          "that fit the mixture q(x); lower it")
@@ -1783,21 +1980,21 @@ def fit_and_test(cfg, resume, device):
     identity = data_identity(data)
     if resume is not None:
         check_same_data(resume["data"], identity, os.path.join(cfg.resume, "last.pt"))
-    if cfg.nll_samples is None:  # images: the IWAE NLL is evaluate.py's job
+    if cfg.nll_samples is None:  # images: the IWAE NLL is the evaluate command's job
         cfg = dataclasses.replace(cfg, nll_samples=0 if data.image_shape else 1000)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.x_dim, data.binary, x_init=data.x_train,
-                        image_shape=data.image_shape).to(device)
-    if resume is not None:
-        load_weights(model, resume["model"], os.path.join(cfg.resume, "last.pt"))
     data_info = {"x_dim": data.x_dim, "binary": data.binary,
                  "image_shape": list(data.image_shape) if data.image_shape else None,
                  **identity}
+    torch.manual_seed(cfg.seed)
+    model = speed_up(build_model(model_spec(cfg, data_info), x_init=data.x_train)).to(device)
+    if resume is not None:
+        load_weights(model, resume["model"], os.path.join(cfg.resume, "last.pt"))
     checkpoint = save_training_state(cfg, model, data_info) if cfg.out else None
 
     best_state, best_epoch, epochs, history = train(
-        model, cfg, data.x_train, data.x_val, binarize=data.dynamic, checkpoint=checkpoint,
-        resume=resume, diagnose=evaluate.epoch_diagnostics(data))
+        model, objective(cfg), data.x_train, data.x_val, train_spec(cfg), on_epoch=log_line,
+        binarize=data.dynamic, checkpoint=checkpoint, resume=resume,
+        diagnose=evaluate.epoch_diagnostics(data))
     model.load_state_dict(best_state)
     results = {**evaluate.test_metrics(model, data, cfg.nll_samples),
                "best_epoch": best_epoch, "epochs": epochs,
@@ -1806,6 +2003,16 @@ def fit_and_test(cfg, resume, device):
         save_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info)
         write_json(os.path.join(cfg.out, "results.json"), results)
     return results
+
+
+def log_line(row):
+    """One line per epoch: train and validation loss with their terms, and seconds."""
+    def terms(prefix):
+        return " ".join(f"{k[len(prefix):]} {format_value(v, '.4f')}" for k, v in row.items()
+                        if k.startswith(prefix) and k != prefix + "loss")
+    print(f"epoch {row['epoch']:3d} | train {row['train_loss']:.4f} nats ({terms('train_')})"
+          f" | val {row['val_loss']:.4f} nats ({terms('val_')}) | {row['seconds']:.2f} s",
+          flush=True)
 
 
 def save_training_state(cfg, model, data_info):
@@ -1845,14 +2052,181 @@ def stopped_message(how, folder):
     return f"mim.py: stopped by {how} before an epoch was saved; start the run again"
 
 
+# The evaluate command: python mim.py evaluate RUN_DIR [RUN_DIR ...] [flags], the metrics
+# and figures of evaluate.py for trained runs, or --summary DIR over many.
+
+def first_test_points(data, n):
+    """data with its test split cut to the first n points (all if n is None)."""
+    return dataclasses.replace(data, x_test=data.x_test[:n], y_test=data.y_test[:n])
+
+
+def run_title(cfg):
+    arch = f"h={cfg.hidden}" if cfg.arch == "mlp" else cfg.arch
+    return f"{cfg.loss.upper()} {arch}"
+
+
+def load_run(run_dir, device, data_dir=None):
+    """(model, cfg, data) of RUN_DIR/best.pt: the model with the speed-ups, its settings
+    and its data, whose test split must be the run's own. data_dir replaces the folder
+    the run recorded."""
+    path = os.path.join(run_dir, "best.pt")
+    if not os.path.exists(path):
+        raise UsageError(f"{run_dir}/best.pt not found; train with mim.py --out {run_dir} "
+                         "first")
+    state = checked_state(read_checkpoint(path, device), path)
+    model, cfg = model_from_state(state, path, device)
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=data_dir)
+    data = load_data(cfg)
+    check_same_data(state["data"], data_identity(data), path)
+    return speed_up(model), cfg, data
+
+
+def evaluate_run(evaluate, run_dir, device, args):
+    """The metrics of RUN_DIR/best.pt on its test split into RUN_DIR/eval.json, and its
+    figures; returns the metrics. The tight NLL runs only when --ais-steps asks for it:
+    it costs steps x leapfrog passes of the decoder with gradients per chain."""
+    model, cfg, data = load_run(run_dir, device, args.data_dir)
+    data = first_test_points(data, args.test_size).to(device)
+    ais = evaluate.AIS(args.ais_steps, args.ais_chains, args.ais_leapfrog, args.ais_points,
+                       args.ais_inflate)
+    results = evaluate.test_metrics(model, data, args.nll_samples, args.knn_train,
+                                    args.max_batch, with_posterior_stats=True, ais=ais)
+    results.update(test_size=len(data.x_test),
+                   knn_train_size=len(data.x_train[:args.knn_train]))
+    write_json(os.path.join(run_dir, "eval.json"), results)
+    print(f"{run_dir}:\n{evaluate.format_results(results)}", flush=True)
+    for name, png in evaluate.run_figures(model, data, run_title(cfg)).items():
+        write_bytes(os.path.join(run_dir, name), png)
+    return results
+
+
+def gradient_noise_run(run_dir, device, repeats):
+    """gradient_noise on RUN_DIR/best.pt and on a fresh initialisation of its settings,
+    at the run's batch size; writes RUN_DIR/gradient_noise.json and prints a table."""
+    model, cfg, data = load_run(run_dir, device)
+    torch.manual_seed(cfg.seed)
+    info = {"x_dim": data.x_dim, "binary": data.binary, "image_shape": data.image_shape}
+    fresh = speed_up(build_model(model_spec(cfg, info), x_init=data.x_train)).to(device)
+    table = {name: gradient_noise(m, cfg.latent_anchor, cfg.batch_size, repeats)
+             for name, m in (("initialisation", fresh), ("trained", model))}
+    write_json(os.path.join(run_dir, "gradient_noise.json"), table)
+    print(f"{run_dir}: gradient of the decoder-sample half of L_MIM for the decoder's "
+          f"parameters, {repeats} estimates of batch {cfg.batch_size} each")
+    print("| model | estimator | signal | noise | noise / signal |\n| --- | --- | --- | --- | --- |")
+    for name, rows in table.items():
+        for r in rows:
+            print(f"| {name} | {r['estimator']} | {r['signal']:.4g} | {r['noise']:.4g} | "
+                  f"{r['noise_over_signal']:.3g} |")
+    return table
+
+
+def write_summary(evaluate, folder, x_key):
+    """DIR/summary.md (and summary.png when x_key varies) over DIR/*/results.json."""
+    text, png = evaluate.summary(evaluate.load_runs(folder), x_key)
+    write_text(os.path.join(folder, "summary.md"), text)
+    if png is not None:
+        write_bytes(os.path.join(folder, "summary.png"), png)
+    return text
+
+
+def evaluate_parser(evaluate):
+    parser = OneLineParser(prog="mim.py evaluate",
+                           description="Metrics and figures of trained runs (evaluate.py)")
+    parser.add_argument("runs", nargs="*", help="run directories (mim.py --out) to evaluate")
+    parser.add_argument("--nll-samples", type=int, default=evaluate.NLL_SAMPLES,
+                        help="importance samples per test point for the NLL; 0 skips it "
+                             "(default: %(default)s, as the authors' code)")
+    parser.add_argument("--ais-steps", type=int, default=0,
+                        help=f"temperatures of the tight NLL by annealed importance "
+                             f"sampling, for example {evaluate.AIS_STEPS}; 0 skips it "
+                             "(default)")
+    parser.add_argument("--ais-chains", type=int, default=evaluate.AIS_CHAINS,
+                        help="AIS chains per test point (default: %(default)s)")
+    parser.add_argument("--ais-leapfrog", type=int, default=evaluate.AIS_LEAPFROG,
+                        help="leapfrog steps per HMC transition of AIS (default: %(default)s)")
+    parser.add_argument("--ais-inflate", type=float, default=evaluate.AIS_INFLATE,
+                        help="AIS starts from the encoder with its std times this "
+                             "(default: %(default)s; 1 suits calibrated encoders in many "
+                             "dimensions, see the README)")
+    parser.add_argument("--ais-points", type=int, default=None,
+                        help="run AIS on the first N test points only (default: all)")
+    parser.add_argument("--test-size", type=int, default=None,
+                        help="evaluate on the first N test points (default: all)")
+    parser.add_argument("--knn-train", type=int, default=None,
+                        help="fit the 5-NN classifier on the first N training codes "
+                             "(default: all)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help=f"rows (points or codes) per forward pass (default: at most "
+                             f"{evaluate.EVAL_MAX_VALUES} values of x)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder of the data files, where the run's own has moved "
+                             "(default: the folder the run recorded)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--summary", metavar="DIR",
+                        help="write DIR/summary.md (and .png) over DIR/*/results.json")
+    parser.add_argument("--x", default="hidden", help="x-axis of the summary plot")
+    parser.add_argument("--gradient-noise", action="store_true",
+                        help="instead of the metrics: signal and noise of each estimator of "
+                             "the binary decoder samples' gradient, on each run's best.pt "
+                             "and on a fresh initialisation (gradient_noise.json)")
+    parser.add_argument("--repeats", type=int, default=GRADIENT_REPEATS,
+                        help="gradient estimates per estimator for --gradient-noise")
+    return parser
+
+
+def check_evaluate_args(parser, args):
+    if not args.runs and not args.summary:
+        parser.error("give run directories to evaluate, or --summary DIR")
+    if args.nll_samples < 0 or args.ais_steps < 0:
+        parser.error("--nll-samples and --ais-steps must be at least 0")
+    if args.ais_chains < 1 or args.ais_leapfrog < 1:
+        parser.error("--ais-chains and --ais-leapfrog must be at least 1")
+    if not args.ais_inflate > 0:
+        parser.error("--ais-inflate must be above 0")
+    for flag in ("test_size", "ais_points", "knn_train", "max_batch", "repeats"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+
+
+def evaluate_main(argv):
+    import evaluate
+
+    parser = evaluate_parser(evaluate)
+    args = parser.parse_args(argv)
+    check_evaluate_args(parser, args)
+    try:
+        device = choose_device(args.device) if args.runs else None
+        for run_dir in args.runs:
+            if args.gradient_noise:
+                gradient_noise_run(run_dir, device, args.repeats)
+            else:
+                evaluate_run(evaluate, run_dir, device, args)
+        if args.summary:
+            print(write_summary(evaluate, args.summary, args.x))
+    except (UsageError, ValueError, OSError, KeyError) as e:
+        print(f"mim.py evaluate: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+NAN_ADVICE = ("go on from the last finished epoch with a lower rate (mim.py --resume DIR "
+              "--lr LR), or train again with a higher --std-floor")
+
+
 def main(argv=None):
+    """python mim.py [flags]: train and test; python mim.py evaluate ...: evaluate runs."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["evaluate"]:
+        return evaluate_main(argv[1:])
     cfg, overrides = parse_args(argv)
-    reuse_freed_memory()
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         results = run(cfg, overrides | {"device"})
     except UsageError as e:
         print(f"mim.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"mim.py: error: {e}; {NAN_ADVICE}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # the file system failed under a run (a full disk, a lost mount)
         print(f"mim.py: error: {e}; free space or fix the path, then --resume the run if "

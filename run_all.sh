@@ -13,7 +13,7 @@
 #                               (t-SNE): MIM / A-MIM vs VAE, convHVAE and PixelHVAE, standard
 #                               and VampPrior priors, on MNIST, Fashion-MNIST and Omniglot
 # Each run is a folder written by `mim.py --out`; each experiment gets summary.md (mean and
-# std over seeds) and, where there is an x-axis, summary.png; evaluate.py writes eval.json
+# std over seeds) and, where there is an x-axis, summary.png; mim.py evaluate writes eval.json
 # and the figures of single runs (fig1.png, consistency.png, tsne.png, reconstructions.png,
 # samples.png) next to them.
 #
@@ -106,17 +106,17 @@ export -f train
                                                    # separate processes beat threads
 
 for mode in paper authors; do
-  python evaluate.py --summary "results/fig2-$mode" --x hidden
-  python evaluate.py results/fig2-$mode/{mim,vae}-h{5,20,500}-s1 --nll-samples "$nll"
+  python mim.py evaluate --summary "results/fig2-$mode" --x hidden
+  python mim.py evaluate results/fig2-$mode/{mim,vae}-h{5,20,500}-s1 --nll-samples "$nll"
 done
-python evaluate.py --summary results/f2
-python evaluate.py results/f2/{mim,ce}-s1 --nll-samples "$nll"
-python evaluate.py --summary results/fig3 --x z_dim
+python mim.py evaluate --summary results/f2
+python mim.py evaluate results/f2/{mim,ce}-s1 --nll-samples "$nll"
+python mim.py evaluate --summary results/fig3 --x z_dim
 # eval.json adds active units, the ELBO's KL term and the minibatch MI to each run
 for run in results/collapse/*-s*/; do
-  [[ -f $run/eval.json ]] || python evaluate.py "$run" --nll-samples "$nll" > "${run%/}.eval.log"
+  [[ -f $run/eval.json ]] || python mim.py evaluate "$run" --nll-samples "$nll" > "${run%/}.eval.log"
 done
-python evaluate.py --summary results/collapse --x loss
+python mim.py evaluate --summary results/collapse --x loss
 
 # Sec. 5.2: MIM (convHVAE) and A-MIM (PixelHVAE, whose sampling is too slow for MIM's
 # decoder samples) against the VAE with the same network, each prior (arch:prior:loss).
@@ -134,7 +134,7 @@ image() {  # image OUT MIM_FLAGS...: train, then evaluate on the test images
   train "$@" || return 1
   [[ -f $out/eval.json ]] && return 0
   [[ $out == *-s1 ]] || ais=""
-  python evaluate.py "$out" --nll-samples "$image_nll" $image_eval $ais > "$out.eval.log" 2>&1 \
+  python mim.py evaluate "$out" --nll-samples "$image_nll" $image_eval $ais > "$out.eval.log" 2>&1 \
     || echo "run_all.sh: evaluating $out failed; see $out.eval.log" >&2
 }
 export -f image; export image_nll image_eval ais
@@ -147,5 +147,5 @@ for run in $image_runs; do
          "--prior $prior --loss $loss --seed $seed $image_flags $dir"
   done
 done | OMP_NUM_THREADS=1 xargs -P "$jobs" -L 1 bash -c 'image "$@"' image
-python evaluate.py --summary results/images
+python mim.py evaluate --summary results/images
 echo "tables: results/*/summary.md; figures: results/*/summary.png and the run folders"

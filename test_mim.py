@@ -9,6 +9,8 @@
 
 Run with `pytest -q` (a few minutes on two CPU cores).
 """
+import ast
+import copy
 import csv
 import dataclasses
 import errno
@@ -174,9 +176,9 @@ ANCHOR_1D = datasets.GaussianMixture(np.array([[-1.0], [1.5]]), 0.6)
 
 def model_1d(q_x="mog", seed=0):
     torch.manual_seed(seed)
-    cfg = mim.Config(z_dim=1, hidden=8, prior="mog", q_x=q_x, components=3)
+    spec = mim.ModelSpec(x_dim=1, z_dim=1, hidden=8, prior="mog", q_x=q_x, components=3)
     x_init = ANCHOR_1D.sample(1000, np.random.default_rng(seed))[0]
-    return mim.build_model(cfg, 1, x_init=x_init).double()
+    return mim.build_model(spec, x_init=x_init).double()
 
 
 @torch.no_grad()
@@ -402,7 +404,7 @@ def test_per_code_baseline_lowers_the_variance_of_the_decoder_gradient():
 
     def variance(sampling):
         torch.manual_seed(1)
-        return evaluate.decoder_sample_gradients(model, 32, sampling, 2000).var(0).sum()
+        return mim.decoder_sample_gradients(model, 32, sampling, 2000).var(0).sum()
 
     ratio = variance(mim.DecoderSampling(estimator="loo-batch")) / variance(
         mim.DecoderSampling(estimator="loo-code", draws=4))
@@ -422,7 +424,7 @@ def test_authors_decoder_samples_give_the_decoder_no_gradient():
 
 def test_prior_anchor_draws_codes_from_the_model_prior():
     torch.manual_seed(0)
-    model = mim.build_model(mim.Config(prior="mog", prior_components=3), 2)
+    model = mim.build_model(mim.ModelSpec(x_dim=2, prior="mog", prior_components=3))
     p_z = model.p_z()
     z = mim.anchor_codes(model, 200_000, p_z, "prior")
     assert not z.requires_grad
@@ -476,7 +478,7 @@ def test_full_weights_are_algorithm_2_exactly():
     for mode in mim.WARMUP_MODES:
         assert mim.warmup_weights(mode, 10.0, 4) == mim.FULL
     torch.manual_seed(0)
-    model = mim.build_model(mim.Config(hidden=8), 2).double()
+    model = mim.build_model(mim.ModelSpec(x_dim=2, hidden=8)).double()
     x = torch.randn(16, 2, dtype=torch.float64)
     torch.manual_seed(5)
     loss, _ = mim.mim_loss(model, x)
@@ -497,7 +499,7 @@ def test_full_weights_are_algorithm_2_exactly():
 
 def test_normalized_gradients_have_unit_norm_and_keep_their_direction():
     torch.manual_seed(0)
-    model = mim.build_model(mim.Config(hidden=8), 2)
+    model = mim.build_model(mim.ModelSpec(x_dim=2, hidden=8))
     mim.mim_loss(model, torch.randn(32, 2))[0].backward()
     before = [p.grad.clone() for p in model.parameters()]
     mim.normalize_gradients(model)
@@ -738,8 +740,9 @@ def test_toy2d_data_is_fixed_by_its_seed_and_labelled():
 def test_checkpoint_round_trip(tmp_path):
     cfg = mim.Config(q_x="mog", prior="mog")
     torch.manual_seed(0)
-    model = mim.build_model(cfg, 2, x_init=torch.randn(100, 2))
-    mim.save_checkpoint(tmp_path / "best.pt", model, cfg, {"x_dim": 2, "binary": False})
+    info = {"x_dim": 2, "binary": False}
+    model = mim.build_model(mim.model_spec(cfg, info), x_init=torch.randn(100, 2))
+    mim.save_checkpoint(tmp_path / "best.pt", model, cfg, info)
     loaded, cfg2 = mim.load_checkpoint(tmp_path / "best.pt")
     assert cfg2 == cfg
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -780,7 +783,7 @@ def test_cli_trains_and_writes_its_files(trained_run):
 
 def test_evaluate_cli_plots_a_trained_run(trained_run):
     out, _ = trained_run
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), str(out),
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "mim.py"), "evaluate", str(out),
                            "--nll-samples", "10"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (out / "fig1.png").read_bytes()[:4] == b"\x89PNG"
@@ -852,10 +855,9 @@ TINY = (1, 4, 4)  # 16 pixels: small enough to sum over all 2^16 binary images
 
 def tiny_model(arch, prior="normal", z_dim=1, seed=0):
     torch.manual_seed(seed)
-    cfg = mim.Config(arch=arch, prior=prior, z_dim=z_dim, prior_components=3)
-    x_init = torch.rand(10, math.prod(TINY))
-    return mim.build_model(cfg, math.prod(TINY), True, x_init=x_init,
-                           image_shape=TINY).double()
+    spec = mim.ModelSpec(x_dim=math.prod(TINY), binary=True, image_shape=TINY, arch=arch,
+                         prior=prior, z_dim=z_dim, prior_components=3)
+    return mim.build_model(spec, x_init=torch.rand(10, math.prod(TINY))).double()
 
 
 def all_binary_images(dim):
@@ -1369,7 +1371,8 @@ def test_real_fashion_mnist_and_its_principal_components():
 
 def tiny_binary_model(z_dim=4, x_dim=16, seed=0):
     torch.manual_seed(seed)
-    return mim.build_model(mim.Config(z_dim=z_dim, hidden=20), x_dim=x_dim, binary=True).eval()
+    return mim.build_model(mim.ModelSpec(x_dim=x_dim, binary=True, z_dim=z_dim,
+                                          hidden=20)).eval()
 
 
 def binary_data(n, x_dim, seed=0):
@@ -1484,7 +1487,7 @@ def test_nll_of_fair_coin_pixels_is_one_bit_per_dimension():
     """Decoder logits 0 make p(x|z) = 2^-D for every z, and an encoder q(z|x) = N(0, I) =
     p(z) makes every importance weight exactly p(x): NLL = D ln 2 nats = 1 bit/dim."""
     D = 784
-    model = mim.build_model(mim.Config(z_dim=3, hidden=8), x_dim=D, binary=True)
+    model = mim.build_model(mim.ModelSpec(x_dim=D, binary=True, z_dim=3, hidden=8))
     decoder_out, encoder_out = model.p_x_given_z.net[2], model.q_z_given_x.net[2]
     for layer in (decoder_out, encoder_out):
         layer.weight.zero_()
@@ -1631,19 +1634,15 @@ def test_decoded_images_fall_back_to_samples_and_mosaic_places_images():
     assert grid[:2, :2] == pytest.approx(np.zeros((2, 2))) and grid[2].min() == 1.0
 
 
-def test_plot_run_draws_image_figures(tmp_path, monkeypatch):
+def test_run_figures_draw_the_image_figures(monkeypatch):
     model, data = tiny_binary_model(z_dim=4, x_dim=784), fake_image_data(n=60)
-    cfg = mim.Config(z_dim=4, hidden=20)
-    paths = evaluate.plot_run(model, data, cfg, str(tmp_path))
-    assert sorted(os.path.basename(p) for p in paths) == ["reconstructions.png",
-                                                          "samples.png", "tsne.png"]
-    for path in paths:
-        assert open(path, "rb").read(4) == b"\x89PNG"
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
-    monkeypatch.setattr(evaluate, "plot_tsne", lambda *args: None)   # t-SNE costs seconds
+    figures = evaluate.run_figures(model, data, "MIM h=20")
+    assert sorted(figures) == ["reconstructions.png", "samples.png", "tsne.png"]
+    for png in figures.values():
+        assert png[:4] == b"\x89PNG"
+    monkeypatch.setattr(evaluate, "plot_tsne", lambda *args: b"")   # t-SNE costs seconds
     no_images = types.SimpleNamespace(**{**vars(data), "image_shape": None})   # as PCA data
-    assert [os.path.basename(p) for p in evaluate.plot_run(model, no_images, cfg, "")] \
-        == ["tsne.png"]
+    assert list(evaluate.run_figures(model, no_images, "MIM h=20")) == ["tsne.png"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -1655,12 +1654,62 @@ def run_script(script, *args):
                           capture_output=True, text=True, timeout=300)
 
 
+LIBRARY_ALONE = """
+import sys, torch, mim
+local = {"datasets", "evaluate", "scipy", "sklearn", "matplotlib"} & set(sys.modules)
+torch.manual_seed(0)
+x = torch.cat([0.1 * torch.randn(600, 2) + 1, 0.1 * torch.randn(600, 2) - 1])
+x = x[torch.randperm(len(x))]
+model = mim.build_model(mim.ModelSpec(x_dim=2, z_dim=2, hidden=16))
+best, best_epoch, epochs, history = mim.train(model, mim.mim_loss, x[:1000], x[1000:],
+                                              mim.TrainSpec(epochs=4, warmup=1))
+print(sorted(local), epochs, history[0]["val_loss"], history[-1]["val_loss"])
+"""
+
+
+def test_mim_py_copied_alone_imports_nothing_else_and_trains_a_toy_model(tmp_path):
+    """The library needs only mim.py and torch: copied into an empty folder, it imports
+    none of the repository's other files (nor scipy, sklearn, matplotlib) and trains."""
+    shutil.copy(os.path.join(HERE, "mim.py"), tmp_path)
+    proc = subprocess.run([sys.executable, "-E", "-s", "-c", LIBRARY_ALONE], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    local, epochs, first, last = proc.stdout.split(" ", 1)[0], *proc.stdout.split()[-3:]
+    assert local == "[]" and int(epochs) == 4 and float(last) < float(first)
+    assert sorted(os.listdir(tmp_path)) in (["mim.py"], ["__pycache__", "mim.py"])
+
+
+def local_imports(path, names):
+    """The names in `names` that the file imports anywhere, inside functions too."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+    return found & names
+
+
+def test_no_import_circle_among_the_top_level_modules():
+    """mim.py's command line uses datasets.py and evaluate.py; neither of them, nor
+    anything they import, imports mim.py back."""
+    modules = {"mim", "datasets", "evaluate", "bench"}
+    graph = {m: local_imports(os.path.join(HERE, m + ".py"), modules - {m}) for m in modules}
+    assert graph["mim"] == {"datasets", "evaluate"}
+    assert graph["datasets"] == graph["evaluate"] == set()
+
+    def reaches(start, target, seen=()):
+        return any(n == target or (n not in seen and reaches(n, target, (*seen, n)))
+                   for n in graph[start])
+    assert not [m for m in modules if reaches(m, m)]
+
+
 def toy2d_run(folder):
     """A run directory as mim.py --out writes it (config.json, best.pt) for an untrained
     toy2d model: evaluate.py only reads the checkpoint and reloads the data."""
     cfg = mim.Config(data="toy2d", hidden=8, out=str(folder))
     torch.manual_seed(0)
-    model = mim.build_model(cfg, x_dim=2)
+    model = mim.build_model(mim.ModelSpec(x_dim=2, hidden=8))
     os.makedirs(folder)
     mim.write_json(os.path.join(folder, "config.json"), vars(cfg))
     mim.save_checkpoint(os.path.join(folder, "best.pt"), model, cfg,
@@ -1670,7 +1719,7 @@ def toy2d_run(folder):
 
 def test_evaluate_cli_writes_eval_json_and_fig1(tmp_path, capsys):
     out = toy2d_run(tmp_path / "run")
-    proc = run_script("evaluate.py", str(out), "--nll-samples", "10", "--test-size", "2000")
+    proc = run_script("mim.py", "evaluate", str(out), "--nll-samples", "10", "--test-size", "2000")
     assert proc.returncode == 0, proc.stderr
     assert "nats" in proc.stdout and "fraction" in proc.stdout
     results = json.loads((out / "eval.json").read_text())
@@ -1679,19 +1728,19 @@ def test_evaluate_cli_writes_eval_json_and_fig1(tmp_path, capsys):
     assert results["nll_samples"] == 10 and results["test_size"] == 2000
     assert results["knn_train_size"] == 10_000 and results["test_au_z"] in (0, 1, 2)
     assert (out / "fig1.png").read_bytes()[:4] == b"\x89PNG"
-    evaluate.main([str(out), "--nll-samples", "0", "--test-size", "300", "--knn-train", "500",
+    mim.main(["evaluate", str(out), "--nll-samples", "0", "--test-size", "300", "--knn-train", "500",
                    "--device", "cpu"])
     small = json.loads((out / "eval.json").read_text())
     assert small["test_size"] == 300 and small["knn_train_size"] == 500
     assert "test_nll" not in small and "test_size" in capsys.readouterr().out
     assert "test_nll_tight" not in small and "test_informative_z" in small
-    evaluate.main([str(out), "--nll-samples", "0", "--test-size", "20", "--ais-steps", "3",
+    mim.main(["evaluate", str(out), "--nll-samples", "0", "--test-size", "20", "--ais-steps", "3",
                    "--ais-chains", "2", "--ais-leapfrog", "1", "--device", "cpu"])
     tight = json.loads((out / "eval.json").read_text())
     assert math.isfinite(tight["test_nll_tight"]) and tight["test_nll_tight_se"] >= 0
     assert (tight["ais_steps"], tight["ais_chains"], tight["ais_leapfrog"]) == (3, 2, 1)
     assert tight["ais_points"] == 20 and "test_nll_ais_points" not in tight
-    evaluate.main([str(out), "--nll-samples", "10", "--test-size", "20", "--ais-steps", "3",
+    mim.main(["evaluate", str(out), "--nll-samples", "10", "--test-size", "20", "--ais-steps", "3",
                    "--ais-chains", "2", "--ais-leapfrog", "1", "--ais-points", "5",
                    "--ais-inflate", "1.5", "--device", "cpu"])
     subset = json.loads((out / "eval.json").read_text())
@@ -1702,7 +1751,7 @@ def test_evaluate_cli_writes_eval_json_and_fig1(tmp_path, capsys):
 
 
 def test_evaluate_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
-    proc = run_script("evaluate.py", str(tmp_path / "missing"))
+    proc = run_script("mim.py", "evaluate", str(tmp_path / "missing"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "best.pt not found" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
@@ -1720,7 +1769,7 @@ def test_evaluate_cli_reports_a_missing_checkpoint_in_one_line(tmp_path):
 ])
 def test_evaluate_cli_rejects_bad_flags_in_one_line(tmp_path, capsys, args, needle):
     with pytest.raises(SystemExit) as exit_info:
-        evaluate.main([str(tmp_path / "missing"), *args])
+        mim.main(["evaluate", str(tmp_path / "missing"), *args])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert needle in err and len(err.strip().splitlines()) == 1
@@ -1899,10 +1948,10 @@ BAD_INPUTS = [
      "no validation points"),
     ("mim.py", ["--data", "mnist", "--data-dir", "{tmp}/corrupt"], "corrupt images",
      "not an IDX file"),
-    ("evaluate.py", ["{tmp}/none"], None, "best.pt not found"),
-    ("evaluate.py", ["{run}"], foreign_config, "another version"),
-    ("evaluate.py", ["{run}", "--ais-inflate", "0"], "run", "--ais-inflate"),
-    ("evaluate.py", ["{run}", "--nll-samples", "-1"], "run", "--nll-samples"),
+    ("mim.py", ["evaluate", "{tmp}/none"], None, "best.pt not found"),
+    ("mim.py", ["evaluate", "{run}"], foreign_config, "another version"),
+    ("mim.py", ["evaluate", "{run}", "--ais-inflate", "0"], "run", "--ais-inflate"),
+    ("mim.py", ["evaluate", "{run}", "--nll-samples", "-1"], "run", "--nll-samples"),
     ("bench.py", ["--out", "{tmp}/file/bench.json"], "file", "cannot write a file there"),
     ("bench.py", ["--out", "{run}"], "run", "cannot write a file there"),
     ("bench.py", ["--device", "tpu"], None, "--device"),
@@ -1961,12 +2010,12 @@ def test_checkpoints_record_their_data_and_refuse_another_test_split(tmp_path):
     assert info["name"] == "mnist" and info["sizes"][2] == 60
     moved = tmp_path / "moved"
     images.rename(moved)
-    evaluated = run_script("evaluate.py", str(out), "--nll-samples", "0", "--data-dir",
+    evaluated = run_script("mim.py", "evaluate", str(out), "--nll-samples", "0", "--data-dir",
                            str(moved))
     assert evaluated.returncode == 0, evaluated.stderr
     other = tmp_path / "other"
     write_idx_set(other, n_train=300, n_test=60)          # same shapes, other test images
-    refused = run_script("evaluate.py", str(out), "--nll-samples", "0", "--data-dir",
+    refused = run_script("mim.py", "evaluate", str(out), "--nll-samples", "0", "--data-dir",
                          str(other))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "is not the mnist one" in refused.stderr and "--data-dir" in refused.stderr
@@ -2082,7 +2131,7 @@ def test_convhvae_vamp_mim_trains_and_evaluates_on_images(tmp_path):
     model, cfg = mim.load_checkpoint(out / "best.pt")
     assert cfg.z_dim == 40 and model.latent_groups == {"z1": (0, 40), "z2": (40, 80)}
     assert model.prior.pseudo_inputs.shape == (10, 784)
-    proc = run_script("evaluate.py", str(out), "--nll-samples", "4")
+    proc = run_script("mim.py", "evaluate", str(out), "--nll-samples", "4")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "eval.json").read_text())
     for key in ("test_nll", "test_nll_bpd", "test_au_z1", "test_au_z2", "test_knn5_acc"):
@@ -2185,9 +2234,10 @@ def critic_model(loss, arch="mlp"):
     torch.manual_seed(0)
     if arch == "mlp":
         cfg = mim.Config(data="toy20d", z_dim=3, hidden=8, loss=loss)
-        return mim.build_model(cfg, 5), cfg
+        return mim.build_model(mim.model_spec(cfg, {"x_dim": 5, "binary": False})), cfg
     cfg = mim.Config(data="mnist", arch=arch, z_dim=2, loss=loss)
-    return mim.build_model(cfg, 16, True, image_shape=TINY), cfg
+    info = {"x_dim": 16, "binary": True, "image_shape": TINY}
+    return mim.build_model(mim.model_spec(cfg, info)), cfg
 
 
 def n_params(module):
@@ -2325,7 +2375,8 @@ def test_amp_runs_networks_in_bf16_and_densities_in_float32(loss):
     torch.manual_seed(0)
     cfg = mim.Config(data="mnist", arch="convhvae", prior="vamp", prior_components=5,
                      z_dim=4, loss=loss, amp=True)
-    model = mim.build_model(cfg, 784, True, x_init=torch.rand(20, 784), image_shape=(1, 28, 28))
+    info = {"x_dim": 784, "binary": True, "image_shape": (1, 28, 28)}
+    model = mim.build_model(mim.model_spec(cfg, info), x_init=torch.rand(20, 784))
     x = torch.bernoulli(torch.full((8, 784), 0.3))
     with mim.autocast(x.device, True):
         assert model.q_z_given_x.z2_features(x.view(-1, 1, 28, 28)).dtype == torch.bfloat16
@@ -2362,7 +2413,7 @@ def test_image_gradient_passes_gradcheck(kernel):
 
 def test_one_channel_conv_has_the_gradients_of_nn_conv2d():
     torch.manual_seed(0)
-    ours = mim.gated_conv(1, 32, 7).layer.to(memory_format=torch.channels_last)
+    ours = mim.speed_up(mim.gated_conv(1, 32, 7)).layer
     assert isinstance(ours, mim.OneChannelConv)
     ref = torch.nn.Conv2d(1, 64, 7, padding=3)
     ref.load_state_dict(ours.state_dict())
@@ -2372,6 +2423,32 @@ def test_one_channel_conv_has_the_gradients_of_nn_conv2d():
     want = torch.autograd.grad(ref(v), [v, ref.weight, ref.bias], g)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_speed_up_changes_layers_and_layout_not_parameters_or_results():
+    """speed_up gives the first convolution of each network its own input gradient and
+    the channels_last layout: the parameters and their names stay, and the loss and its
+    gradient stay those of the plain model up to rounding."""
+    torch.manual_seed(0)
+    spec = mim.ModelSpec(x_dim=784, binary=True, image_shape=(1, 28, 28), arch="convhvae",
+                         prior="vamp", prior_components=5, z_dim=4)
+    plain = mim.build_model(spec, x_init=torch.rand(20, 784))
+    fast = mim.speed_up(copy.deepcopy(plain))
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert sum(isinstance(m, mim.OneChannelConv) for m in fast.modules()) == 3
+    assert fast.p_x_given_z.to_image.layer.weight.is_contiguous()            # dense: as it was
+    assert fast.q_z_given_x.z2_features[1].layer.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    x = torch.bernoulli(torch.full((8, 784), 0.3))
+    results = []
+    for model in (plain, fast):
+        torch.manual_seed(1)
+        loss, _ = mim.mim_loss(model, x)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (loss_plain, grads_plain), (loss_fast, grads_fast) = results
+    assert torch.allclose(loss_plain, loss_fast, rtol=1e-5)
+    for a, b in zip(grads_plain, grads_fast):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * (b.abs().max().item() + 1e-12))
 
 
 def test_one_channel_conv_input_gradient_under_bf16_autocast():

@@ -1,13 +1,20 @@
-"""Tests for mim.py, datasets.py and evaluate.py.
+"""Tests for mim.py, datasets.py, evaluate.py and bench.py, in the paper's order and then
+by module; each section's header says what it pins down.
 
-1. The paper's identities (Eq. 6-15), by numerical integration on a grid in a world with
-   1-D x and 1-D z, GMM anchors and Gaussian conditionals (numpy and scipy only).
-2. The code against the maths: the Monte Carlo value of each objective in mim.py equals
-   its integral within a few standard errors, and its gradient is finite.
-3. The score-function estimator, against exact gradients on small discrete problems.
-4. The evaluation tools against known answers; the command line end to end.
+    Sec. 3-4     the paper's identities (Eq. 6-15) by quadrature on a grid, numpy only
+    Sec. 3       the distributions are normalized
+    Sec. 4       each objective (Eq. 7, 8, 12; Algorithms 1-2) against its integral
+    App. D.2     the score-function gradient: bias against exact gradients, variance
+    Sec. 5       warm-up and the optimizer
+    Sec. 5.2     the image networks and the VampPrior (App. D.1)
+    comparison   InfoMax-VAE and the inference critics
+    mim.py       as a library: alone, no import circle, --amp, the speed-ups
+    evaluate.py  every metric against a known answer, figures, summaries
+    datasets.py  parsers, splits, binarization, PCA, search and download
+    command line training runs, checkpoints, --resume, the evaluate command
+    bad input    one line, exit status 2, nothing half-written; faults
 
-Run with `pytest -q` (a few minutes on two CPU cores).
+Run with `python -m pytest -q` (a few minutes on two CPU cores).
 """
 import ast
 import copy
@@ -46,11 +53,16 @@ import mim
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+
 # ----------------------------------------------------------------------------------------
-# A 1-D world on a grid: x along axis 0, z along axis 1
+# Sec. 3-4, the paper's identities, by quadrature on a grid: a 1-D world (x along
+# axis 0, z along axis 1) with mixture anchors and nonlinear Gaussian conditionals,
+# numpy and scipy only, no mim.py. Pins down Eq. 6, 7-10, 11, 12-14 and 15.
 # ----------------------------------------------------------------------------------------
 
 GRID = np.linspace(-12.0, 12.0, 1201)
+
+
 STEP = GRID[1] - GRID[0]
 
 
@@ -168,7 +180,47 @@ def test_eq15_vae_as_cross_entropies(world):
 
 
 # ----------------------------------------------------------------------------------------
-# The objectives of mim.py against their integrals
+# Sec. 3, the model's distributions: normalized log-densities in nats, against
+# scipy, quadrature and enumeration.
+# ----------------------------------------------------------------------------------------
+
+def test_diag_gaussian_matches_scipy():
+    loc, scale = torch.tensor([0.3, -1.0, 2.0]), torch.tensor([0.5, 1.5, 0.1])
+    v = torch.tensor([[0.0, 0.0, 2.05], [1.0, -2.0, 1.9]])
+    expected = multivariate_normal(loc.numpy(), np.diag(scale.numpy() ** 2)).logpdf(v.numpy())
+    assert mim.diag_gaussian(loc, scale).log_prob(v).numpy() == pytest.approx(expected, abs=1e-5)
+
+
+def test_conditionals_and_mixture_integrate_to_one():
+    torch.manual_seed(0)
+    v = torch.tensor(GRID)[:, None]
+    gauss = mim.GaussianMLP(3, 1, 8).double()(torch.randn(5, 3, dtype=torch.float64))
+    log_dens = gauss.base_dist.log_prob(v[:, None, :]).squeeze(-1)      # (G, 5)
+    assert np.exp(log_dens.detach().numpy()).sum(0) * STEP == pytest.approx(np.ones(5), abs=1e-9)
+    mog = mim.MixtureOfGaussians(2, 4).double()()
+    xx, yy = np.meshgrid(GRID, GRID, indexing="ij")
+    pts = torch.tensor(np.stack([xx.ravel(), yy.ravel()], 1))
+    with torch.no_grad():
+        assert float(mog.log_prob(pts).exp().sum()) * STEP ** 2 == pytest.approx(1.0, abs=1e-8)
+
+
+def test_bernoulli_sums_to_one_over_all_binary_vectors():
+    torch.manual_seed(0)
+    dist = mim.BernoulliMLP(2, 4, 8)(torch.randn(3, 2))                 # 3 points, 4 bits
+    bits = torch.tensor([[(i >> k) & 1 for k in range(4)] for i in range(16)]).float()
+    log_probs = dist.log_prob(bits[:, None, :])                         # (16, 3)
+    assert torch.logsumexp(log_probs, 0).detach().numpy() == pytest.approx(np.zeros(3), abs=1e-6)
+
+
+def test_standard_normal_anchor_has_its_constant():
+    value = mim.StandardNormal(2)().log_prob(torch.zeros(2)).item()
+    assert value == pytest.approx(-math.log(2 * math.pi), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# Sec. 4, Eq. 7, 8, 12 and Algorithms 1-2: each objective of mim.py is a Monte Carlo
+# estimate of its integral on the grid, with finite gradients, and Algorithm 2's
+# bound of log q(x) puts its loss above Eq. 8.
 # ----------------------------------------------------------------------------------------
 
 ANCHOR_1D = datasets.GaussianMixture(np.array([[-1.0], [1.5]]), 0.6)
@@ -261,44 +313,8 @@ def test_objective_gradient_is_finite(loss, q_x):
 
 
 # ----------------------------------------------------------------------------------------
-# Distributions are normalized
-# ----------------------------------------------------------------------------------------
-
-def test_diag_gaussian_matches_scipy():
-    loc, scale = torch.tensor([0.3, -1.0, 2.0]), torch.tensor([0.5, 1.5, 0.1])
-    v = torch.tensor([[0.0, 0.0, 2.05], [1.0, -2.0, 1.9]])
-    expected = multivariate_normal(loc.numpy(), np.diag(scale.numpy() ** 2)).logpdf(v.numpy())
-    assert mim.diag_gaussian(loc, scale).log_prob(v).numpy() == pytest.approx(expected, abs=1e-5)
-
-
-def test_conditionals_and_mixture_integrate_to_one():
-    torch.manual_seed(0)
-    v = torch.tensor(GRID)[:, None]
-    gauss = mim.GaussianMLP(3, 1, 8).double()(torch.randn(5, 3, dtype=torch.float64))
-    log_dens = gauss.base_dist.log_prob(v[:, None, :]).squeeze(-1)      # (G, 5)
-    assert np.exp(log_dens.detach().numpy()).sum(0) * STEP == pytest.approx(np.ones(5), abs=1e-9)
-    mog = mim.MixtureOfGaussians(2, 4).double()()
-    xx, yy = np.meshgrid(GRID, GRID, indexing="ij")
-    pts = torch.tensor(np.stack([xx.ravel(), yy.ravel()], 1))
-    with torch.no_grad():
-        assert float(mog.log_prob(pts).exp().sum()) * STEP ** 2 == pytest.approx(1.0, abs=1e-8)
-
-
-def test_bernoulli_sums_to_one_over_all_binary_vectors():
-    torch.manual_seed(0)
-    dist = mim.BernoulliMLP(2, 4, 8)(torch.randn(3, 2))                 # 3 points, 4 bits
-    bits = torch.tensor([[(i >> k) & 1 for k in range(4)] for i in range(16)]).float()
-    log_probs = dist.log_prob(bits[:, None, :])                         # (16, 3)
-    assert torch.logsumexp(log_probs, 0).detach().numpy() == pytest.approx(np.zeros(3), abs=1e-6)
-
-
-def test_standard_normal_anchor_has_its_constant():
-    value = mim.StandardNormal(2)().log_prob(torch.zeros(2)).item()
-    assert value == pytest.approx(-math.log(2 * math.pi), abs=1e-6)
-
-
-# ----------------------------------------------------------------------------------------
-# The score-function estimator (App. D.2)
+# App. D.2, the score-function gradient of binary decoder samples: unbiased against
+# exact gradients (enumeration, Gauss-Hermite), and the variance its baselines save.
 # ----------------------------------------------------------------------------------------
 
 def gradient(scalar, params):
@@ -434,7 +450,8 @@ def test_prior_anchor_draws_codes_from_the_model_prior():
 
 
 # ----------------------------------------------------------------------------------------
-# Warm-up: the weight beta on log p(z), and the authors' image objective
+# Sec. 5, warm-up and the optimizer: the schedules, beta on log p(z), the authors'
+# image objective, Algorithm 2 at full weights, normalized gradients.
 # ----------------------------------------------------------------------------------------
 
 def draws_of_two_level_terms(model, x, seed):
@@ -509,8 +526,572 @@ def test_normalized_gradients_have_unit_norm_and_keep_their_direction():
                                                      dim=0) > 1 - 1e-6
 
 
+def test_warmup_schedules():
+    assert mim.warmup_weights("paper", 0.0, 3) == mim.Weights(p=0.0, kl=0.0)
+    assert mim.warmup_weights("paper", 1.5, 3) == mim.Weights(p=0.25, kl=0.5)
+    assert mim.warmup_weights("paper", 7.0, 3) == mim.FULL
+    early = mim.warmup_weights("authors", 0.5, 3)            # epoch 1 of 3
+    assert early.q == pytest.approx(0.5 / 3) and not early.decoder_samples
+    assert mim.warmup_weights("authors", 2.5, 3) == mim.FULL   # epoch 3: full, with D_dec
+    assert mim.warmup_weights("paper", 0.0, 0) == mim.FULL
+    delay = mim.PRIOR_DELAY * 4
+    assert mim.warmup_weights("prior", delay, 4) == mim.Weights(prior=0.0, kl=delay / 4)
+    halfway = mim.warmup_weights("prior", delay + (4 - delay) / 2, 4)
+    assert halfway.prior == pytest.approx(0.5)
+    assert halfway.kl == pytest.approx((delay + (4 - delay) / 2) / 4)
+    assert halfway.decoder_samples and halfway.q == halfway.p == 0.5
+    assert early.top_prior == pytest.approx(1 / 3)
+
+
 # ----------------------------------------------------------------------------------------
-# Evaluation tools against known answers
+# Sec. 5.2 and App. D.1, the image networks (convHVAE, PixelHVAE, VampPrior): shapes,
+# normalization over all binary images, causality, bounds, finite gradients.
+# ----------------------------------------------------------------------------------------
+
+TINY = (1, 4, 4)  # 16 pixels: small enough to sum over all 2^16 binary images
+
+
+def tiny_model(arch, prior="normal", z_dim=1, seed=0):
+    torch.manual_seed(seed)
+    spec = mim.ModelSpec(x_dim=math.prod(TINY), binary=True, image_shape=TINY, arch=arch,
+                         prior=prior, z_dim=z_dim, prior_components=3)
+    return mim.build_model(spec, x_init=torch.rand(10, math.prod(TINY))).double()
+
+
+def all_binary_images(dim):
+    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=dim)), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("decoder", [mim.ConvDecoder, mim.PixelDecoder])
+def test_image_decoders_are_normalized_over_all_binary_images(decoder):
+    torch.manual_seed(0)
+    shape = (1, 3, 4)                                # 12 pixels: 4096 binary images
+    p_x_given_z = decoder(shape, 2).double()
+    x = all_binary_images(12)                                           # (4096, 12)
+    with torch.no_grad():
+        for z in torch.randn(3, 4, dtype=torch.float64):
+            log_p = p_x_given_z(z.expand(len(x), 4)).log_prob(x)        # (4096,)
+            assert log_p.shape == (len(x),)
+            assert torch.logsumexp(log_p, 0).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def grid_2d(limit=9.0, n=401):
+    v = torch.linspace(-limit, limit, n, dtype=torch.float64)
+    g1, g2 = torch.meshgrid(v, v, indexing="ij")
+    return torch.stack([g1, g2], -1).view(-1, 2), (v[1] - v[0]).item() ** 2
+
+
+@pytest.mark.parametrize("prior", ["normal", "vamp"])
+def test_two_level_posterior_and_prior_integrate_to_one(prior):
+    """z = (z1, z2) with one dimension per level: quadrature on a grid."""
+    model = tiny_model("convhvae", prior)
+    z, cell = grid_2d()
+    x = torch.bernoulli(torch.full((1, math.prod(TINY)), 0.5, dtype=torch.float64))
+    with torch.no_grad():
+        log_q = model.q_z_given_x(x).log_prob(z[:, None, :])             # (N, 1)
+        assert log_q.shape == (len(z), 1)
+        assert (log_q.exp().sum() * cell).item() == pytest.approx(1.0, abs=1e-6)
+        p_z = model.p_z()
+        assert (p_z.log_prob(z).exp().sum() * cell).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_two_level_samples_have_the_shapes_of_the_latent_groups():
+    model = tiny_model("convhvae", "vamp", z_dim=3)
+    x = torch.bernoulli(torch.rand(5, 16, dtype=torch.float64))
+    q = model.q_z_given_x(x)
+    assert model.latent_groups == {"z1": (0, 3), "z2": (3, 6)}
+    assert q.rsample().shape == (5, 6) and q.sample((7,)).shape == (7, 5, 6)
+    assert q.log_prob(q.sample((7,))).shape == (7, 5) and q.mean.shape == (5, 6)
+    assert model.p_z().sample((4,)).shape == (4, 6)
+    assert model.p_x_given_z(q.sample()).log_prob(x).shape == (5,)
+
+
+def test_two_level_mean_is_the_mean_of_samples():
+    model = tiny_model("convhvae", z_dim=2)
+    x = torch.bernoulli(torch.rand(3, 16, dtype=torch.float64))
+    q = model.q_z_given_x(x)
+    torch.manual_seed(1)
+    samples = q.sample((20000,))                                        # (S, 3, 4)
+    se = samples.std(0) / math.sqrt(len(samples))
+    mean_se = se * math.sqrt(1 + len(samples) / mim.MEAN_SAMPLES)       # both are noisy
+    assert ((q.mean - samples.mean(0)).abs() < 4.5 * mean_se).all()
+
+
+def test_vamp_prior_is_the_mixture_of_encoded_pseudo_inputs():
+    model = tiny_model("convhvae", "vamp", z_dim=2)
+    z2 = torch.randn(6, 2, dtype=torch.float64)
+    u = model.prior.pseudo_inputs.clamp(0, 1)                           # (K, D)
+    q = model.q_z_given_x.q_z2_given_x(u)
+    mean, std = q.base_dist.loc, q.base_dist.scale                      # (K, 2)
+    log_n = (-0.5 * ((z2[:, None] - mean) / std) ** 2 - torch.log(std)
+             - 0.5 * math.log(2 * math.pi)).sum(-1)                     # (6, K)
+    explicit = torch.logsumexp(log_n, 1) - math.log(len(u))
+    assert torch.allclose(model.prior(model.q_top).log_prob(z2), explicit, atol=1e-10)
+    z = torch.cat([torch.randn(6, 2, dtype=torch.float64), z2], -1)
+    expected = explicit + model.p_z1_given_z2(z2).log_prob(z[:, :2])
+    assert torch.allclose(model.log_p_z(z), expected, atol=1e-10)
+
+
+def test_encoder_log_variances_are_bounded():
+    model = tiny_model("convhvae", z_dim=2)
+    for p in model.parameters():
+        p.data.mul_(1e3)                                                # push to the limits
+    q = model.q_z_given_x(torch.bernoulli(torch.rand(4, 16, dtype=torch.float64)))
+    for scale in (q.top.base_dist.scale, q.conditional(q.top.sample()).base_dist.scale):
+        logvar = 2 * scale.log()
+        assert (logvar >= mim.LOGVAR_BOUNDS[0] - 1e-9).all()
+        assert (logvar <= mim.LOGVAR_BOUNDS[1] + 1e-9).all()
+
+
+def test_pixelcnn_is_causal():
+    """d logits[i] / d x[j] is zero for every j >= i (raster order) and not for all j < i."""
+    torch.manual_seed(0)
+    net = mim.PixelCNN(1, 2).double()
+    h, w = 5, 5
+    x = torch.bernoulli(torch.full((1, 1, h, w), 0.5, dtype=torch.float64)).requires_grad_()
+    cond = torch.randn(1, 2, h, w, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(lambda v: net(v, cond).flatten(), x)
+    jac = jac.reshape(h * w, h * w)                                     # (output, input)
+    upper = torch.triu(torch.ones(h * w, h * w, dtype=torch.bool))      # j >= i
+    assert (jac[upper] == 0).all()
+    assert (jac[~upper].abs() > 0).float().mean() > 0.5                 # the past does matter
+
+
+def test_pixelcnn_sampling_window_sees_the_whole_receptive_field():
+    torch.manual_seed(0)
+    net = mim.PixelCNN(1, 2).double()
+    x = torch.bernoulli(torch.full((2, 1, 14, 6), 0.5, dtype=torch.float64))
+    cond = torch.randn(2, 2, 14, 6, dtype=torch.float64)
+    full = net(x, cond)
+    for row in range(14):
+        top = max(0, row - net.receptive_rows)
+        crop = net(x[:, :, top:row + 1], cond[:, :, top:row + 1])
+        assert torch.allclose(crop[:, :, row - top], full[:, :, row], atol=1e-12)
+
+
+def test_pixelcnn_samples_follow_its_log_prob():
+    """Frequencies of 4,000 autoregressive samples of a 2x2 image against exp(log_prob)."""
+    torch.manual_seed(0)
+    net = mim.PixelCNN(1, 2)
+    cond = torch.randn(1, 2, 2, 2).expand(4000, -1, -1, -1)
+    dist = mim.PixelCNNBernoulli(net, cond, (1, 2, 2))
+    samples = dist.sample()                                             # (4000, 4)
+    images = all_binary_images(4).float()
+    probs = mim.PixelCNNBernoulli(net, cond[:16], (1, 2, 2)).log_prob(images).exp()
+    counts = (samples[:, None, :] == images[None]).all(-1).sum(0).float()
+    expected = probs.detach() * len(samples)
+    chi2 = (((counts - expected) ** 2) / expected).sum().item()
+    assert abs(probs.sum().item() - 1) < 1e-5
+    assert chi2 < 37.7          # chi-square, 15 degrees of freedom, p = 0.001
+
+
+@pytest.mark.parametrize("arch,loss", [("convhvae", "mim"), ("convhvae", "amim"),
+                                       ("convhvae", "vae"), ("pixelhvae", "mim"),
+                                       ("pixelhvae", "amim")])
+def test_image_objectives_have_finite_gradients(arch, loss):
+    model = tiny_model(arch, "vamp", z_dim=2).float()
+    x = torch.bernoulli(torch.rand(6, 16))
+    value, stats = mim.LOSSES[loss](model, x)
+    value.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert math.isfinite(value.item()) and all(torch.isfinite(g).all() for g in grads)
+    assert model.prior.pseudo_inputs.grad is not None                    # the prior learns
+
+
+# ----------------------------------------------------------------------------------------
+# For comparison, InfoMax-VAE and the inference critics: their bounds against closed
+# forms, the shuffled pairs, the minibatch MI estimate, the critics' parameters.
+# ----------------------------------------------------------------------------------------
+
+def infonce_by_hand(scores):
+    """log B + mean_i log(exp s_ii / sum_j exp s_ji), in float64 numpy."""
+    s = scores.double().numpy()
+    return math.log(len(s)) + np.mean(np.diag(s) - logsumexp(s, axis=0))
+
+
+def test_infonce_is_at_most_log_batch_size_and_reaches_it_for_a_perfect_critic():
+    torch.manual_seed(0)
+    for b in (2, 16, 128):
+        scores = 3 * torch.randn(b, b, dtype=torch.float64)
+        value = mim.infonce(scores).item()
+        assert value == pytest.approx(infonce_by_hand(scores), abs=1e-12)
+        assert value <= math.log(b)
+        perfect = 1e3 * torch.eye(b, dtype=torch.float64)      # always picks its own x
+        assert mim.infonce(perfect).item() == pytest.approx(math.log(b), abs=1e-12)
+        uninformed = torch.zeros(b, b, dtype=torch.float64)    # independent x and z
+        assert mim.infonce(uninformed).item() == pytest.approx(0.0, abs=1e-12)
+
+
+GAUSS_P, GAUSS_Q = (0.5, 0.8), (-0.3, 1.3)                  # (mean, std) of P and Q
+
+
+def gaussian_kl(p, q):
+    (m1, s1), (m2, s2) = p, q
+    return math.log(s2 / s1) + (s1 ** 2 + (m1 - m2) ** 2) / (2 * s2 ** 2) - 0.5
+
+
+def log_ratio(v):                                           # log dP/dQ
+    return norm.logpdf(v, *GAUSS_P) - norm.logpdf(v, *GAUSS_Q)
+
+
+@pytest.mark.parametrize("bound,shift", [("f", 1.0), ("dv", 0.0), ("dv", 3.0)])
+def test_kl_dual_is_a_lower_bound_tight_at_the_optimal_critic(bound, shift):
+    """KL(N(0.5, 0.8^2) || N(-0.3, 1.3^2)) in closed form against the duals on 400,000
+    samples: the optimal critic (1 + log ratio for f, log ratio + any constant for DV)
+    reaches it within Monte Carlo error; scaled, shifted or shrunk critics stay below."""
+    rng = np.random.default_rng(0)
+    on_p = rng.normal(*GAUSS_P, size=400_000)
+    on_q = rng.normal(*GAUSS_Q, size=400_000)
+    exact = gaussian_kl(GAUSS_P, GAUSS_Q)
+
+    def dual(critic):
+        t = [torch.as_tensor(critic(v)) for v in (on_p, on_q)]
+        return mim.kl_dual(*t, bound).item()
+
+    assert dual(lambda v: log_ratio(v) + shift) == pytest.approx(exact, abs=0.01)
+    worse = [lambda v: 0.5 * log_ratio(v) + shift, lambda v: 1.5 * log_ratio(v) + shift,
+             lambda v: 0 * v + shift]
+    if bound == "f":                                        # DV ignores a constant shift
+        worse.append(lambda v: log_ratio(v) + shift - 0.5)
+    for critic in worse:
+        assert dual(critic) < exact - 0.02
+    for critic in worse:                                    # -log u >= 1 - u
+        t = [torch.as_tensor(critic(v)) for v in (on_p, on_q)]
+        assert mim.kl_dual(*t, "dv") >= mim.kl_dual(t[0] + 1, t[1] + 1, "f")
+
+
+def test_shuffled_pairs_are_a_derangement_and_samples_of_the_product_of_marginals():
+    """x ~ N(0, 1) with z = x + 0.3 noise: correlation 0.96 in the matched pairs. After
+    shuffling, x and z are independent: the correlation is within 4 standard errors of
+    zero and a chi-square test on the quadrant counts does not reject; z keeps its
+    marginal (the same values)."""
+    torch.manual_seed(0)
+    xs, zs = [], []
+    for _ in range(200):
+        x = torch.randn(128, 1, dtype=torch.float64)
+        z = x + 0.3 * torch.randn_like(x)
+        shuffled = mim.shuffled_pairs(z)
+        assert torch.equal(shuffled.sort(0).values, z.sort(0).values)
+        xs.append(x)
+        zs.append(shuffled)
+    x, z = torch.cat(xs).squeeze(1).numpy(), torch.cat(zs).squeeze(1).numpy()
+    assert abs(np.corrcoef(x, z)[0, 1]) < 4 / math.sqrt(len(x))
+    counts = np.histogram2d(x, z, bins=[[-np.inf, 0, np.inf]] * 2)[0]
+    assert scipy.stats.chi2_contingency(counts).pvalue > 1e-3
+    index = torch.arange(50.0).unsqueeze(1)
+    for _ in range(100):                                    # no pair stays matched
+        assert not (mim.shuffled_pairs(index) == index).any()
+
+
+def critic_model(loss, arch="mlp"):
+    torch.manual_seed(0)
+    if arch == "mlp":
+        cfg = mim.Config(data="toy20d", z_dim=3, hidden=8, loss=loss)
+        return mim.build_model(mim.model_spec(cfg, {"x_dim": 5, "binary": False})), cfg
+    cfg = mim.Config(data="mnist", arch=arch, z_dim=2, loss=loss)
+    info = {"x_dim": 16, "binary": True, "image_shape": TINY}
+    return mim.build_model(mim.model_spec(cfg, info)), cfg
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("arch", ["mlp", "convhvae"])
+def test_self_critic_adds_no_parameters_and_the_network_critics_do(arch):
+    vae = n_params(critic_model("vae", arch)[0])
+    assert n_params(critic_model("critic-self", arch)[0]) == vae
+    assert critic_model("critic-self", arch)[0].critic is None
+    for loss in ("critic-nn", "critic-hybrid", "infomax"):
+        model, _ = critic_model(loss, arch)
+        assert n_params(model) == vae + n_params(model.critic) > vae
+    hybrid, nn_critic = critic_model("critic-hybrid", arch)[0], critic_model("critic-nn",
+                                                                            arch)[0]
+    assert hybrid.critic.trunk is None and nn_critic.critic.trunk is not None
+    assert n_params(nn_critic.critic) > n_params(hybrid.critic)
+
+
+def test_hybrid_critic_reads_the_encoders_first_layers_and_nn_critic_does_not():
+    """The InfoNCE term alone: its gradient reaches the encoder's first layer through
+    the shared features (hybrid) or only through z (neural); the decoder gets none."""
+    for loss, shares in (("critic-hybrid", True), ("critic-nn", False)):
+        model, _ = critic_model(loss)
+        x = torch.randn(32, 5)
+        q_z_given_x = model.q_z_given_x(x)
+        z = q_z_given_x.rsample().detach()                  # no path through z
+        mim.infonce(mim.network_critic_scores(model, x, q_z_given_x, z)).backward()
+        first = model.q_z_given_x.net[0].weight.grad
+        assert (first is not None and first.abs().sum() > 0) == shares
+        assert all(p.grad is None for p in model.p_x_given_z.parameters())
+
+
+@pytest.mark.parametrize("arch", ["mlp", "convhvae"])
+def test_pairwise_log_prob_equals_one_encoding_per_pair(arch):
+    model, _ = critic_model("critic-self", arch)
+    x = torch.randn(6, 5) if arch == "mlp" else torch.bernoulli(torch.full((6, 16), 0.5))
+    with torch.no_grad():
+        q_z_given_x = model.q_z_given_x(x)
+        z = q_z_given_x.sample()[:4]
+        pairs = mim.pairwise_log_prob(q_z_given_x, z)
+        by_pair = torch.tensor([[model.q_z_given_x(x[j:j + 1]).log_prob(z[i:i + 1]).item()
+                                 for i in range(4)] for j in range(6)])
+    assert pairs.shape == (6, 4)
+    assert torch.allclose(pairs, by_pair, atol=1e-4)
+
+
+class LinearGaussianEncoder(torch.nn.Module):
+    """q(z|x) = N(A x, s^2 I)."""
+
+    def __init__(self, a, s):
+        super().__init__()
+        self.a, self.s = a, s
+
+    def forward(self, x):
+        loc = x @ self.a.T
+        return mim.diag_gaussian(loc, torch.full_like(loc, self.s))
+
+
+def test_minibatch_mi_and_kl_match_the_closed_form_on_a_linear_gaussian_encoder():
+    """x ~ N(0, I_2), q(z|x) = N(A x, s^2 I), p(z) = N(0, I). Then I(x; z) =
+    1/2 log det(I + A A^T / s^2) and E_x KL(q(z|x) || p(z)) = 1/2 sum_k (s^2 + A_kk^2 - 1
+    - log s^2) for diagonal A. With B = 1000 the MI estimate is within 0.03 nats (1.96
+    nats; over seeds 0-3 it fell within 0.021), the KL within 4 standard errors."""
+    a, s = torch.diag(torch.tensor([2.0, 0.7], dtype=torch.float64)), 0.5
+    model = mim.Model(LinearGaussianEncoder(a, s), None, mim.StandardNormal(2), None, 2)
+    model.double()
+    torch.manual_seed(0)
+    x = torch.randn(20_000, 2, dtype=torch.float64)
+    terms = evaluate.posterior_kl_terms(model, x, batch=1000)
+    mi = 0.5 * np.linalg.slogdet(np.eye(2) + (a @ a.T).numpy() / s ** 2)[1]
+    kl = 0.5 * sum(s ** 2 + a_kk ** 2 - 1 - math.log(s ** 2) for a_kk in (2.0, 0.7))
+    assert terms["test_mi_batch"] == pytest.approx(mi, abs=0.03)
+    sd = 3.13                                   # of one KL sample, measured on 200,000
+    assert terms["test_kl"] == pytest.approx(kl, abs=4 * sd / math.sqrt(len(x)))
+    assert terms["test_mi_batch_cap"] == pytest.approx(math.log(1000))
+    assert terms["test_kl"] - terms["test_marginal_kl"] == pytest.approx(terms["test_mi_batch"])
+
+
+def test_minibatch_mi_is_the_self_critics_infonce_and_at_most_log_b():
+    model, _ = critic_model("critic-self")
+    torch.manual_seed(1)
+    x = 3 * torch.randn(64, 5)
+    torch.manual_seed(2)
+    terms = evaluate.posterior_kl_terms(model, x, batch=64)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        q_z_given_x = model.q_z_given_x(x)
+        nce = mim.infonce(mim.self_critic_scores(model, x, q_z_given_x, q_z_given_x.sample()))
+    assert terms["test_mi_batch"] == pytest.approx(nce.item(), abs=1e-5)
+    assert terms["test_mi_batch"] <= math.log(64)
+
+
+def test_critic_network_gets_its_own_learning_rate():
+    model, cfg = critic_model("infomax")
+    groups = mim.optimizer(model, cfg).param_groups
+    assert [g["lr"] for g in groups] == [cfg.lr, cfg.critic_lr]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.critic.parameters()}
+    assert len(mim.optimizer(*critic_model("critic-self")).param_groups) == 1
+
+
+@pytest.mark.parametrize("loss", ["infomax", "critic-self", "critic-nn", "critic-hybrid"])
+@pytest.mark.parametrize("arch", ["mlp", "convhvae"])
+def test_comparison_objectives_have_finite_gradients_and_report_the_elbo(loss, arch):
+    model, cfg = critic_model(loss, arch)
+    x = torch.randn(16, 5) if arch == "mlp" else torch.bernoulli(torch.full((16, 16), 0.5))
+    value, stats = mim.objective(cfg)(model, x, mim.FULL)
+    value.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert stats["loss"] == pytest.approx(stats["rec"] + stats["kl"], rel=1e-5)
+    bound = stats.get("mi_dual", stats.get("infonce"))
+    assert math.isfinite(bound) and (loss == "infomax" or bound <= math.log(16) + 1e-6)
+
+
+def test_infomax_dv_bound_and_weights_reach_the_objective():
+    model, cfg = critic_model("infomax")
+    x = torch.randn(32, 5)
+    values = {}
+    for alpha in (0.0, 2.0):
+        torch.manual_seed(3)
+        loss = mim.objective(dataclasses.replace(cfg, alpha=alpha, mi_bound="dv"))
+        values[alpha] = loss(model, x, mim.FULL)
+    (l0, s0), (l2, s2) = values[0.0], values[2.0]
+    assert l0.item() == pytest.approx(s0["rec"] + s0["kl"], rel=1e-5)
+    assert l2.item() == pytest.approx(l0.item() - 2.0 * s2["mi_dual"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# mim.py as a library: copied alone it needs only torch; no import circle; --amp
+# keeps the densities in float32; the CPU speed-ups change no result.
+# ----------------------------------------------------------------------------------------
+
+LIBRARY_ALONE = """
+import sys, torch, mim
+local = {"datasets", "evaluate", "scipy", "sklearn", "matplotlib"} & set(sys.modules)
+torch.manual_seed(0)
+x = torch.cat([0.1 * torch.randn(600, 2) + 1, 0.1 * torch.randn(600, 2) - 1])
+x = x[torch.randperm(len(x))]
+model = mim.build_model(mim.ModelSpec(x_dim=2, z_dim=2, hidden=16))
+best, best_epoch, epochs, history = mim.train(model, mim.mim_loss, x[:1000], x[1000:],
+                                              mim.TrainSpec(epochs=4, warmup=1))
+print(sorted(local), epochs, history[0]["val_loss"], history[-1]["val_loss"])
+"""
+
+
+def test_mim_py_copied_alone_imports_nothing_else_and_trains_a_toy_model(tmp_path):
+    """The library needs only mim.py and torch: copied into an empty folder, it imports
+    none of the repository's other files (nor scipy, sklearn, matplotlib) and trains."""
+    shutil.copy(os.path.join(HERE, "mim.py"), tmp_path)
+    proc = subprocess.run([sys.executable, "-E", "-s", "-c", LIBRARY_ALONE], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    local, epochs, first, last = proc.stdout.split(" ", 1)[0], *proc.stdout.split()[-3:]
+    assert local == "[]" and int(epochs) == 4 and float(last) < float(first)
+    assert sorted(os.listdir(tmp_path)) in (["mim.py"], ["__pycache__", "mim.py"])
+
+
+def local_imports(path, names):
+    """The names in `names` that the file imports anywhere, inside functions too."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module.split(".")[0])
+    return found & names
+
+
+def test_no_import_circle_among_the_top_level_modules():
+    """mim.py's command line uses datasets.py and evaluate.py; neither of them, nor
+    anything they import, imports mim.py back."""
+    modules = {"mim", "datasets", "evaluate", "bench"}
+    graph = {m: local_imports(os.path.join(HERE, m + ".py"), modules - {m}) for m in modules}
+    assert graph["mim"] == {"datasets", "evaluate"}
+    assert graph["datasets"] == graph["evaluate"] == set()
+
+    def reaches(start, target, seen=()):
+        return any(n == target or (n not in seen and reaches(n, target, (*seen, n)))
+                   for n in graph[start])
+    assert not [m for m in modules if reaches(m, m)]
+
+
+@pytest.mark.parametrize("loss", ["vae", "mim", "critic-hybrid"])
+def test_amp_runs_networks_in_bf16_and_densities_in_float32(loss):
+    torch.manual_seed(0)
+    cfg = mim.Config(data="mnist", arch="convhvae", prior="vamp", prior_components=5,
+                     z_dim=4, loss=loss, amp=True)
+    info = {"x_dim": 784, "binary": True, "image_shape": (1, 28, 28)}
+    model = mim.build_model(mim.model_spec(cfg, info), x_init=torch.rand(20, 784))
+    x = torch.bernoulli(torch.full((8, 784), 0.3))
+    with mim.autocast(x.device, True):
+        assert model.q_z_given_x.z2_features(x.view(-1, 1, 28, 28)).dtype == torch.bfloat16
+        q_z_given_x = model.q_z_given_x(x)
+        z = q_z_given_x.rsample()
+        assert q_z_given_x.top.base_dist.loc.dtype == torch.float32
+        assert model.p_x_given_z(z).base_dist.logits.dtype == torch.float32
+        assert model.log_p_z(z).dtype == torch.float32
+        torch.manual_seed(1)
+        low, _ = mim.objective(cfg)(model, x, mim.FULL)
+    torch.manual_seed(1)
+    full, _ = mim.objective(cfg)(model, x, mim.FULL)
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(full.item(), rel=0.02)   # bf16 keeps 8 bits
+
+
+def test_amp_is_a_switch():
+    assert mim.parse_args(["--amp"])[0].amp and not mim.parse_args([])[0].amp
+
+
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_image_gradient_passes_gradcheck(kernel):
+    torch.manual_seed(0)
+    conv = mim.OneChannelConv(1, 6, kernel, padding=kernel // 2).double()
+    conv = conv.to(memory_format=torch.channels_last)
+    v = torch.rand(3, 1, 9, 9, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda v, w, b: mim.ImageGradient.apply(v, w, b, conv.padding), (v, conv.weight, conv.bias))
+
+
+def test_one_channel_conv_has_the_gradients_of_nn_conv2d():
+    torch.manual_seed(0)
+    ours = mim.speed_up(mim.gated_conv(1, 32, 7)).layer
+    assert isinstance(ours, mim.OneChannelConv)
+    ref = torch.nn.Conv2d(1, 64, 7, padding=3)
+    ref.load_state_dict(ours.state_dict())
+    v = torch.rand(16, 1, 28, 28, requires_grad=True)
+    g = torch.randn(16, 64, 28, 28)
+    got = torch.autograd.grad(ours(v), [v, ours.weight, ours.bias], g)
+    want = torch.autograd.grad(ref(v), [v, ref.weight, ref.bias], g)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_speed_up_changes_layers_and_layout_not_parameters_or_results():
+    """speed_up gives the first convolution of each network its own input gradient and
+    the channels_last layout: the parameters and their names stay, and the loss and its
+    gradient stay those of the plain model up to rounding."""
+    torch.manual_seed(0)
+    spec = mim.ModelSpec(x_dim=784, binary=True, image_shape=(1, 28, 28), arch="convhvae",
+                         prior="vamp", prior_components=5, z_dim=4)
+    plain = mim.build_model(spec, x_init=torch.rand(20, 784))
+    fast = mim.speed_up(copy.deepcopy(plain))
+    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert sum(isinstance(m, mim.OneChannelConv) for m in fast.modules()) == 3
+    assert fast.p_x_given_z.to_image.layer.weight.is_contiguous()            # dense: as it was
+    assert fast.q_z_given_x.z2_features[1].layer.weight.is_contiguous(
+        memory_format=torch.channels_last)
+    x = torch.bernoulli(torch.full((8, 784), 0.3))
+    results = []
+    for model in (plain, fast):
+        torch.manual_seed(1)
+        loss, _ = mim.mim_loss(model, x)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (loss_plain, grads_plain), (loss_fast, grads_fast) = results
+    assert torch.allclose(loss_plain, loss_fast, rtol=1e-5)
+    for a, b in zip(grads_plain, grads_fast):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * (b.abs().max().item() + 1e-12))
+
+
+def test_one_channel_conv_input_gradient_under_bf16_autocast():
+    torch.manual_seed(0)
+    conv = mim.OneChannelConv(1, 64, 7, padding=3).to(memory_format=torch.channels_last)
+    v = torch.rand(8, 1, 28, 28, requires_grad=True)
+    g = torch.randn(8, 64, 28, 28)
+    full = torch.autograd.grad(conv(v), v, g)[0]
+    with torch.autocast("cpu", torch.bfloat16):
+        out = conv(v)
+    low = torch.autograd.grad(out, v, g.to(out.dtype))[0]
+    assert out.dtype == torch.bfloat16 and low.dtype == torch.float32
+    assert (low - full).norm() < 0.02 * full.norm()      # bf16 keeps 8 bits
+
+
+PAGE_FAULT_PROBE = """
+import resource, sys, torch, mim
+took = mim.reuse_freed_memory() if sys.argv[1] == "reuse" else None
+faults = []
+for _ in range(10):      # the heap settles after a few allocations, how many varies
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(2 ** 24)  # 64 MiB, written and freed
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(took, min(faults[5:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_reuse_freed_memory_removes_the_page_faults_of_repeated_allocations():
+    pages = 2 ** 26 // 4096
+    faults = {}
+    for mode in ("default", "reuse"):
+        out = subprocess.run([sys.executable, "-c", PAGE_FAULT_PROBE, mode], check=True,
+                             capture_output=True, text=True, cwd=HERE).stdout.split()
+        faults[mode] = int(out[1])
+    assert out[0] == "True"
+    assert faults["default"] >= 0.9 * pages        # a fresh mapping: a fault per page
+    assert faults["reuse"] < 0.05 * pages
+
+
+# ----------------------------------------------------------------------------------------
+# evaluate.py: KSG, 5-NN, the IWAE and AIS NLL, RMSE, active and informative units,
+# the minibatch MI, figures and summaries, each against a known answer.
 # ----------------------------------------------------------------------------------------
 
 def ksg_by_definition(x, z, k):
@@ -694,101 +1275,6 @@ def test_reconstruction_rmse_is_root_mean_squared_euclidean_error():
     assert evaluate.reconstruction_rmse(LinearStub, x) == pytest.approx(expected, rel=1e-3)
 
 
-# ----------------------------------------------------------------------------------------
-# Warm-up, data, checkpoints and the command line
-# ----------------------------------------------------------------------------------------
-
-def test_warmup_schedules():
-    assert mim.warmup_weights("paper", 0.0, 3) == mim.Weights(p=0.0, kl=0.0)
-    assert mim.warmup_weights("paper", 1.5, 3) == mim.Weights(p=0.25, kl=0.5)
-    assert mim.warmup_weights("paper", 7.0, 3) == mim.FULL
-    early = mim.warmup_weights("authors", 0.5, 3)            # epoch 1 of 3
-    assert early.q == pytest.approx(0.5 / 3) and not early.decoder_samples
-    assert mim.warmup_weights("authors", 2.5, 3) == mim.FULL   # epoch 3: full, with D_dec
-    assert mim.warmup_weights("paper", 0.0, 0) == mim.FULL
-    delay = mim.PRIOR_DELAY * 4
-    assert mim.warmup_weights("prior", delay, 4) == mim.Weights(prior=0.0, kl=delay / 4)
-    halfway = mim.warmup_weights("prior", delay + (4 - delay) / 2, 4)
-    assert halfway.prior == pytest.approx(0.5)
-    assert halfway.kl == pytest.approx((delay + (4 - delay) / 2) / 4)
-    assert halfway.decoder_samples and halfway.q == halfway.p == 0.5
-    assert early.top_prior == pytest.approx(1 / 3)
-
-
-def test_std_floor_defaults_by_data_set_and_yields_to_the_flag():
-    assert mim.parse_args(["--data", "pca_fashion_mnist"])[0].std_floor == mim.PCA_STD_FLOOR
-    assert mim.parse_args([])[0].std_floor == mim.STD_FLOOR
-    assert mim.parse_args(["--data", "pca_fashion_mnist", "--std-floor", "0.5"])[0].std_floor == 0.5
-
-
-def test_toy2d_data_is_fixed_by_its_seed_and_labelled():
-    a, b = datasets.load_dataset("toy2d", seed=0), datasets.load_dataset("toy2d", seed=0)
-    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
-    assert not torch.equal(a.x_train, datasets.load_dataset("toy2d", seed=1).x_train)
-    assert not torch.equal(a.x_train[:100], a.x_test[:100])
-    means = torch.tensor(datasets.pentagon_means(), dtype=torch.float32)
-    assert means[3].tolist() == pytest.approx([math.cos(math.radians(144)),
-                                               math.sin(math.radians(144))])
-    offsets = a.x_train - means[a.y_train]
-    assert offsets.std().item() == pytest.approx(0.25, rel=0.02)
-    pdfs = [multivariate_normal(m, 0.25 ** 2 * np.eye(2)).pdf(a.x_test[:50].numpy())
-            for m in means.numpy()]
-    expected = np.log(np.mean(pdfs, axis=0))
-    assert a.anchor.log_prob(a.x_test[:50]).numpy() == pytest.approx(expected, abs=1e-6)
-
-
-def test_checkpoint_round_trip(tmp_path):
-    cfg = mim.Config(q_x="mog", prior="mog")
-    torch.manual_seed(0)
-    info = {"x_dim": 2, "binary": False}
-    model = mim.build_model(mim.model_spec(cfg, info), x_init=torch.randn(100, 2))
-    mim.save_checkpoint(tmp_path / "best.pt", model, cfg, info)
-    loaded, cfg2 = mim.load_checkpoint(tmp_path / "best.pt")
-    assert cfg2 == cfg
-    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert k == k2 and torch.equal(v, v2)
-
-
-def run_cli(*args, cwd=HERE):
-    return subprocess.run([sys.executable, os.path.join(HERE, "mim.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "run"
-    proc = run_cli("--epochs", "3", "--warmup", "1", "--nll-samples", "10", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    return out, proc.stdout
-
-
-def test_cli_trains_and_writes_its_files(trained_run):
-    out, stdout = trained_run
-    assert "test_mi_ksg" in stdout and "nats" in stdout
-    results = json.loads((out / "results.json").read_text())
-    for key in ("test_mi_ksg", "test_nll", "test_rmse", "test_knn5_acc", "best_epoch",
-                "epochs", "train_seconds"):
-        assert math.isfinite(results[key]), key
-    assert json.loads((out / "config.json").read_text())["loss"] == "mim"
-    rows = (out / "log.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("epoch,") and len(rows) == 1 + results["epochs"]
-    for column in ("train_loss_max", "val_au_z", "val_mi_batch", "val_log_std_z",
-                   "val_knn5_mean"):
-        assert column in rows[0].split(",")
-    assert "test_knn5_acc_mean" in results
-    model, cfg = mim.load_checkpoint(out / "best.pt")
-    assert cfg.epochs == 3 and isinstance(model, mim.Model)
-    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
-
-
-def test_evaluate_cli_plots_a_trained_run(trained_run):
-    out, _ = trained_run
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "mim.py"), "evaluate", str(out),
-                           "--nll-samples", "10"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert (out / "fig1.png").read_bytes()[:4] == b"\x89PNG"
-
-
 def test_summary_is_mean_and_std_over_seeds(tmp_path):
     for seed, mi in [(1, 6.0), (2, 7.0), (3, 8.0)]:
         for loss, shift in [("mim", 0.0), ("vae", -5.0)]:
@@ -806,203 +1292,286 @@ def test_summary_is_mean_and_std_over_seeds(tmp_path):
     assert table[("vae",)]["test_nll_tight"] == pytest.approx((75.0, 0.0, 1))
 
 
-@pytest.mark.parametrize("flags,native", [
-    ("fpu sse2 avx2 fma", False),                       # AVX2 only: bf16 is emulated
-    ("fpu avx2 avx512f avx512_bf16", True),
-    ("fpu avx2 avx512f amx_bf16 amx_tile", True),
-    ("fp asimd sve bf16 i8mm", True),                    # ARM Neoverse V1
-])
-def test_native_bf16_reads_the_cpu_flags(tmp_path, flags, native):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    assert mim.native_bf16(torch.device("cpu"), str(cpuinfo)) is native
-    assert mim.native_bf16(torch.device("cpu"), str(tmp_path / "missing")) is False
-
-
-def test_amp_falls_back_to_float32_with_one_warning_without_native_bf16(
-        tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(mim, "native_bf16", lambda device: False)
-    out = tmp_path / "run"
-    mim.main(["--epochs", "1", "--warmup", "1", "--nll-samples", "0", "--amp",
-              "--out", str(out)])
-    warning = [l for l in capsys.readouterr().err.splitlines() if "warning" in l]
-    assert len(warning) == 1 and "--amp ignored" in warning[0]
-    assert json.loads((out / "config.json").read_text())["amp"] is False
-    monkeypatch.setattr(mim, "native_bf16", lambda device: True)
-    assert mim.checked_amp(mim.Config(amp=True), torch.device("cpu")).amp is True
-
-
-@pytest.mark.parametrize("args,needle", [
-    (["--loss", "elbo"], "--loss"),
-    (["--data", "nope"], "unknown data set"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--lr", "abc"], "--lr"),
-])
-def test_cli_rejects_bad_input_in_one_line(tmp_path, args, needle):
-    proc = run_cli(*args, "--out", str(tmp_path / "bad"))
-    assert proc.returncode == 2
-    assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "bad" / "results.json").exists()
-
-
-# ----------------------------------------------------------------------------------------
-# Image networks (Sec. 5.2): shapes, normalization, causality, VampPrior
-# ----------------------------------------------------------------------------------------
-
-TINY = (1, 4, 4)  # 16 pixels: small enough to sum over all 2^16 binary images
-
-
-def tiny_model(arch, prior="normal", z_dim=1, seed=0):
+def tiny_binary_model(z_dim=4, x_dim=16, seed=0):
     torch.manual_seed(seed)
-    spec = mim.ModelSpec(x_dim=math.prod(TINY), binary=True, image_shape=TINY, arch=arch,
-                         prior=prior, z_dim=z_dim, prior_components=3)
-    return mim.build_model(spec, x_init=torch.rand(10, math.prod(TINY))).double()
+    return mim.build_model(mim.ModelSpec(x_dim=x_dim, binary=True, z_dim=z_dim,
+                                          hidden=20)).eval()
 
 
-def all_binary_images(dim):
-    return torch.tensor(list(itertools.product([0.0, 1.0], repeat=dim)), dtype=torch.float64)
+def binary_data(n, x_dim, seed=0):
+    return torch.bernoulli(torch.full((n, x_dim), 0.5),
+                           generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("decoder", [mim.ConvDecoder, mim.PixelDecoder])
-def test_image_decoders_are_normalized_over_all_binary_images(decoder):
-    torch.manual_seed(0)
-    shape = (1, 3, 4)                                # 12 pixels: 4096 binary images
-    p_x_given_z = decoder(shape, 2).double()
-    x = all_binary_images(12)                                           # (4096, 12)
-    with torch.no_grad():
-        for z in torch.randn(3, 4, dtype=torch.float64):
-            log_p = p_x_given_z(z.expand(len(x), 4)).log_prob(x)        # (4096,)
-            assert log_p.shape == (len(x),)
-            assert torch.logsumexp(log_p, 0).item() == pytest.approx(0.0, abs=1e-9)
+def encoder_means_by_hand(encoder, x):
+    """The first half of the encoder's output, by numpy: tanh MLP, loc = out[:, :Z]."""
+    (w1, b1), (w2, b2) = [(layer.weight.detach().double().numpy(),
+                           layer.bias.detach().double().numpy())
+                          for layer in (encoder.net[0], encoder.net[2])]
+    out = np.tanh(x.double().numpy() @ w1.T + b1) @ w2.T + b2
+    return out[:, :out.shape[1] // 2]
 
 
-def grid_2d(limit=9.0, n=401):
-    v = torch.linspace(-limit, limit, n, dtype=torch.float64)
-    g1, g2 = torch.meshgrid(v, v, indexing="ij")
-    return torch.stack([g1, g2], -1).view(-1, 2), (v[1] - v[0]).item() ** 2
+def test_active_units_match_a_numpy_covariance():
+    model, x = tiny_binary_model(), binary_data(12, 16)
+    counts, variance = evaluate.active_units(model, x)
+    expected = np.diag(np.cov(encoder_means_by_hand(model.q_z_given_x, x).T))   # ddof = 1
+    assert variance.numpy() == pytest.approx(expected, rel=1e-5)
+    biased = np.var(encoder_means_by_hand(model.q_z_given_x, x), axis=0)         # ddof = 0
+    assert not np.allclose(variance.numpy(), biased, rtol=1e-3)    # 12/11 apart: ddof shows
+    assert counts == {"test_au_z": int((expected > 0.01).sum())}
 
 
-@pytest.mark.parametrize("prior", ["normal", "vamp"])
-def test_two_level_posterior_and_prior_integrate_to_one(prior):
-    """z = (z1, z2) with one dimension per level: quadrature on a grid."""
-    model = tiny_model("convhvae", prior)
-    z, cell = grid_2d()
-    x = torch.bernoulli(torch.full((1, math.prod(TINY)), 0.5, dtype=torch.float64))
-    with torch.no_grad():
-        log_q = model.q_z_given_x(x).log_prob(z[:, None, :])             # (N, 1)
-        assert log_q.shape == (len(z), 1)
-        assert (log_q.exp().sum() * cell).item() == pytest.approx(1.0, abs=1e-6)
-        p_z = model.p_z()
-        assert (p_z.log_prob(z).exp().sum() * cell).item() == pytest.approx(1.0, abs=1e-6)
+@torch.no_grad()
+def test_active_units_find_the_dimensions_that_depend_on_x():
+    """Mean outputs 1 and 3 ignore x (zero weights, constant bias): inactive; outputs 0
+    and 2 get large weights: Cov_x far above 0.01."""
+    model, x = tiny_binary_model(), binary_data(500, 16)
+    last = model.q_z_given_x.net[2]                  # rows 0-3: loc, rows 4-7: raw scale
+    last.weight[[1, 3]] = 0.0
+    last.bias[[1, 3]] = 0.7
+    last.weight[[0, 2]] *= 20
+    counts, variance = evaluate.active_units(model, x)
+    assert counts == {"test_au_z": 2}
+    assert variance[[1, 3]].abs().max() < 1e-12 and variance[[0, 2]].min() > 0.1
+    model.latent_groups = {"z1": (0, 1), "z2": (1, 4)}       # a two-level split of z
+    assert evaluate.active_units(model, x)[0] == {"test_au_z1": 1, "test_au_z2": 1}
+    assert evaluate.active_units(model, x, threshold=1e6)[0] == {"test_au_z1": 0,
+                                                                 "test_au_z2": 0}
 
 
-def test_two_level_samples_have_the_shapes_of_the_latent_groups():
-    model = tiny_model("convhvae", "vamp", z_dim=3)
-    x = torch.bernoulli(torch.rand(5, 16, dtype=torch.float64))
-    q = model.q_z_given_x(x)
-    assert model.latent_groups == {"z1": (0, 3), "z2": (3, 6)}
-    assert q.rsample().shape == (5, 6) and q.sample((7,)).shape == (7, 5, 6)
-    assert q.log_prob(q.sample((7,))).shape == (7, 5) and q.mean.shape == (5, 6)
-    assert model.p_z().sample((4,)).shape == (4, 6)
-    assert model.p_x_given_z(q.sample()).log_prob(x).shape == (5,)
+def test_epoch_diagnostics_match_their_definitions():
+    """Each per-epoch diagnostic against a direct computation on the same points."""
+    model, data = tiny_binary_model(z_dim=4, x_dim=784), fake_image_data()
+    stats = evaluate.epoch_diagnostics(data, n=40)(model)
+    x, y = data.x_val[:40], data.y_val[:40]
+    assert stats["au_z"] == evaluate.active_units(model, x)[0]["test_au_z"]
+    scale = model.q_z_given_x(x).base_dist.scale
+    assert stats["log_std_z"] == pytest.approx(scale.log().mean().item(), rel=1e-6)
+    x_knn = evaluate.knn_train_inputs(data, 40)
+    assert stats["knn5_mean"] == evaluate.knn_accuracy(
+        evaluate.encoder_means(model, x_knn), data.y_train[:40],
+        evaluate.encoder_means(model, x), y)
+    assert 0 <= stats["mi_batch"] <= math.log(40) + 1e-9
 
 
-def test_two_level_mean_is_the_mean_of_samples():
-    model = tiny_model("convhvae", z_dim=2)
-    x = torch.bernoulli(torch.rand(3, 16, dtype=torch.float64))
-    q = model.q_z_given_x(x)
-    torch.manual_seed(1)
-    samples = q.sample((20000,))                                        # (S, 3, 4)
-    se = samples.std(0) / math.sqrt(len(samples))
-    mean_se = se * math.sqrt(1 + len(samples) / mim.MEAN_SAMPLES)       # both are noisy
-    assert ((q.mean - samples.mean(0)).abs() < 4.5 * mean_se).all()
-
-
-def test_vamp_prior_is_the_mixture_of_encoded_pseudo_inputs():
+def test_log_std_of_a_two_level_posterior_has_one_value_per_level():
     model = tiny_model("convhvae", "vamp", z_dim=2)
-    z2 = torch.randn(6, 2, dtype=torch.float64)
-    u = model.prior.pseudo_inputs.clamp(0, 1)                           # (K, D)
-    q = model.q_z_given_x.q_z2_given_x(u)
-    mean, std = q.base_dist.loc, q.base_dist.scale                      # (K, 2)
-    log_n = (-0.5 * ((z2[:, None] - mean) / std) ** 2 - torch.log(std)
-             - 0.5 * math.log(2 * math.pi)).sum(-1)                     # (6, K)
-    explicit = torch.logsumexp(log_n, 1) - math.log(len(u))
-    assert torch.allclose(model.prior(model.q_top).log_prob(z2), explicit, atol=1e-10)
-    z = torch.cat([torch.randn(6, 2, dtype=torch.float64), z2], -1)
-    expected = explicit + model.p_z1_given_z2(z2).log_prob(z[:, :2])
-    assert torch.allclose(model.log_p_z(z), expected, atol=1e-10)
+    x = torch.bernoulli(torch.rand(5, 16, generator=torch.Generator().manual_seed(0))).double()
+    stats = evaluate.mean_log_std(model, x)
+    top = model.q_z_given_x(x).top.base_dist.scale.log().mean().item()
+    assert set(stats) == {"log_std_z1", "log_std_z2"}
+    assert stats["log_std_z2"] == pytest.approx(top, rel=1e-9)
+    low, high = (0.5 * v for v in mim.LOGVAR_BOUNDS)                   # the clip, as log std
+    assert low - 1e-9 <= stats["log_std_z1"] <= high + 1e-9
 
 
-def test_encoder_log_variances_are_bounded():
-    model = tiny_model("convhvae", z_dim=2)
-    for p in model.parameters():
-        p.data.mul_(1e3)                                                # push to the limits
-    q = model.q_z_given_x(torch.bernoulli(torch.rand(4, 16, dtype=torch.float64)))
-    for scale in (q.top.base_dist.scale, q.conditional(q.top.sample()).base_dist.scale):
-        logvar = 2 * scale.log()
-        assert (logvar >= mim.LOGVAR_BOUNDS[0] - 1e-9).all()
-        assert (logvar <= mim.LOGVAR_BOUNDS[1] + 1e-9).all()
-
-
-def test_pixelcnn_is_causal():
-    """d logits[i] / d x[j] is zero for every j >= i (raster order) and not for all j < i."""
+def test_informative_units_are_a_signal_to_noise_ratio_blind_to_scale():
+    """Unit u gets means a_u x (x ~ N(0, 1)) and noise std s_u: ratio a_u^2 / s_u^2 by
+    construction, 4, 0.25, 1e-4 and 1.44 here, so two units exceed 1 whatever common
+    factor rescales z; Burda's count at 0.01 changes with that factor."""
     torch.manual_seed(0)
-    net = mim.PixelCNN(1, 2).double()
-    h, w = 5, 5
-    x = torch.bernoulli(torch.full((1, 1, h, w), 0.5, dtype=torch.float64)).requires_grad_()
-    cond = torch.randn(1, 2, h, w, dtype=torch.float64)
-    jac = torch.autograd.functional.jacobian(lambda v: net(v, cond).flatten(), x)
-    jac = jac.reshape(h * w, h * w)                                     # (output, input)
-    upper = torch.triu(torch.ones(h * w, h * w, dtype=torch.bool))      # j >= i
-    assert (jac[upper] == 0).all()
-    assert (jac[~upper].abs() > 0).float().mean() > 0.5                 # the past does matter
+    x = torch.randn(200_000, 1, dtype=torch.float64)
+    a = torch.tensor([2.0, 0.5, 0.01, 1.2], dtype=torch.float64)
+    s = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    groups = {"z1": (0, 2), "z2": (2, 4)}
+    for factor in (1.0, 0.01):
+        means, variances = factor * x * a, (factor * s).expand(len(x), 4) ** 2
+        counts, ratio = evaluate.informative_units(means, variances, groups)
+        assert ratio.numpy() == pytest.approx((a / s).pow(2).numpy(), rel=0.01, abs=1e-5)
+        assert counts == {"test_informative_z1": 1, "test_informative_z2": 1}
+    assert evaluate.active_units_of_means(0.01 * x * a, groups)[0] == {"test_au_z1": 0,
+                                                                      "test_au_z2": 0}
 
 
-def test_pixelcnn_sampling_window_sees_the_whole_receptive_field():
+@torch.no_grad()
+def test_two_level_posterior_variance_is_the_total_variance():
+    """z1's variance given x adds the spread of E[z1|x, z2] over z2 to the mean
+    conditional variance: against the variance of 200,000 samples of q(z|x)."""
+    model = tiny_model("convhvae", "vamp", z_dim=2)
+    x = torch.bernoulli(torch.rand(3, 16, generator=torch.Generator().manual_seed(0))).double()
+    torch.manual_seed(1)
+    samples = model.q_z_given_x(x).sample((200_000,))                   # (S, 3, 4)
+    torch.manual_seed(2)
+    variance = torch.stack([evaluate.posterior_variances(model, x) for _ in range(200)])
+    assert variance.mean(0).numpy() == pytest.approx(samples.var(0).numpy(), rel=0.03)
+
+
+@torch.no_grad()
+def test_nll_of_fair_coin_pixels_is_one_bit_per_dimension():
+    """Decoder logits 0 make p(x|z) = 2^-D for every z, and an encoder q(z|x) = N(0, I) =
+    p(z) makes every importance weight exactly p(x): NLL = D ln 2 nats = 1 bit/dim."""
+    D = 784
+    model = mim.build_model(mim.ModelSpec(x_dim=D, binary=True, z_dim=3, hidden=8))
+    decoder_out, encoder_out = model.p_x_given_z.net[2], model.q_z_given_x.net[2]
+    for layer in (decoder_out, encoder_out):
+        layer.weight.zero_()
+        layer.bias.zero_()
+    encoder_out.bias[3:] = math.log(math.expm1(1.0 - mim.STD_FLOOR))   # scale exactly 1
+    x = binary_data(7, D)
+    nll = evaluate.iwae_nll(model, x, 50)
+    assert nll.numpy() == pytest.approx(D * math.log(2), rel=1e-5)
+    assert evaluate.bits_per_dim(float(nll.mean()), D) == pytest.approx(1.0, rel=1e-5)
+    assert evaluate.bits_per_dim(100.0, 10) == pytest.approx(100 / (10 * math.log(2)))
+
+
+class FixedNoise:
+    """q(z|x) whose samples come, in order, from a fixed table of standard-normal noise."""
+
+    def __init__(self, q, eps):
+        self.q, self.eps, self.used = q, eps, 0
+
+    def sample(self, shape):
+        n = shape[0]
+        eps = self.eps[self.used:self.used + n]
+        self.used += n
+        return self.q.base_dist.loc + self.q.base_dist.scale * eps
+
+    def log_prob(self, z):
+        return self.q.log_prob(z)
+
+
+class FixedNoiseModel:
+    """A model whose encoder draws point i's samples from eps[:, i] in every chunking."""
+
+    def __init__(self, model, eps):
+        self.model, self.eps, self.point = model, eps, 0
+        self.p_x_given_z, self.p_z = model.p_x_given_z, model.p_z
+
+    def q_z_given_x(self, x):
+        eps = self.eps[:, self.point:self.point + len(x)]
+        self.point += len(x)
+        return FixedNoise(self.model.q_z_given_x(x), eps)
+
+
+@torch.no_grad()
+def test_iwae_chunked_over_samples_equals_one_pass():
+    model, x = tiny_binary_model(), binary_data(5, 16)
+    S = 300
+    eps = torch.randn(S, len(x), 4, generator=torch.Generator().manual_seed(1))
+    q = model.q_z_given_x(x)
+    z = q.base_dist.loc + q.base_dist.scale * eps                              # (S, N, Z)
+    log_w = (model.p_x_given_z(z).log_prob(x.expand(S, -1, -1)) + model.p_z().log_prob(z)
+             - q.log_prob(z))
+    direct = (math.log(S) - torch.logsumexp(log_w, 0)).numpy()
+    one_pass = evaluate.iwae_nll(FixedNoiseModel(model, eps), x, S, max_batch=10 ** 6)
+    chunked = evaluate.iwae_nll(FixedNoiseModel(model, eps), x, S, max_batch=64)
+    assert one_pass.numpy() == pytest.approx(direct, abs=1e-5)
+    assert chunked.numpy() == pytest.approx(direct, abs=1e-5)
+    assert evaluate.sample_chunks(300, 64) == [64, 64, 64, 64, 44]
+
+
+def test_ksg_refuses_high_dimensional_binary_x():
+    x = binary_data(500, 784).numpy()
+    z = np.random.default_rng(0).standard_normal((500, 2))
+    with pytest.raises(ValueError, match="binary.*pca_fashion_mnist"):
+        evaluate.ksg_mi(x, z)
+    assert evaluate.ksg_counts_ties(x, 5)
+    assert evaluate.ksg_counts_ties(binary_data(10_000, 11).numpy(), 5)   # log2(2000) < 11
+
+
+def test_ksg_accepts_continuous_features_and_low_dimensional_binary_x():
+    """20 continuous features (as PCA data) are accepted. Binary x of 2 dimensions equal to
+    the signs of z ~ N(0, I): I(x; z) = H(x) = 2 ln 2 exactly."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 20))
+    assert not evaluate.ksg_counts_ties(x, 5)
+    assert evaluate.ksg_mi(x, x[:, :2] + 0.1 * rng.standard_normal((2000, 2))) > 0.3
+    z = rng.standard_normal((4000, 2))
+    signs = (z > 0).astype(float)
+    assert not evaluate.ksg_counts_ties(signs, 5)
+    assert evaluate.ksg_mi(signs, z) == pytest.approx(2 * math.log(2), abs=0.05)
+
+
+def fake_image_data(n=120, seed=0):
+    """A stand-in for a binarized-image data set: 784-D binary x, 3 classes."""
+    x = binary_data(3 * n, 784, seed)
+    y = torch.arange(3 * n) % 3
+    return types.SimpleNamespace(
+        x_train=x[:n], y_train=y[:n], x_val=x[n:2 * n], y_val=y[n:2 * n], x_test=x[2 * n:],
+        y_test=y[2 * n:], binary=True, dynamic=False, anchor=None, x_dim=784,
+        image_shape=(1, 28, 28))
+
+
+def test_metrics_on_binary_images_skip_ksg_and_rmse():
+    model, data = tiny_binary_model(z_dim=4, x_dim=784), fake_image_data()
     torch.manual_seed(0)
-    net = mim.PixelCNN(1, 2).double()
-    x = torch.bernoulli(torch.full((2, 1, 14, 6), 0.5, dtype=torch.float64))
-    cond = torch.randn(2, 2, 14, 6, dtype=torch.float64)
-    full = net(x, cond)
-    for row in range(14):
-        top = max(0, row - net.receptive_rows)
-        crop = net(x[:, :, top:row + 1], cond[:, :, top:row + 1])
-        assert torch.allclose(crop[:, :, row - top], full[:, :, row], atol=1e-12)
+    results = evaluate.test_metrics(model, data, 20, knn_train_size=50)
+    assert set(results) == {"test_nll", "test_nll_bpd", "test_knn5_acc", "nll_samples",
+                            "test_au_z", "test_informative_z", "test_kl", "test_marginal_kl", "test_mi_batch",
+                            "test_mi_batch_cap", "test_knn5_acc_mean"}
+    assert results["test_nll_bpd"] == pytest.approx(results["test_nll"] / (784 * math.log(2)))
+    means = [evaluate.encoder_means(model, x) for x in
+             (evaluate.knn_train_inputs(data, 50), data.x_test)]
+    assert results["test_knn5_acc_mean"] == evaluate.knn_accuracy(
+        means[0], data.y_train[:50], means[1], data.y_test)
+    assert 0 <= results["test_knn5_acc"] <= 1 and 0 <= results["test_au_z"] <= 4
+    skipped = evaluate.test_metrics(model, data, 0)
+    assert "test_nll" not in skipped and skipped["nll_samples"] == 0
+    text = evaluate.format_results(results)
+    assert "bits/dim" in text and "nats" in text and "active units of z" in text
 
 
-def test_pixelcnn_samples_follow_its_log_prob():
-    """Frequencies of 4,000 autoregressive samples of a 2x2 image against exp(log_prob)."""
-    torch.manual_seed(0)
-    net = mim.PixelCNN(1, 2)
-    cond = torch.randn(1, 2, 2, 2).expand(4000, -1, -1, -1)
-    dist = mim.PixelCNNBernoulli(net, cond, (1, 2, 2))
-    samples = dist.sample()                                             # (4000, 4)
-    images = all_binary_images(4).float()
-    probs = mim.PixelCNNBernoulli(net, cond[:16], (1, 2, 2)).log_prob(images).exp()
-    counts = (samples[:, None, :] == images[None]).all(-1).sum(0).float()
-    expected = probs.detach() * len(samples)
-    chi2 = (((counts - expected) ** 2) / expected).sum().item()
-    assert abs(probs.sum().item() - 1) < 1e-5
-    assert chi2 < 37.7          # chi-square, 15 degrees of freedom, p = 0.001
+def test_knn_training_images_are_binarized_once_when_dynamic():
+    grey = types.SimpleNamespace(x_train=torch.full((400, 784), 0.3), dynamic=True)
+    bits = evaluate.knn_train_inputs(grey, 300)
+    assert bits.shape == (300, 784) and set(bits.unique().tolist()) == {0.0, 1.0}
+    assert bits.mean().item() == pytest.approx(0.3, abs=0.01)
+    assert torch.equal(bits, evaluate.knn_train_inputs(grey, 300))          # one fixed draw
+    fixed = types.SimpleNamespace(x_train=grey.x_train, dynamic=False)
+    assert torch.equal(evaluate.knn_train_inputs(fixed), grey.x_train)
 
 
-@pytest.mark.parametrize("arch,loss", [("convhvae", "mim"), ("convhvae", "amim"),
-                                       ("convhvae", "vae"), ("pixelhvae", "mim"),
-                                       ("pixelhvae", "amim")])
-def test_image_objectives_have_finite_gradients(arch, loss):
-    model = tiny_model(arch, "vamp", z_dim=2).float()
-    x = torch.bernoulli(torch.rand(6, 16))
-    value, stats = mim.LOSSES[loss](model, x)
-    value.backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert math.isfinite(value.item()) and all(torch.isfinite(g).all() for g in grads)
-    assert model.prior.pseudo_inputs.grad is not None                    # the prior learns
+class NoMeanDecoder:
+    """A decoder like the PixelCNN one: .mean raises, .sample works."""
+    @property
+    def mean(self):
+        raise NotImplementedError
+
+    def sample(self):
+        return torch.ones(2, 4)
+
+
+def test_decoded_images_fall_back_to_samples_and_mosaic_places_images():
+    assert torch.equal(evaluate.decoded_images(NoMeanDecoder()), torch.ones(2, 4))
+    top, bottom = torch.zeros(3, 4), torch.arange(12.0).view(3, 4) / 12
+    grid = evaluate.image_mosaic([top, bottom], (1, 2, 2))
+    assert grid.shape == (6, 9)
+    assert grid[3:5, 3:5] == pytest.approx((bottom[1].view(2, 2)).numpy())    # row 1, image 1
+    assert grid[:2, :2] == pytest.approx(np.zeros((2, 2))) and grid[2].min() == 1.0
+
+
+def test_run_figures_draw_the_image_figures(monkeypatch):
+    model, data = tiny_binary_model(z_dim=4, x_dim=784), fake_image_data(n=60)
+    figures = evaluate.run_figures(model, data, "MIM h=20")
+    assert sorted(figures) == ["reconstructions.png", "samples.png", "tsne.png"]
+    for png in figures.values():
+        assert png[:4] == b"\x89PNG"
+    monkeypatch.setattr(evaluate, "plot_tsne", lambda *args: b"")   # t-SNE costs seconds
+    no_images = types.SimpleNamespace(**{**vars(data), "image_shape": None})   # as PCA data
+    assert list(evaluate.run_figures(model, no_images, "MIM h=20")) == ["tsne.png"]
 
 
 # ----------------------------------------------------------------------------------------
-# Image data sets: parsers, splits, binarization, search and download
+# datasets.py: the toy data, the IDX and .mat parsers, splits, binarization, PCA,
+# the search for files and checked downloads.
 # ----------------------------------------------------------------------------------------
+
+def test_toy2d_data_is_fixed_by_its_seed_and_labelled():
+    a, b = datasets.load_dataset("toy2d", seed=0), datasets.load_dataset("toy2d", seed=0)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_test, b.y_test)
+    assert not torch.equal(a.x_train, datasets.load_dataset("toy2d", seed=1).x_train)
+    assert not torch.equal(a.x_train[:100], a.x_test[:100])
+    means = torch.tensor(datasets.pentagon_means(), dtype=torch.float32)
+    assert means[3].tolist() == pytest.approx([math.cos(math.radians(144)),
+                                               math.sin(math.radians(144))])
+    offsets = a.x_train - means[a.y_train]
+    assert offsets.std().item() == pytest.approx(0.25, rel=0.02)
+    pdfs = [multivariate_normal(m, 0.25 ** 2 * np.eye(2)).pdf(a.x_test[:50].numpy())
+            for m in means.numpy()]
+    expected = np.log(np.mean(pdfs, axis=0))
+    assert a.anchor.log_prob(a.x_test[:50]).numpy() == pytest.approx(expected, abs=1e-6)
+
 
 MNIST_SUBSET = os.path.join(HERE, "..", "shared", "data", "mnist-subset")
 
@@ -1364,344 +1933,111 @@ def test_real_fashion_mnist_and_its_principal_components():
 
 
 # ----------------------------------------------------------------------------------------
-# Image evaluation: active units, IWAE in bits/dim, KSG refusal, plots, CLI
+# The command line: training runs and their files, checkpoints, --resume
+# (bit-identical after kill -9), the evaluate command, image runs end to end.
 # ----------------------------------------------------------------------------------------
 
+def test_std_floor_defaults_by_data_set_and_yields_to_the_flag():
+    assert mim.parse_args(["--data", "pca_fashion_mnist"])[0].std_floor == mim.PCA_STD_FLOOR
+    assert mim.parse_args([])[0].std_floor == mim.STD_FLOOR
+    assert mim.parse_args(["--data", "pca_fashion_mnist", "--std-floor", "0.5"])[0].std_floor == 0.5
 
 
-def tiny_binary_model(z_dim=4, x_dim=16, seed=0):
-    torch.manual_seed(seed)
-    return mim.build_model(mim.ModelSpec(x_dim=x_dim, binary=True, z_dim=z_dim,
-                                          hidden=20)).eval()
-
-
-def binary_data(n, x_dim, seed=0):
-    return torch.bernoulli(torch.full((n, x_dim), 0.5),
-                           generator=torch.Generator().manual_seed(seed))
-
-
-# ----------------------------------------------------------------------------------------
-# Active units
-# ----------------------------------------------------------------------------------------
-
-def encoder_means_by_hand(encoder, x):
-    """The first half of the encoder's output, by numpy: tanh MLP, loc = out[:, :Z]."""
-    (w1, b1), (w2, b2) = [(layer.weight.detach().double().numpy(),
-                           layer.bias.detach().double().numpy())
-                          for layer in (encoder.net[0], encoder.net[2])]
-    out = np.tanh(x.double().numpy() @ w1.T + b1) @ w2.T + b2
-    return out[:, :out.shape[1] // 2]
-
-
-def test_active_units_match_a_numpy_covariance():
-    model, x = tiny_binary_model(), binary_data(12, 16)
-    counts, variance = evaluate.active_units(model, x)
-    expected = np.diag(np.cov(encoder_means_by_hand(model.q_z_given_x, x).T))   # ddof = 1
-    assert variance.numpy() == pytest.approx(expected, rel=1e-5)
-    biased = np.var(encoder_means_by_hand(model.q_z_given_x, x), axis=0)         # ddof = 0
-    assert not np.allclose(variance.numpy(), biased, rtol=1e-3)    # 12/11 apart: ddof shows
-    assert counts == {"test_au_z": int((expected > 0.01).sum())}
-
-
-@torch.no_grad()
-def test_active_units_find_the_dimensions_that_depend_on_x():
-    """Mean outputs 1 and 3 ignore x (zero weights, constant bias): inactive; outputs 0
-    and 2 get large weights: Cov_x far above 0.01."""
-    model, x = tiny_binary_model(), binary_data(500, 16)
-    last = model.q_z_given_x.net[2]                  # rows 0-3: loc, rows 4-7: raw scale
-    last.weight[[1, 3]] = 0.0
-    last.bias[[1, 3]] = 0.7
-    last.weight[[0, 2]] *= 20
-    counts, variance = evaluate.active_units(model, x)
-    assert counts == {"test_au_z": 2}
-    assert variance[[1, 3]].abs().max() < 1e-12 and variance[[0, 2]].min() > 0.1
-    model.latent_groups = {"z1": (0, 1), "z2": (1, 4)}       # a two-level split of z
-    assert evaluate.active_units(model, x)[0] == {"test_au_z1": 1, "test_au_z2": 1}
-    assert evaluate.active_units(model, x, threshold=1e6)[0] == {"test_au_z1": 0,
-                                                                 "test_au_z2": 0}
-
-
-def test_epoch_diagnostics_match_their_definitions():
-    """Each per-epoch diagnostic against a direct computation on the same points."""
-    model, data = tiny_binary_model(z_dim=4, x_dim=784), fake_image_data()
-    stats = evaluate.epoch_diagnostics(data, n=40)(model)
-    x, y = data.x_val[:40], data.y_val[:40]
-    assert stats["au_z"] == evaluate.active_units(model, x)[0]["test_au_z"]
-    scale = model.q_z_given_x(x).base_dist.scale
-    assert stats["log_std_z"] == pytest.approx(scale.log().mean().item(), rel=1e-6)
-    x_knn = evaluate.knn_train_inputs(data, 40)
-    assert stats["knn5_mean"] == evaluate.knn_accuracy(
-        evaluate.encoder_means(model, x_knn), data.y_train[:40],
-        evaluate.encoder_means(model, x), y)
-    assert 0 <= stats["mi_batch"] <= math.log(40) + 1e-9
-
-
-def test_log_std_of_a_two_level_posterior_has_one_value_per_level():
-    model = tiny_model("convhvae", "vamp", z_dim=2)
-    x = torch.bernoulli(torch.rand(5, 16, generator=torch.Generator().manual_seed(0))).double()
-    stats = evaluate.mean_log_std(model, x)
-    top = model.q_z_given_x(x).top.base_dist.scale.log().mean().item()
-    assert set(stats) == {"log_std_z1", "log_std_z2"}
-    assert stats["log_std_z2"] == pytest.approx(top, rel=1e-9)
-    low, high = (0.5 * v for v in mim.LOGVAR_BOUNDS)                   # the clip, as log std
-    assert low - 1e-9 <= stats["log_std_z1"] <= high + 1e-9
-
-
-def test_informative_units_are_a_signal_to_noise_ratio_blind_to_scale():
-    """Unit u gets means a_u x (x ~ N(0, 1)) and noise std s_u: ratio a_u^2 / s_u^2 by
-    construction, 4, 0.25, 1e-4 and 1.44 here, so two units exceed 1 whatever common
-    factor rescales z; Burda's count at 0.01 changes with that factor."""
+def test_checkpoint_round_trip(tmp_path):
+    cfg = mim.Config(q_x="mog", prior="mog")
     torch.manual_seed(0)
-    x = torch.randn(200_000, 1, dtype=torch.float64)
-    a = torch.tensor([2.0, 0.5, 0.01, 1.2], dtype=torch.float64)
-    s = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
-    groups = {"z1": (0, 2), "z2": (2, 4)}
-    for factor in (1.0, 0.01):
-        means, variances = factor * x * a, (factor * s).expand(len(x), 4) ** 2
-        counts, ratio = evaluate.informative_units(means, variances, groups)
-        assert ratio.numpy() == pytest.approx((a / s).pow(2).numpy(), rel=0.01, abs=1e-5)
-        assert counts == {"test_informative_z1": 1, "test_informative_z2": 1}
-    assert evaluate.active_units_of_means(0.01 * x * a, groups)[0] == {"test_au_z1": 0,
-                                                                      "test_au_z2": 0}
+    info = {"x_dim": 2, "binary": False}
+    model = mim.build_model(mim.model_spec(cfg, info), x_init=torch.randn(100, 2))
+    mim.save_checkpoint(tmp_path / "best.pt", model, cfg, info)
+    loaded, cfg2 = mim.load_checkpoint(tmp_path / "best.pt")
+    assert cfg2 == cfg
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
 
 
-@torch.no_grad()
-def test_two_level_posterior_variance_is_the_total_variance():
-    """z1's variance given x adds the spread of E[z1|x, z2] over z2 to the mean
-    conditional variance: against the variance of 200,000 samples of q(z|x)."""
-    model = tiny_model("convhvae", "vamp", z_dim=2)
-    x = torch.bernoulli(torch.rand(3, 16, generator=torch.Generator().manual_seed(0))).double()
-    torch.manual_seed(1)
-    samples = model.q_z_given_x(x).sample((200_000,))                   # (S, 3, 4)
-    torch.manual_seed(2)
-    variance = torch.stack([evaluate.posterior_variances(model, x) for _ in range(200)])
-    assert variance.mean(0).numpy() == pytest.approx(samples.var(0).numpy(), rel=0.03)
+def run_cli(*args, cwd=HERE):
+    return subprocess.run([sys.executable, os.path.join(HERE, "mim.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
 
 
-# ----------------------------------------------------------------------------------------
-# NLL: bits/dim and chunking over samples
-# ----------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def test_nll_of_fair_coin_pixels_is_one_bit_per_dimension():
-    """Decoder logits 0 make p(x|z) = 2^-D for every z, and an encoder q(z|x) = N(0, I) =
-    p(z) makes every importance weight exactly p(x): NLL = D ln 2 nats = 1 bit/dim."""
-    D = 784
-    model = mim.build_model(mim.ModelSpec(x_dim=D, binary=True, z_dim=3, hidden=8))
-    decoder_out, encoder_out = model.p_x_given_z.net[2], model.q_z_given_x.net[2]
-    for layer in (decoder_out, encoder_out):
-        layer.weight.zero_()
-        layer.bias.zero_()
-    encoder_out.bias[3:] = math.log(math.expm1(1.0 - mim.STD_FLOOR))   # scale exactly 1
-    x = binary_data(7, D)
-    nll = evaluate.iwae_nll(model, x, 50)
-    assert nll.numpy() == pytest.approx(D * math.log(2), rel=1e-5)
-    assert evaluate.bits_per_dim(float(nll.mean()), D) == pytest.approx(1.0, rel=1e-5)
-    assert evaluate.bits_per_dim(100.0, 10) == pytest.approx(100 / (10 * math.log(2)))
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    proc = run_cli("--epochs", "3", "--warmup", "1", "--nll-samples", "10", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out, proc.stdout
 
 
-class FixedNoise:
-    """q(z|x) whose samples come, in order, from a fixed table of standard-normal noise."""
-
-    def __init__(self, q, eps):
-        self.q, self.eps, self.used = q, eps, 0
-
-    def sample(self, shape):
-        n = shape[0]
-        eps = self.eps[self.used:self.used + n]
-        self.used += n
-        return self.q.base_dist.loc + self.q.base_dist.scale * eps
-
-    def log_prob(self, z):
-        return self.q.log_prob(z)
-
-
-class FixedNoiseModel:
-    """A model whose encoder draws point i's samples from eps[:, i] in every chunking."""
-
-    def __init__(self, model, eps):
-        self.model, self.eps, self.point = model, eps, 0
-        self.p_x_given_z, self.p_z = model.p_x_given_z, model.p_z
-
-    def q_z_given_x(self, x):
-        eps = self.eps[:, self.point:self.point + len(x)]
-        self.point += len(x)
-        return FixedNoise(self.model.q_z_given_x(x), eps)
+def test_cli_trains_and_writes_its_files(trained_run):
+    out, stdout = trained_run
+    assert "test_mi_ksg" in stdout and "nats" in stdout
+    results = json.loads((out / "results.json").read_text())
+    for key in ("test_mi_ksg", "test_nll", "test_rmse", "test_knn5_acc", "best_epoch",
+                "epochs", "train_seconds"):
+        assert math.isfinite(results[key]), key
+    assert json.loads((out / "config.json").read_text())["loss"] == "mim"
+    rows = (out / "log.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("epoch,") and len(rows) == 1 + results["epochs"]
+    for column in ("train_loss_max", "val_au_z", "val_mi_batch", "val_log_std_z",
+                   "val_knn5_mean"):
+        assert column in rows[0].split(",")
+    assert "test_knn5_acc_mean" in results
+    model, cfg = mim.load_checkpoint(out / "best.pt")
+    assert cfg.epochs == 3 and isinstance(model, mim.Model)
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
-@torch.no_grad()
-def test_iwae_chunked_over_samples_equals_one_pass():
-    model, x = tiny_binary_model(), binary_data(5, 16)
-    S = 300
-    eps = torch.randn(S, len(x), 4, generator=torch.Generator().manual_seed(1))
-    q = model.q_z_given_x(x)
-    z = q.base_dist.loc + q.base_dist.scale * eps                              # (S, N, Z)
-    log_w = (model.p_x_given_z(z).log_prob(x.expand(S, -1, -1)) + model.p_z().log_prob(z)
-             - q.log_prob(z))
-    direct = (math.log(S) - torch.logsumexp(log_w, 0)).numpy()
-    one_pass = evaluate.iwae_nll(FixedNoiseModel(model, eps), x, S, max_batch=10 ** 6)
-    chunked = evaluate.iwae_nll(FixedNoiseModel(model, eps), x, S, max_batch=64)
-    assert one_pass.numpy() == pytest.approx(direct, abs=1e-5)
-    assert chunked.numpy() == pytest.approx(direct, abs=1e-5)
-    assert evaluate.sample_chunks(300, 64) == [64, 64, 64, 64, 44]
+def test_evaluate_cli_plots_a_trained_run(trained_run):
+    out, _ = trained_run
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "mim.py"), "evaluate", str(out),
+                           "--nll-samples", "10"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "fig1.png").read_bytes()[:4] == b"\x89PNG"
 
 
-# ----------------------------------------------------------------------------------------
-# KSG on binary x
-# ----------------------------------------------------------------------------------------
-
-def test_ksg_refuses_high_dimensional_binary_x():
-    x = binary_data(500, 784).numpy()
-    z = np.random.default_rng(0).standard_normal((500, 2))
-    with pytest.raises(ValueError, match="binary.*pca_fashion_mnist"):
-        evaluate.ksg_mi(x, z)
-    assert evaluate.ksg_counts_ties(x, 5)
-    assert evaluate.ksg_counts_ties(binary_data(10_000, 11).numpy(), 5)   # log2(2000) < 11
-
-
-def test_ksg_accepts_continuous_features_and_low_dimensional_binary_x():
-    """20 continuous features (as PCA data) are accepted. Binary x of 2 dimensions equal to
-    the signs of z ~ N(0, I): I(x; z) = H(x) = 2 ln 2 exactly."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2000, 20))
-    assert not evaluate.ksg_counts_ties(x, 5)
-    assert evaluate.ksg_mi(x, x[:, :2] + 0.1 * rng.standard_normal((2000, 2))) > 0.3
-    z = rng.standard_normal((4000, 2))
-    signs = (z > 0).astype(float)
-    assert not evaluate.ksg_counts_ties(signs, 5)
-    assert evaluate.ksg_mi(signs, z) == pytest.approx(2 * math.log(2), abs=0.05)
+@pytest.mark.parametrize("flags,native", [
+    ("fpu sse2 avx2 fma", False),                       # AVX2 only: bf16 is emulated
+    ("fpu avx2 avx512f avx512_bf16", True),
+    ("fpu avx2 avx512f amx_bf16 amx_tile", True),
+    ("fp asimd sve bf16 i8mm", True),                    # ARM Neoverse V1
+])
+def test_native_bf16_reads_the_cpu_flags(tmp_path, flags, native):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert mim.native_bf16(torch.device("cpu"), str(cpuinfo)) is native
+    assert mim.native_bf16(torch.device("cpu"), str(tmp_path / "missing")) is False
 
 
-# ----------------------------------------------------------------------------------------
-# test_metrics on binary images, figures
-# ----------------------------------------------------------------------------------------
-
-def fake_image_data(n=120, seed=0):
-    """A stand-in for a binarized-image data set: 784-D binary x, 3 classes."""
-    x = binary_data(3 * n, 784, seed)
-    y = torch.arange(3 * n) % 3
-    return types.SimpleNamespace(
-        x_train=x[:n], y_train=y[:n], x_val=x[n:2 * n], y_val=y[n:2 * n], x_test=x[2 * n:],
-        y_test=y[2 * n:], binary=True, dynamic=False, anchor=None, x_dim=784,
-        image_shape=(1, 28, 28))
-
-
-def test_metrics_on_binary_images_skip_ksg_and_rmse():
-    model, data = tiny_binary_model(z_dim=4, x_dim=784), fake_image_data()
-    torch.manual_seed(0)
-    results = evaluate.test_metrics(model, data, 20, knn_train_size=50)
-    assert set(results) == {"test_nll", "test_nll_bpd", "test_knn5_acc", "nll_samples",
-                            "test_au_z", "test_informative_z", "test_kl", "test_marginal_kl", "test_mi_batch",
-                            "test_mi_batch_cap", "test_knn5_acc_mean"}
-    assert results["test_nll_bpd"] == pytest.approx(results["test_nll"] / (784 * math.log(2)))
-    means = [evaluate.encoder_means(model, x) for x in
-             (evaluate.knn_train_inputs(data, 50), data.x_test)]
-    assert results["test_knn5_acc_mean"] == evaluate.knn_accuracy(
-        means[0], data.y_train[:50], means[1], data.y_test)
-    assert 0 <= results["test_knn5_acc"] <= 1 and 0 <= results["test_au_z"] <= 4
-    skipped = evaluate.test_metrics(model, data, 0)
-    assert "test_nll" not in skipped and skipped["nll_samples"] == 0
-    text = evaluate.format_results(results)
-    assert "bits/dim" in text and "nats" in text and "active units of z" in text
+def test_amp_falls_back_to_float32_with_one_warning_without_native_bf16(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mim, "native_bf16", lambda device: False)
+    out = tmp_path / "run"
+    mim.main(["--epochs", "1", "--warmup", "1", "--nll-samples", "0", "--amp",
+              "--out", str(out)])
+    warning = [l for l in capsys.readouterr().err.splitlines() if "warning" in l]
+    assert len(warning) == 1 and "--amp ignored" in warning[0]
+    assert json.loads((out / "config.json").read_text())["amp"] is False
+    monkeypatch.setattr(mim, "native_bf16", lambda device: True)
+    assert mim.checked_amp(mim.Config(amp=True), torch.device("cpu")).amp is True
 
 
-def test_knn_training_images_are_binarized_once_when_dynamic():
-    grey = types.SimpleNamespace(x_train=torch.full((400, 784), 0.3), dynamic=True)
-    bits = evaluate.knn_train_inputs(grey, 300)
-    assert bits.shape == (300, 784) and set(bits.unique().tolist()) == {0.0, 1.0}
-    assert bits.mean().item() == pytest.approx(0.3, abs=0.01)
-    assert torch.equal(bits, evaluate.knn_train_inputs(grey, 300))          # one fixed draw
-    fixed = types.SimpleNamespace(x_train=grey.x_train, dynamic=False)
-    assert torch.equal(evaluate.knn_train_inputs(fixed), grey.x_train)
+@pytest.mark.parametrize("args,needle", [
+    (["--loss", "elbo"], "--loss"),
+    (["--data", "nope"], "unknown data set"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--lr", "abc"], "--lr"),
+])
+def test_cli_rejects_bad_input_in_one_line(tmp_path, args, needle):
+    proc = run_cli(*args, "--out", str(tmp_path / "bad"))
+    assert proc.returncode == 2
+    assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad" / "results.json").exists()
 
-
-class NoMeanDecoder:
-    """A decoder like the PixelCNN one: .mean raises, .sample works."""
-    @property
-    def mean(self):
-        raise NotImplementedError
-
-    def sample(self):
-        return torch.ones(2, 4)
-
-
-def test_decoded_images_fall_back_to_samples_and_mosaic_places_images():
-    assert torch.equal(evaluate.decoded_images(NoMeanDecoder()), torch.ones(2, 4))
-    top, bottom = torch.zeros(3, 4), torch.arange(12.0).view(3, 4) / 12
-    grid = evaluate.image_mosaic([top, bottom], (1, 2, 2))
-    assert grid.shape == (6, 9)
-    assert grid[3:5, 3:5] == pytest.approx((bottom[1].view(2, 2)).numpy())    # row 1, image 1
-    assert grid[:2, :2] == pytest.approx(np.zeros((2, 2))) and grid[2].min() == 1.0
-
-
-def test_run_figures_draw_the_image_figures(monkeypatch):
-    model, data = tiny_binary_model(z_dim=4, x_dim=784), fake_image_data(n=60)
-    figures = evaluate.run_figures(model, data, "MIM h=20")
-    assert sorted(figures) == ["reconstructions.png", "samples.png", "tsne.png"]
-    for png in figures.values():
-        assert png[:4] == b"\x89PNG"
-    monkeypatch.setattr(evaluate, "plot_tsne", lambda *args: b"")   # t-SNE costs seconds
-    no_images = types.SimpleNamespace(**{**vars(data), "image_shape": None})   # as PCA data
-    assert list(evaluate.run_figures(model, no_images, "MIM h=20")) == ["tsne.png"]
-
-
-# ----------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------
 
 def run_script(script, *args):
     return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=HERE,
                           capture_output=True, text=True, timeout=300)
-
-
-LIBRARY_ALONE = """
-import sys, torch, mim
-local = {"datasets", "evaluate", "scipy", "sklearn", "matplotlib"} & set(sys.modules)
-torch.manual_seed(0)
-x = torch.cat([0.1 * torch.randn(600, 2) + 1, 0.1 * torch.randn(600, 2) - 1])
-x = x[torch.randperm(len(x))]
-model = mim.build_model(mim.ModelSpec(x_dim=2, z_dim=2, hidden=16))
-best, best_epoch, epochs, history = mim.train(model, mim.mim_loss, x[:1000], x[1000:],
-                                              mim.TrainSpec(epochs=4, warmup=1))
-print(sorted(local), epochs, history[0]["val_loss"], history[-1]["val_loss"])
-"""
-
-
-def test_mim_py_copied_alone_imports_nothing_else_and_trains_a_toy_model(tmp_path):
-    """The library needs only mim.py and torch: copied into an empty folder, it imports
-    none of the repository's other files (nor scipy, sklearn, matplotlib) and trains."""
-    shutil.copy(os.path.join(HERE, "mim.py"), tmp_path)
-    proc = subprocess.run([sys.executable, "-E", "-s", "-c", LIBRARY_ALONE], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    local, epochs, first, last = proc.stdout.split(" ", 1)[0], *proc.stdout.split()[-3:]
-    assert local == "[]" and int(epochs) == 4 and float(last) < float(first)
-    assert sorted(os.listdir(tmp_path)) in (["mim.py"], ["__pycache__", "mim.py"])
-
-
-def local_imports(path, names):
-    """The names in `names` that the file imports anywhere, inside functions too."""
-    found = set()
-    for node in ast.walk(ast.parse(open(path).read())):
-        if isinstance(node, ast.Import):
-            found |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module.split(".")[0])
-    return found & names
-
-
-def test_no_import_circle_among_the_top_level_modules():
-    """mim.py's command line uses datasets.py and evaluate.py; neither of them, nor
-    anything they import, imports mim.py back."""
-    modules = {"mim", "datasets", "evaluate", "bench"}
-    graph = {m: local_imports(os.path.join(HERE, m + ".py"), modules - {m}) for m in modules}
-    assert graph["mim"] == {"datasets", "evaluate"}
-    assert graph["datasets"] == graph["evaluate"] == set()
-
-    def reaches(start, target, seen=()):
-        return any(n == target or (n not in seen and reaches(n, target, (*seen, n)))
-                   for n in graph[start])
-    assert not [m for m in modules if reaches(m, m)]
 
 
 def toy2d_run(folder):
@@ -1774,10 +2110,6 @@ def test_evaluate_cli_rejects_bad_flags_in_one_line(tmp_path, capsys, args, need
     assert exit_info.value.code == 2
     assert needle in err and len(err.strip().splitlines()) == 1
 
-
-# ----------------------------------------------------------------------------------------
-# Image runs end to end: training, checkpoints, resuming after kill -9, evaluation
-# ----------------------------------------------------------------------------------------
 
 def image_folder(tmp_path, n_train):
     """Four IDX files of random grey-level 28x28 images, the layout of MNIST."""
@@ -1866,7 +2198,81 @@ def test_two_runs_into_one_new_folder_leave_it_to_one_of_them(tmp_path):
     assert torch.load(out / "best.pt", weights_only=True)["config"]["seed"] == int(winner)
 
 
-# ---------------------------------------------------------------- bad input, table-driven
+def test_resume_goes_on_after_a_nan_with_a_lower_lr(tmp_path, monkeypatch, capsys):
+    real, calls = mim.validate, []
+
+    def nan_in_epoch_3(*args):
+        calls.append(1)
+        stats = real(*args)
+        return {**stats, "loss": math.nan} if len(calls) == 3 else stats
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(mim, "validate", nan_in_epoch_3)
+    with pytest.raises(SystemExit) as exit_info:
+        mim.main(["--epochs", "5", "--warmup", "1", "--patience", "5", "--nll-samples", "0",
+                  "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "validation loss became nan in epoch 3" in err
+    assert "mim.py --resume DIR --lr LR" in err
+    monkeypatch.setattr(mim, "validate", real)
+    mim.main(["--resume", str(out), "--lr", "1e-4"])
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert [float(r["lr"]) for r in rows] == [1e-3, 1e-3, 1e-4, 1e-4, 1e-4]
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-4
+
+
+def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
+    out = tmp_path / "run"
+    tiny = ["--warmup", "1", "--patience", "9", "--nll-samples", "0"]
+    assert run_cli(*tiny, "--epochs", "2", "--out", str(out)).returncode == 0
+    assert json.loads((out / "results.json").read_text())["epochs"] == 2
+    proc = run_cli("--resume", str(out), "--epochs", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch   3 |" in proc.stdout and "epoch   2 |" not in proc.stdout
+    assert json.loads((out / "results.json").read_text())["epochs"] == 4
+    assert json.loads((out / "config.json").read_text())["epochs"] == 4
+
+
+def test_resume_takes_no_other_flags(tmp_path):
+    proc = run_script("mim.py", "--resume", str(tmp_path), "--hidden", "3")
+    assert proc.returncode == 2 and "drop --hidden" in proc.stderr
+    proc = run_script("mim.py", "--resume", str(tmp_path / "none"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "last.pt not found" in proc.stderr
+
+
+def test_convhvae_vamp_mim_trains_and_evaluates_on_images(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("mim.py", "--data", "mnist", "--data-dir", str(image_folder(tmp_path, 150)),
+                      "--arch", "convhvae", "--prior", "vamp", "--prior-components", "10",
+                      "--loss", "mim", "--epochs", "1", "--batch-size", "32", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert {"best.pt", "last.pt", "config.json", "log.csv", "results.json"} <= set(
+        os.listdir(out))
+    model, cfg = mim.load_checkpoint(out / "best.pt")
+    assert cfg.z_dim == 40 and model.latent_groups == {"z1": (0, 40), "z2": (40, 80)}
+    assert model.prior.pseudo_inputs.shape == (10, 784)
+    proc = run_script("mim.py", "evaluate", str(out), "--nll-samples", "4")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "eval.json").read_text())
+    for key in ("test_nll", "test_nll_bpd", "test_au_z1", "test_au_z2", "test_knn5_acc"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["test_nll_bpd"] == pytest.approx(metrics["test_nll"] / (784 * math.log(2)))
+    for png in ("tsne.png", "reconstructions.png", "samples.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_image_architectures_refuse_non_image_data():
+    proc = run_script("mim.py", "--data", "toy2d", "--arch", "convhvae", "--epochs", "1")
+    assert proc.returncode == 2 and "--arch convhvae models binary images" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input and faults: one line, exit status 2, no traceback and nothing
+# half-written (table-driven), and full disks, signals and umasks.
+# ----------------------------------------------------------------------------------------
+
 # Each case: (script, arguments, what to prepare in the folder, a needle of the message).
 # {tmp} is the case's folder, {run} a finished toy run in it. Every case must end with one
 # line naming the problem, exit status 2, no traceback, and every file in {tmp} as it was.
@@ -2074,420 +2480,3 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_a_resumable_run(tmp_path, sig
         f"continue with python mim.py --resume {out}"]
     assert torch.load(out / "last.pt", weights_only=True)["progress"]["epoch"] >= 1
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
-
-
-def test_resume_goes_on_after_a_nan_with_a_lower_lr(tmp_path, monkeypatch, capsys):
-    real, calls = mim.validate, []
-
-    def nan_in_epoch_3(*args):
-        calls.append(1)
-        stats = real(*args)
-        return {**stats, "loss": math.nan} if len(calls) == 3 else stats
-
-    out = tmp_path / "run"
-    monkeypatch.setattr(mim, "validate", nan_in_epoch_3)
-    with pytest.raises(SystemExit) as exit_info:
-        mim.main(["--epochs", "5", "--warmup", "1", "--patience", "5", "--nll-samples", "0",
-                  "--out", str(out)])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "validation loss became nan in epoch 3" in err
-    assert "mim.py --resume DIR --lr LR" in err
-    monkeypatch.setattr(mim, "validate", real)
-    mim.main(["--resume", str(out), "--lr", "1e-4"])
-    rows = list(csv.DictReader(open(out / "log.csv")))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
-    assert [float(r["lr"]) for r in rows] == [1e-3, 1e-3, 1e-4, 1e-4, 1e-4]
-    assert json.loads((out / "config.json").read_text())["lr"] == 1e-4
-
-
-def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
-    out = tmp_path / "run"
-    tiny = ["--warmup", "1", "--patience", "9", "--nll-samples", "0"]
-    assert run_cli(*tiny, "--epochs", "2", "--out", str(out)).returncode == 0
-    assert json.loads((out / "results.json").read_text())["epochs"] == 2
-    proc = run_cli("--resume", str(out), "--epochs", "4")
-    assert proc.returncode == 0, proc.stderr
-    assert "epoch   3 |" in proc.stdout and "epoch   2 |" not in proc.stdout
-    assert json.loads((out / "results.json").read_text())["epochs"] == 4
-    assert json.loads((out / "config.json").read_text())["epochs"] == 4
-
-
-def test_resume_takes_no_other_flags(tmp_path):
-    proc = run_script("mim.py", "--resume", str(tmp_path), "--hidden", "3")
-    assert proc.returncode == 2 and "drop --hidden" in proc.stderr
-    proc = run_script("mim.py", "--resume", str(tmp_path / "none"))
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert "last.pt not found" in proc.stderr
-
-
-def test_convhvae_vamp_mim_trains_and_evaluates_on_images(tmp_path):
-    out = tmp_path / "run"
-    proc = run_script("mim.py", "--data", "mnist", "--data-dir", str(image_folder(tmp_path, 150)),
-                      "--arch", "convhvae", "--prior", "vamp", "--prior-components", "10",
-                      "--loss", "mim", "--epochs", "1", "--batch-size", "32", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert {"best.pt", "last.pt", "config.json", "log.csv", "results.json"} <= set(
-        os.listdir(out))
-    model, cfg = mim.load_checkpoint(out / "best.pt")
-    assert cfg.z_dim == 40 and model.latent_groups == {"z1": (0, 40), "z2": (40, 80)}
-    assert model.prior.pseudo_inputs.shape == (10, 784)
-    proc = run_script("mim.py", "evaluate", str(out), "--nll-samples", "4")
-    assert proc.returncode == 0, proc.stderr
-    metrics = json.loads((out / "eval.json").read_text())
-    for key in ("test_nll", "test_nll_bpd", "test_au_z1", "test_au_z2", "test_knn5_acc"):
-        assert math.isfinite(metrics[key]), key
-    assert metrics["test_nll_bpd"] == pytest.approx(metrics["test_nll"] / (784 * math.log(2)))
-    for png in ("tsne.png", "reconstructions.png", "samples.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG"
-
-
-def test_image_architectures_refuse_non_image_data():
-    proc = run_script("mim.py", "--data", "toy2d", "--arch", "convhvae", "--epochs", "1")
-    assert proc.returncode == 2 and "--arch convhvae models binary images" in proc.stderr
-
-
-# ----------------------------------------------------------------------------------------
-# InfoMax-VAE and the inference critics: the bounds, the shuffling, the MI estimate
-# ----------------------------------------------------------------------------------------
-
-def infonce_by_hand(scores):
-    """log B + mean_i log(exp s_ii / sum_j exp s_ji), in float64 numpy."""
-    s = scores.double().numpy()
-    return math.log(len(s)) + np.mean(np.diag(s) - logsumexp(s, axis=0))
-
-
-def test_infonce_is_at_most_log_batch_size_and_reaches_it_for_a_perfect_critic():
-    torch.manual_seed(0)
-    for b in (2, 16, 128):
-        scores = 3 * torch.randn(b, b, dtype=torch.float64)
-        value = mim.infonce(scores).item()
-        assert value == pytest.approx(infonce_by_hand(scores), abs=1e-12)
-        assert value <= math.log(b)
-        perfect = 1e3 * torch.eye(b, dtype=torch.float64)      # always picks its own x
-        assert mim.infonce(perfect).item() == pytest.approx(math.log(b), abs=1e-12)
-        uninformed = torch.zeros(b, b, dtype=torch.float64)    # independent x and z
-        assert mim.infonce(uninformed).item() == pytest.approx(0.0, abs=1e-12)
-
-
-GAUSS_P, GAUSS_Q = (0.5, 0.8), (-0.3, 1.3)                  # (mean, std) of P and Q
-
-
-def gaussian_kl(p, q):
-    (m1, s1), (m2, s2) = p, q
-    return math.log(s2 / s1) + (s1 ** 2 + (m1 - m2) ** 2) / (2 * s2 ** 2) - 0.5
-
-
-def log_ratio(v):                                           # log dP/dQ
-    return norm.logpdf(v, *GAUSS_P) - norm.logpdf(v, *GAUSS_Q)
-
-
-@pytest.mark.parametrize("bound,shift", [("f", 1.0), ("dv", 0.0), ("dv", 3.0)])
-def test_kl_dual_is_a_lower_bound_tight_at_the_optimal_critic(bound, shift):
-    """KL(N(0.5, 0.8^2) || N(-0.3, 1.3^2)) in closed form against the duals on 400,000
-    samples: the optimal critic (1 + log ratio for f, log ratio + any constant for DV)
-    reaches it within Monte Carlo error; scaled, shifted or shrunk critics stay below."""
-    rng = np.random.default_rng(0)
-    on_p = rng.normal(*GAUSS_P, size=400_000)
-    on_q = rng.normal(*GAUSS_Q, size=400_000)
-    exact = gaussian_kl(GAUSS_P, GAUSS_Q)
-
-    def dual(critic):
-        t = [torch.as_tensor(critic(v)) for v in (on_p, on_q)]
-        return mim.kl_dual(*t, bound).item()
-
-    assert dual(lambda v: log_ratio(v) + shift) == pytest.approx(exact, abs=0.01)
-    worse = [lambda v: 0.5 * log_ratio(v) + shift, lambda v: 1.5 * log_ratio(v) + shift,
-             lambda v: 0 * v + shift]
-    if bound == "f":                                        # DV ignores a constant shift
-        worse.append(lambda v: log_ratio(v) + shift - 0.5)
-    for critic in worse:
-        assert dual(critic) < exact - 0.02
-    for critic in worse:                                    # -log u >= 1 - u
-        t = [torch.as_tensor(critic(v)) for v in (on_p, on_q)]
-        assert mim.kl_dual(*t, "dv") >= mim.kl_dual(t[0] + 1, t[1] + 1, "f")
-
-
-def test_shuffled_pairs_are_a_derangement_and_samples_of_the_product_of_marginals():
-    """x ~ N(0, 1) with z = x + 0.3 noise: correlation 0.96 in the matched pairs. After
-    shuffling, x and z are independent: the correlation is within 4 standard errors of
-    zero and a chi-square test on the quadrant counts does not reject; z keeps its
-    marginal (the same values)."""
-    torch.manual_seed(0)
-    xs, zs = [], []
-    for _ in range(200):
-        x = torch.randn(128, 1, dtype=torch.float64)
-        z = x + 0.3 * torch.randn_like(x)
-        shuffled = mim.shuffled_pairs(z)
-        assert torch.equal(shuffled.sort(0).values, z.sort(0).values)
-        xs.append(x)
-        zs.append(shuffled)
-    x, z = torch.cat(xs).squeeze(1).numpy(), torch.cat(zs).squeeze(1).numpy()
-    assert abs(np.corrcoef(x, z)[0, 1]) < 4 / math.sqrt(len(x))
-    counts = np.histogram2d(x, z, bins=[[-np.inf, 0, np.inf]] * 2)[0]
-    assert scipy.stats.chi2_contingency(counts).pvalue > 1e-3
-    index = torch.arange(50.0).unsqueeze(1)
-    for _ in range(100):                                    # no pair stays matched
-        assert not (mim.shuffled_pairs(index) == index).any()
-
-
-def critic_model(loss, arch="mlp"):
-    torch.manual_seed(0)
-    if arch == "mlp":
-        cfg = mim.Config(data="toy20d", z_dim=3, hidden=8, loss=loss)
-        return mim.build_model(mim.model_spec(cfg, {"x_dim": 5, "binary": False})), cfg
-    cfg = mim.Config(data="mnist", arch=arch, z_dim=2, loss=loss)
-    info = {"x_dim": 16, "binary": True, "image_shape": TINY}
-    return mim.build_model(mim.model_spec(cfg, info)), cfg
-
-
-def n_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-@pytest.mark.parametrize("arch", ["mlp", "convhvae"])
-def test_self_critic_adds_no_parameters_and_the_network_critics_do(arch):
-    vae = n_params(critic_model("vae", arch)[0])
-    assert n_params(critic_model("critic-self", arch)[0]) == vae
-    assert critic_model("critic-self", arch)[0].critic is None
-    for loss in ("critic-nn", "critic-hybrid", "infomax"):
-        model, _ = critic_model(loss, arch)
-        assert n_params(model) == vae + n_params(model.critic) > vae
-    hybrid, nn_critic = critic_model("critic-hybrid", arch)[0], critic_model("critic-nn",
-                                                                            arch)[0]
-    assert hybrid.critic.trunk is None and nn_critic.critic.trunk is not None
-    assert n_params(nn_critic.critic) > n_params(hybrid.critic)
-
-
-def test_hybrid_critic_reads_the_encoders_first_layers_and_nn_critic_does_not():
-    """The InfoNCE term alone: its gradient reaches the encoder's first layer through
-    the shared features (hybrid) or only through z (neural); the decoder gets none."""
-    for loss, shares in (("critic-hybrid", True), ("critic-nn", False)):
-        model, _ = critic_model(loss)
-        x = torch.randn(32, 5)
-        q_z_given_x = model.q_z_given_x(x)
-        z = q_z_given_x.rsample().detach()                  # no path through z
-        mim.infonce(mim.network_critic_scores(model, x, q_z_given_x, z)).backward()
-        first = model.q_z_given_x.net[0].weight.grad
-        assert (first is not None and first.abs().sum() > 0) == shares
-        assert all(p.grad is None for p in model.p_x_given_z.parameters())
-
-
-@pytest.mark.parametrize("arch", ["mlp", "convhvae"])
-def test_pairwise_log_prob_equals_one_encoding_per_pair(arch):
-    model, _ = critic_model("critic-self", arch)
-    x = torch.randn(6, 5) if arch == "mlp" else torch.bernoulli(torch.full((6, 16), 0.5))
-    with torch.no_grad():
-        q_z_given_x = model.q_z_given_x(x)
-        z = q_z_given_x.sample()[:4]
-        pairs = mim.pairwise_log_prob(q_z_given_x, z)
-        by_pair = torch.tensor([[model.q_z_given_x(x[j:j + 1]).log_prob(z[i:i + 1]).item()
-                                 for i in range(4)] for j in range(6)])
-    assert pairs.shape == (6, 4)
-    assert torch.allclose(pairs, by_pair, atol=1e-4)
-
-
-class LinearGaussianEncoder(torch.nn.Module):
-    """q(z|x) = N(A x, s^2 I)."""
-
-    def __init__(self, a, s):
-        super().__init__()
-        self.a, self.s = a, s
-
-    def forward(self, x):
-        loc = x @ self.a.T
-        return mim.diag_gaussian(loc, torch.full_like(loc, self.s))
-
-
-def test_minibatch_mi_and_kl_match_the_closed_form_on_a_linear_gaussian_encoder():
-    """x ~ N(0, I_2), q(z|x) = N(A x, s^2 I), p(z) = N(0, I). Then I(x; z) =
-    1/2 log det(I + A A^T / s^2) and E_x KL(q(z|x) || p(z)) = 1/2 sum_k (s^2 + A_kk^2 - 1
-    - log s^2) for diagonal A. With B = 1000 the MI estimate is within 0.03 nats (1.96
-    nats; over seeds 0-3 it fell within 0.021), the KL within 4 standard errors."""
-    a, s = torch.diag(torch.tensor([2.0, 0.7], dtype=torch.float64)), 0.5
-    model = mim.Model(LinearGaussianEncoder(a, s), None, mim.StandardNormal(2), None, 2)
-    model.double()
-    torch.manual_seed(0)
-    x = torch.randn(20_000, 2, dtype=torch.float64)
-    terms = evaluate.posterior_kl_terms(model, x, batch=1000)
-    mi = 0.5 * np.linalg.slogdet(np.eye(2) + (a @ a.T).numpy() / s ** 2)[1]
-    kl = 0.5 * sum(s ** 2 + a_kk ** 2 - 1 - math.log(s ** 2) for a_kk in (2.0, 0.7))
-    assert terms["test_mi_batch"] == pytest.approx(mi, abs=0.03)
-    sd = 3.13                                   # of one KL sample, measured on 200,000
-    assert terms["test_kl"] == pytest.approx(kl, abs=4 * sd / math.sqrt(len(x)))
-    assert terms["test_mi_batch_cap"] == pytest.approx(math.log(1000))
-    assert terms["test_kl"] - terms["test_marginal_kl"] == pytest.approx(terms["test_mi_batch"])
-
-
-def test_minibatch_mi_is_the_self_critics_infonce_and_at_most_log_b():
-    model, _ = critic_model("critic-self")
-    torch.manual_seed(1)
-    x = 3 * torch.randn(64, 5)
-    torch.manual_seed(2)
-    terms = evaluate.posterior_kl_terms(model, x, batch=64)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        q_z_given_x = model.q_z_given_x(x)
-        nce = mim.infonce(mim.self_critic_scores(model, x, q_z_given_x, q_z_given_x.sample()))
-    assert terms["test_mi_batch"] == pytest.approx(nce.item(), abs=1e-5)
-    assert terms["test_mi_batch"] <= math.log(64)
-
-
-def test_critic_network_gets_its_own_learning_rate():
-    model, cfg = critic_model("infomax")
-    groups = mim.optimizer(model, cfg).param_groups
-    assert [g["lr"] for g in groups] == [cfg.lr, cfg.critic_lr]
-    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.critic.parameters()}
-    assert len(mim.optimizer(*critic_model("critic-self")).param_groups) == 1
-
-
-@pytest.mark.parametrize("loss", ["infomax", "critic-self", "critic-nn", "critic-hybrid"])
-@pytest.mark.parametrize("arch", ["mlp", "convhvae"])
-def test_comparison_objectives_have_finite_gradients_and_report_the_elbo(loss, arch):
-    model, cfg = critic_model(loss, arch)
-    x = torch.randn(16, 5) if arch == "mlp" else torch.bernoulli(torch.full((16, 16), 0.5))
-    value, stats = mim.objective(cfg)(model, x, mim.FULL)
-    value.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    assert stats["loss"] == pytest.approx(stats["rec"] + stats["kl"], rel=1e-5)
-    bound = stats.get("mi_dual", stats.get("infonce"))
-    assert math.isfinite(bound) and (loss == "infomax" or bound <= math.log(16) + 1e-6)
-
-
-def test_infomax_dv_bound_and_weights_reach_the_objective():
-    model, cfg = critic_model("infomax")
-    x = torch.randn(32, 5)
-    values = {}
-    for alpha in (0.0, 2.0):
-        torch.manual_seed(3)
-        loss = mim.objective(dataclasses.replace(cfg, alpha=alpha, mi_bound="dv"))
-        values[alpha] = loss(model, x, mim.FULL)
-    (l0, s0), (l2, s2) = values[0.0], values[2.0]
-    assert l0.item() == pytest.approx(s0["rec"] + s0["kl"], rel=1e-5)
-    assert l2.item() == pytest.approx(l0.item() - 2.0 * s2["mi_dual"], rel=1e-5)
-
-
-# ----------------------------------------------------------------------------------------
-# --amp: bfloat16 networks, float32 densities
-# ----------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("loss", ["vae", "mim", "critic-hybrid"])
-def test_amp_runs_networks_in_bf16_and_densities_in_float32(loss):
-    torch.manual_seed(0)
-    cfg = mim.Config(data="mnist", arch="convhvae", prior="vamp", prior_components=5,
-                     z_dim=4, loss=loss, amp=True)
-    info = {"x_dim": 784, "binary": True, "image_shape": (1, 28, 28)}
-    model = mim.build_model(mim.model_spec(cfg, info), x_init=torch.rand(20, 784))
-    x = torch.bernoulli(torch.full((8, 784), 0.3))
-    with mim.autocast(x.device, True):
-        assert model.q_z_given_x.z2_features(x.view(-1, 1, 28, 28)).dtype == torch.bfloat16
-        q_z_given_x = model.q_z_given_x(x)
-        z = q_z_given_x.rsample()
-        assert q_z_given_x.top.base_dist.loc.dtype == torch.float32
-        assert model.p_x_given_z(z).base_dist.logits.dtype == torch.float32
-        assert model.log_p_z(z).dtype == torch.float32
-        torch.manual_seed(1)
-        low, _ = mim.objective(cfg)(model, x, mim.FULL)
-    torch.manual_seed(1)
-    full, _ = mim.objective(cfg)(model, x, mim.FULL)
-    assert low.dtype == torch.float32
-    assert low.item() == pytest.approx(full.item(), rel=0.02)   # bf16 keeps 8 bits
-
-
-def test_amp_is_a_switch():
-    assert mim.parse_args(["--amp"])[0].amp and not mim.parse_args([])[0].amp
-
-
-# ----------------------------------------------------------------------------------------
-# The first layers' hand-written input gradient
-# ----------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("kernel", [3, 7])
-def test_image_gradient_passes_gradcheck(kernel):
-    torch.manual_seed(0)
-    conv = mim.OneChannelConv(1, 6, kernel, padding=kernel // 2).double()
-    conv = conv.to(memory_format=torch.channels_last)
-    v = torch.rand(3, 1, 9, 9, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(
-        lambda v, w, b: mim.ImageGradient.apply(v, w, b, conv.padding), (v, conv.weight, conv.bias))
-
-
-def test_one_channel_conv_has_the_gradients_of_nn_conv2d():
-    torch.manual_seed(0)
-    ours = mim.speed_up(mim.gated_conv(1, 32, 7)).layer
-    assert isinstance(ours, mim.OneChannelConv)
-    ref = torch.nn.Conv2d(1, 64, 7, padding=3)
-    ref.load_state_dict(ours.state_dict())
-    v = torch.rand(16, 1, 28, 28, requires_grad=True)
-    g = torch.randn(16, 64, 28, 28)
-    got = torch.autograd.grad(ours(v), [v, ours.weight, ours.bias], g)
-    want = torch.autograd.grad(ref(v), [v, ref.weight, ref.bias], g)
-    for a, b in zip(got, want):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
-
-
-def test_speed_up_changes_layers_and_layout_not_parameters_or_results():
-    """speed_up gives the first convolution of each network its own input gradient and
-    the channels_last layout: the parameters and their names stay, and the loss and its
-    gradient stay those of the plain model up to rounding."""
-    torch.manual_seed(0)
-    spec = mim.ModelSpec(x_dim=784, binary=True, image_shape=(1, 28, 28), arch="convhvae",
-                         prior="vamp", prior_components=5, z_dim=4)
-    plain = mim.build_model(spec, x_init=torch.rand(20, 784))
-    fast = mim.speed_up(copy.deepcopy(plain))
-    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in plain.named_parameters()]
-    assert sum(isinstance(m, mim.OneChannelConv) for m in fast.modules()) == 3
-    assert fast.p_x_given_z.to_image.layer.weight.is_contiguous()            # dense: as it was
-    assert fast.q_z_given_x.z2_features[1].layer.weight.is_contiguous(
-        memory_format=torch.channels_last)
-    x = torch.bernoulli(torch.full((8, 784), 0.3))
-    results = []
-    for model in (plain, fast):
-        torch.manual_seed(1)
-        loss, _ = mim.mim_loss(model, x)
-        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
-    (loss_plain, grads_plain), (loss_fast, grads_fast) = results
-    assert torch.allclose(loss_plain, loss_fast, rtol=1e-5)
-    for a, b in zip(grads_plain, grads_fast):
-        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * (b.abs().max().item() + 1e-12))
-
-
-def test_one_channel_conv_input_gradient_under_bf16_autocast():
-    torch.manual_seed(0)
-    conv = mim.OneChannelConv(1, 64, 7, padding=3).to(memory_format=torch.channels_last)
-    v = torch.rand(8, 1, 28, 28, requires_grad=True)
-    g = torch.randn(8, 64, 28, 28)
-    full = torch.autograd.grad(conv(v), v, g)[0]
-    with torch.autocast("cpu", torch.bfloat16):
-        out = conv(v)
-    low = torch.autograd.grad(out, v, g.to(out.dtype))[0]
-    assert out.dtype == torch.bfloat16 and low.dtype == torch.float32
-    assert (low - full).norm() < 0.02 * full.norm()      # bf16 keeps 8 bits
-
-
-# ----------------------------------------------------------------------------------------
-# Freed CPU memory is reused without page faults
-# ----------------------------------------------------------------------------------------
-
-PAGE_FAULT_PROBE = """
-import resource, sys, torch, mim
-took = mim.reuse_freed_memory() if sys.argv[1] == "reuse" else None
-faults = []
-for _ in range(10):      # the heap settles after a few allocations, how many varies
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(2 ** 24)  # 64 MiB, written and freed
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(took, min(faults[5:]))
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_reuse_freed_memory_removes_the_page_faults_of_repeated_allocations():
-    pages = 2 ** 26 // 4096
-    faults = {}
-    for mode in ("default", "reuse"):
-        out = subprocess.run([sys.executable, "-c", PAGE_FAULT_PROBE, mode], check=True,
-                             capture_output=True, text=True, cwd=HERE).stdout.split()
-        faults[mode] = int(out[1])
-    assert out[0] == "True"
-    assert faults["default"] >= 0.9 * pages        # a fresh mapping: a fault per page
-    assert faults["reuse"] < 0.05 * pages

@@ -19,11 +19,11 @@ Paper to code
               q(x,z), p(x,z)                log_q_xz = log q(z|x) q(x),
                                             log_p_xz = log p(x|z) p(z)
               z = (z1, z2), two levels      TwoLevel: q(z2|x) q(z1|x,z2), p(z2) p(z1|z2)
+    Eq. 2     L_VAE, the negative ELBO      vae_loss
     Eq. 4     M_S = 1/2 (D_enc + D_dec)     sample_m_s: encoder_samples, decoder_samples
     Eq. 7     L_CE = CE(M_S, M_theta)       ce_loss
     Eq. 8     L_MIM                         mim_loss
     Eq. 12    L_A-MIM                       amim_loss
-    Eq. 2     L_VAE, the negative ELBO      vae_loss
     Eq. 16    q(x) = E_p(z)[p(x|z)]         log_q_x: its one-sample bound (Sec. 4.2,
                                             App. D.1)
     Alg. 1    MIM with an explicit q(x)     mim_loss on a model with q_x="mog"

@@ -663,10 +663,15 @@ def load_runs(folder):
     return runs
 
 
+# Settings that name a run or say where and how it ran, not what it is: a run resumed on
+# another device belongs with its seeds.
+RUN_KEYS = ("seed", "out", "resume", "overwrite", "device")
+
+
 def summarize(runs):
-    """Group runs by the config values that differ between them (seed and out aside).
+    """Group runs by the config values that differ between them (RUN_KEYS aside).
     Returns (group keys, {group: {metric: (mean, std, n)}})."""
-    varying = [k for k in runs[0][0] if k not in ("seed", "out")
+    varying = [k for k in runs[0][0] if k not in RUN_KEYS
                and len({json.dumps(c.get(k)) for c, _ in runs}) > 1]
     groups = {}
     for cfg, res in runs:

@@ -1281,6 +1281,8 @@ def test_summary_is_mean_and_std_over_seeds(tmp_path):
             run = tmp_path / f"{loss}-s{seed}"
             run.mkdir()
             cfg = {**vars(mim.Config(loss=loss, seed=seed)), "out": str(run)}
+            if seed == 2:  # resumed on another device: still one of the seeds
+                cfg.update(resume=str(run), device="cpu", overwrite=True)
             (run / "config.json").write_text(json.dumps(cfg))
             (run / "results.json").write_text(json.dumps({"test_mi_ksg": mi + shift}))
             if seed == 1:  # a metric that only some runs have, like AIS on seed 1

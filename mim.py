@@ -1176,7 +1176,7 @@ def infomax_loss(model, x, w=FULL, alpha=10.0, beta=1.0, bound="f"):
     KL(q(x, z) || q(x) q(z)) from the critic t(x, z) on matched and shuffled pairs.
 
     One loss serves both of Algorithm 1's updates: the critic's parameters (their own
-    Adam group, --critic-lr) get alpha times its line-7 gradient, which Adam's scale
+    Adam group, TrainSpec.critic_lr) get alpha times its line-7 gradient, which Adam's scale
     invariance makes the same step. Defaults: alpha = 10, beta = 1 (its Sec. 6.1).
     """
     _, z, rec, kl = elbo_terms(model, x)
@@ -1362,7 +1362,7 @@ class ImageGradient(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):                                # (B, C, H, W), maybe bf16
-        v, weight = (t.to(grad) for t in ctx.saved_tensors)  # bf16 under --amp
+        v, weight = (t.to(grad) for t in ctx.saved_tensors)  # bf16 under autocast
         (b, c, h, w), k = grad.shape, weight.shape[-1]
         grad_v = None
         if ctx.needs_input_grad[0]:  # each pixel gathers grad * weight over its k x k window
@@ -1700,7 +1700,7 @@ class Config:
                       "and losses stay in float32", default=False)
     nll_samples: Optional[int] = _help("importance samples per test point for the test NLL "
                                        "(default: 1000; 0 = skip, the default for images, "
-                                       "whose NLL evaluate.py computes)", default=None)
+                                       "whose NLL mim.py evaluate computes)", default=None)
     out: Optional[str] = _help("directory for config.json, log.csv, last.pt, best.pt, "
                                "results.json", default=None)
     resume: Optional[str] = _help("continue the interrupted run in this directory from its "

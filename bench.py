@@ -27,6 +27,7 @@ measurement runs before the first fast one. Memory: on CUDA the peak allocated p
 measurement; on a CPU the process's peak resident size so far (ru_maxrss), which only
 ever grows.
 """
+import functools
 import math
 import os
 import resource
@@ -149,21 +150,21 @@ def step_function(model, cfg, x):
     return step
 
 
-def time_step(arch, prior, loss, amp, device, warmup, repeats, batch, fast):
-    """(seconds per step, FLOPs per step, memory) of one training step."""
+def timed_step(arch, prior, loss, amp, device, warmup, repeats, batch, fast):
+    """(seconds per step, the step) of one training step; memory counts from its start."""
     model, cfg = image_model(arch, prior, loss, device, amp, fast)
     x = torch.bernoulli(torch.full((batch, X_DIM), 0.3, device=device))
     step = step_function(model, cfg, x)
     reset_memory(device)
-    seconds = median_seconds(step, device, warmup, repeats)
-    return seconds, count_flops(step), memory_mib(device)
+    return median_seconds(step, device, warmup, repeats), step
 
 
 def train_row(arch, prior, loss, amp, device, peaks, warmup, repeats, batch=BATCH,
               plain_s=None):
     """The fast step's row; with plain_s (the plain step's seconds) also their ratio."""
-    seconds, flops, memory = time_step(arch, prior, loss, amp, device, warmup, repeats,
-                                       batch, fast=True)
+    seconds, step = timed_step(arch, prior, loss, amp, device, warmup, repeats, batch,
+                               fast=True)
+    flops, memory = count_flops(step), memory_mib(device)
     row = {"arch": arch, "prior": prior, "loss": loss, "amp": amp, "batch": batch,
            "step_s": seconds, "images_s": batch / seconds, "gflop_step": flops / 1e9,
            "gflop_s": flops / seconds / 1e9, "memory_mib": memory}
@@ -176,17 +177,19 @@ def train_row(arch, prior, loss, amp, device, peaks, warmup, repeats, batch=BATC
     return row
 
 
-def nll_seconds(device, images, fast):
+def timed_nll(device, images, fast):
+    """(seconds, the NLL's call) of the IWAE NLL of `images` test images."""
     model, _ = image_model("convhvae", "vamp", "vae", device, fast=fast)
     model.eval()
     x = torch.bernoulli(torch.full((images, X_DIM), 0.3, device=device))
+    nll = functools.partial(evaluate.iwae_nll, model, x, NLL_S)
     reset_memory(device)
-    seconds = median_seconds(lambda: evaluate.iwae_nll(model, x, NLL_S), device, 0, 1)
-    return seconds, count_flops(lambda: evaluate.iwae_nll(model, x, NLL_S)), memory_mib(device)
+    return median_seconds(nll, device, 0, 1), nll
 
 
 def nll_row(device, peaks, images, plain_s):
-    seconds, flops, memory = nll_seconds(device, images, fast=True)
+    seconds, nll = timed_nll(device, images, fast=True)
+    flops, memory = count_flops(nll), memory_mib(device)
     row = {"S": NLL_S, "images": images, "s_per_image": seconds / images,
            "images_s": images / seconds, "gflop_image": flops / images / 1e9,
            "gflop_s": flops / seconds / 1e9, "memory_mib": memory,
@@ -279,6 +282,27 @@ def machine(device):
     return report
 
 
+def train_rows(args, device, peaks, native, warmup, repeats, nll_images):
+    """The train table, every plain step (and the plain NLL's seconds) timed before the
+    first fast one: speed_up's allocator setting cannot be undone."""
+    archs = ("convhvae",) if args.quick else ("convhvae", "pixelhvae")
+    settings = [(arch, prior, loss, amp) for arch in archs for prior in ("vamp", "normal")
+                for loss in ("vae", "amim", "mim")
+                if not (arch == "pixelhvae" and loss == "mim" and not args.pixel_mim)
+                for amp in ((False, True) if native else (False,))]
+    plain = {}
+    for setting in settings:
+        plain[setting] = timed_step(*setting, device, warmup, repeats, BATCH, fast=False)[0]
+        print(f"plain step {setting}: {plain[setting]:.3f} s", flush=True)
+    plain_nll = timed_nll(device, nll_images, fast=False)[0]
+    rows = []
+    for setting in settings:
+        rows.append(train_row(*setting, device, peaks, warmup, repeats,
+                              plain_s=plain[setting]))
+        print_table("train", rows[-1:])
+    return rows, plain_nll
+
+
 def main(argv=None):
     parser = mim.OneLineParser(prog="bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -303,22 +327,9 @@ def main(argv=None):
     report["peak"] = peak(device, repeats)
     print_table("peak (GFLOP/s)", report["peak"])
 
-    archs = ("convhvae",) if args.quick else ("convhvae", "pixelhvae")
-    settings = [(arch, prior, loss, amp) for arch in archs for prior in ("vamp", "normal")
-                for loss in ("vae", "amim", "mim")
-                if not (arch == "pixelhvae" and loss == "mim" and not args.pixel_mim)
-                for amp in ((False, True) if native else (False,))]
     nll_images = 2 if args.quick else 4
-    plain = {}
-    for setting in settings:
-        plain[setting] = time_step(*setting, device, warmup, repeats, BATCH, fast=False)[0]
-        print(f"plain step {setting}: {plain[setting]:.3f} s", flush=True)
-    plain_nll = nll_seconds(device, nll_images, fast=False)[0]   # before speed_up's allocator
-    rows = []
-    for setting in settings:
-        rows.append(train_row(*setting, device, report["peak"], warmup, repeats,
-                              plain_s=plain[setting]))
-        print_table("train", rows[-1:])
+    rows, plain_nll = train_rows(args, device, report["peak"], native, warmup, repeats,
+                                 nll_images)
     report["train"] = rows
     print_table("train (x_plain: the plain step's time over the fast one's, this run; "
                 "x_authors: against the authors' code, measured elsewhere)", rows)

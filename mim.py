@@ -1927,6 +1927,12 @@ def run(cfg, overrides=("device",)):
             os.close(lock)
 
 
+def data_shape(data):
+    """What a model needs to know of its data (model_spec) and a checkpoint records."""
+    return {"x_dim": data.x_dim, "binary": data.binary,
+            "image_shape": list(data.image_shape) if data.image_shape else None}
+
+
 def data_identity(data):
     """What a checkpoint records of its data: the name, the split sizes and a SHA-256 of
     the test split, so that evaluating or resuming elsewhere can check it has the same."""
@@ -1982,9 +1988,7 @@ def fit_and_test(cfg, resume, device):
         check_same_data(resume["data"], identity, os.path.join(cfg.resume, "last.pt"))
     if cfg.nll_samples is None:  # images: the IWAE NLL is the evaluate command's job
         cfg = dataclasses.replace(cfg, nll_samples=0 if data.image_shape else 1000)
-    data_info = {"x_dim": data.x_dim, "binary": data.binary,
-                 "image_shape": list(data.image_shape) if data.image_shape else None,
-                 **identity}
+    data_info = {**data_shape(data), **identity}
     torch.manual_seed(cfg.seed)
     model = speed_up(build_model(model_spec(cfg, data_info), x_init=data.x_train)).to(device)
     if resume is not None:
@@ -2106,8 +2110,8 @@ def gradient_noise_run(run_dir, device, repeats):
     at the run's batch size; writes RUN_DIR/gradient_noise.json and prints a table."""
     model, cfg, data = load_run(run_dir, device)
     torch.manual_seed(cfg.seed)
-    info = {"x_dim": data.x_dim, "binary": data.binary, "image_shape": data.image_shape}
-    fresh = speed_up(build_model(model_spec(cfg, info), x_init=data.x_train)).to(device)
+    fresh = speed_up(build_model(model_spec(cfg, data_shape(data)), x_init=data.x_train))
+    fresh = fresh.to(device)
     table = {name: gradient_noise(m, cfg.latent_anchor, cfg.batch_size, repeats)
              for name, m in (("initialisation", fresh), ("trained", model))}
     write_json(os.path.join(run_dir, "gradient_noise.json"), table)

@@ -2127,9 +2127,17 @@ def image_folder(tmp_path, n_train):
     return folder
 
 
+def interactive_signals():
+    """A shell starts background jobs (`cmd &`, as CI may run the tests) with SIGINT
+    ignored, and Python then never raises KeyboardInterrupt; give the child the terminal's
+    default so that Ctrl-C reaches it as it would a user's run."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_mim(*args):
     return subprocess.Popen([sys.executable, os.path.join(HERE, "mim.py"), *args], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interactive_signals)
 
 
 def test_resume_after_kill_ends_with_the_same_weights(tmp_path):

@@ -19,7 +19,8 @@
 #
 #   ./run_all.sh           the paper's protocol: 10 seeds; toy widths 5-500; images with
 #                          100 warm-up epochs, early stopping and S = 5000 importance samples,
-#                          which is meant for a GPU (many days on a CPU)
+#                          which is meant for a GPU (many days on a CPU; about 55 hours
+#                          on one GPU by the README's FLOP estimate, not measured)
 #   ./run_all.sh --quick   the reduced protocol for two CPU cores: 3 seeds and widths 5, 20,
 #                          500 on the toys and in collapse/, S = 100 (26 min 49 s before
 #                          collapse/ was added, whose 21 runs took 27 min more on one busy

@@ -135,7 +135,7 @@ def image_model(arch, prior, loss, device, amp=False, fast=True):
     x_init = torch.bernoulli(torch.full((1000, X_DIM), 0.3))
     spec = mim.model_spec(cfg, {"x_dim": X_DIM, "binary": True, "image_shape": IMAGE})
     model = mim.build_model(spec, x_init)
-    return (mim.speed_up(model) if fast else model).to(device), cfg
+    return (mim.speed_up(model, device) if fast else model).to(device), cfg
 
 
 def step_function(model, cfg, x):

@@ -665,7 +665,7 @@ def load_runs(folder):
 
 # Settings that name a run or say where and how it ran, not what it is: a run resumed on
 # another device belongs with its seeds.
-RUN_KEYS = ("seed", "out", "resume", "overwrite", "device")
+RUN_KEYS = ("seed", "out", "resume", "overwrite", "device", "deterministic")
 
 
 def summarize(runs):

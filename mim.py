@@ -60,6 +60,7 @@ The command line also uses datasets.py and evaluate.py from this repository:
     python mim.py evaluate runs/mnist --nll-samples 5000
 """
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -114,9 +115,14 @@ def diag_gaussian(loc, scale):
                                   validate_args=False), 1)
 
 
-def bernoulli(logits):
-    """Independent Bernoulli variables over the last dimension, parameterized by logits."""
-    return D.Independent(D.Bernoulli(logits=full_precision(logits), validate_args=False), 1)
+def bernoulli(logits, bound=None):
+    """Independent Bernoulli variables over the last dimension, parameterized by logits,
+    clipped to [-bound, bound] if a bound is given: still a normalized distribution, whose
+    probabilities stay in [sigmoid(-bound), sigmoid(bound)] (the authors' code clamps them
+    to [1e-5, 1 - 1e-5]; see ModelSpec.prob_clamp)."""
+    logits = full_precision(logits)
+    logits = logits if bound is None else logits.clamp(-bound, bound)
+    return D.Independent(D.Bernoulli(logits=logits, validate_args=False), 1)
 
 
 def positive_scale(raw, floor):
@@ -265,6 +271,9 @@ class ModelSpec:
     std_floor: float = STD_FLOOR            # added to every Gaussian std of the MLPs
     critic: Optional[str] = None            # CRITICS: joint (InfoMax-VAE), separable,
                                             # hybrid (inference critics)
+    init: str = "torch"                     # INITS: of the dense layers' weights
+    prob_clamp: Optional[float] = None      # Bernoulli decoders: probabilities kept in
+                                            # [c, 1 - c] (the authors' code: 1e-5)
 
     def __post_init__(self):
         if self.image_shape is not None:
@@ -343,17 +352,20 @@ class DecoderSampling:
 
     anchor:    "normal": z ~ P(z) = N(0, I), the paper's fixed latent anchor;
                "prior": z ~ p(z), the model prior (VampPrior, then p(z1|z2)) with its
-               parameters held fixed for the draw, as the authors' image code does.
+               parameters held fixed for the draw (the "authors" estimator draws its
+               own codes, see authors_codes).
     estimator: for x that cannot be reparameterized (binary images), see
                `score_function_surrogate`:
                "loo-code": `draws` images x per code z, each with the mean of the other
                images of its code as baseline (the default, chosen by measurement:
                README, "Gradients of binary decoder samples");
                "loo-batch": one image per code, baseline the mean over the batch;
-               "authors": the authors' image code: the decoder's mean image instead of
-               a sample, log q(x) = log p(x|z) (App. D.1 for z ~ p(z)), no score term.
-               Its log p(x|z) has zero gradient at the mean image, so D_dec gives the
-               decoder no gradient at all.
+               "authors": the authors' image code: codes from p(z) by
+               reparameterization (authors_codes, whatever the anchor), the decoder's
+               mean image instead of a sample, log q(x) = log p(x|z) (App. D.1 for
+               z ~ p(z)), no score term. Its log p(x|z) has zero gradient at the mean
+               image, so D_dec gives the decoder no gradient at all; the encoder and
+               the prior get theirs through log q(z|x) and log p(z) at the codes.
     """
     anchor: str = "normal"
     estimator: str = "loo-code"
@@ -397,14 +409,32 @@ def decoder_samples(model, n, p_z, w=FULL, sampling=PAPER_SAMPLING):
 
 
 def authors_decoder_samples(model, n, p_z, w=FULL):
-    """D_dec as the authors' image code draws it: z ~ p(z), x the decoder's mean image
-    (detached), and log q(x) = log p(x|z), the App. D.1 estimate for z drawn from p(z)."""
-    z = anchor_codes(model, n, p_z, "prior")                            # (n, Z)
+    """D_dec as the authors' image code draws it: z ~ p(z) (authors_codes), x the
+    decoder's mean image (detached), and log q(x) = log p(x|z), the App. D.1 estimate for
+    z drawn from p(z)."""
+    z = authors_codes(model, n, p_z)                                    # (n, Z)
     p_x_given_z = model.p_x_given_z(z)
     x = p_x_given_z.mean.detach()                                       # (n, D) in [0, 1]
     log_p_x_given_z = p_x_given_z.log_prob(x)
     log_q_xz = model.q_z_given_x(x).log_prob(z) + log_p_x_given_z
     return log_q_xz, log_p_x_given_z + log_prior(p_z, z, w), None
+
+
+def authors_codes(model, n, p_z):
+    """n codes z ~ p(z) (n, Z) as the authors' image code draws them, reparameterized, so
+    that gradients reach what p(z) is made of: a VampPrior's top level from q(z|u_k) of
+    its first n pseudo-inputs u_k, one code each (cycling through them when n > K);
+    other priors by rsample where they have one; then z1 ~ p(z1|z2) for two levels."""
+    top = p_z.top if isinstance(p_z, TwoLevel) else p_z
+    if isinstance(model.prior, VampPrior):
+        q_of_u = top.component_distribution.base_dist                  # batch (K, Z)
+        k = torch.arange(n, device=q_of_u.loc.device) % len(q_of_u.loc)
+        z_top = diag_gaussian(q_of_u.loc[k], q_of_u.scale[k]).rsample()
+    else:
+        z_top = top.rsample((n,)) if top.has_rsample else top.sample((n,))
+    if not isinstance(p_z, TwoLevel):
+        return z_top
+    return torch.cat([p_z.conditional(z_top).rsample(), z_top], dim=-1)
 
 
 def score_function_surrogate(f, log_prob, draws=1):
@@ -453,10 +483,11 @@ def decoder_sample_loss(f, dec):
 
 def cross_entropy_stats(enc, dec):
     """Monitoring values over the samples: CE(M, q(x,z)), CE(M, p(x,z)) and their mean,
-    which is Eq. 8 at full weights."""
+    which is Eq. 8 at full weights. Like every objective's stats, 0-dim tensors with no
+    gradient: reading one (float) waits for the device, which `train` does once an epoch."""
     halves = [enc] if dec is None else [enc, dec[:2]]
-    ce_q = -sum(h[0].mean().item() for h in halves) / len(halves)
-    ce_p = -sum(h[1].mean().item() for h in halves) / len(halves)
+    ce_q = -sum(h[0].detach().mean() for h in halves) / len(halves)
+    ce_p = -sum(h[1].detach().mean() for h in halves) / len(halves)
     return {"loss": 0.5 * (ce_q + ce_p), "ce_q": ce_q, "ce_p": ce_p}
 
 
@@ -503,7 +534,7 @@ def ce_loss(model, x, w=FULL, sampling=PAPER_SAMPLING):
     enc, dec = sample_m_s(model, x, w, sampling)
     loss = average_over_m_s(lambda lq, lp: mixture_cross_entropy(lq, lp, w.q, w.p), enc, dec)
     with torch.no_grad():
-        value = average_over_m_s(mixture_cross_entropy, enc, dec).item()
+        value = average_over_m_s(mixture_cross_entropy, enc, dec)
     return loss, {**cross_entropy_stats(enc, dec), "loss": value}
 
 
@@ -518,7 +549,8 @@ def elbo_terms(model, x):
 
 
 def elbo_stats(rec, kl):
-    return {"loss": (rec + kl).mean().item(), "rec": rec.mean().item(), "kl": kl.mean().item()}
+    rec, kl = rec.detach().mean(), kl.detach().mean()
+    return {"loss": rec + kl, "rec": rec, "kl": kl}
 
 
 def vae_loss(model, x, w=FULL):
@@ -598,6 +630,7 @@ class TrainSpec:
     warmup: int = 3                   # warm-up epochs
     warmup_mode: str = "paper"        # WARMUP_MODES, see warmup_weights
     patience: Optional[int] = None    # early stopping; default: warmup, at least 1
+    best_in_warmup: bool = False      # may the best model come from the warm-up? (authors)
     amp: bool = False                 # networks in bfloat16 (autocast), densities in fp32
 
 
@@ -613,12 +646,22 @@ def optimizer(model, spec):
 
 @torch.no_grad()
 def normalize_gradients(model):
-    """Optimizer normgrad: each parameter tensor's gradient divided by its L2 norm before
-    the Adam step, as in the AdamNormGrad of Tomczak & Welling's code, so that every
-    tensor takes a step of the same scale whatever the size of its gradient."""
+    """Optimizer normgrad: each weight or bias tensor's gradient divided by its L2 norm
+    before the Adam step, as in the AdamNormGrad of Tomczak & Welling's code, so that every
+    tensor takes a step of the same scale whatever the size of its gradient. A gated
+    layer's two halves are two layers (h and g) there, so each half counts on its own."""
+    for grad in gradient_blocks(model):
+        grad.div_(grad.norm() + NORMGRAD_EPS)
+
+
+def gradient_blocks(model):
+    """The gradient tensors that normgrad normalizes one by one: each parameter's, with a
+    Gated layer's fused weight and bias split (views) into the halves of h and g."""
+    gated = {id(p) for m in model.modules() if isinstance(m, Gated)
+             for p in m.layer.parameters()}
     for p in model.parameters():
         if p.grad is not None:
-            p.grad.div_(p.grad.norm() + NORMGRAD_EPS)
+            yield from p.grad.chunk(2, dim=0) if id(p) in gated else (p.grad,)
 
 
 OPTIMIZERS = ("adam", "normgrad")
@@ -630,15 +673,40 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+@contextlib.contextmanager
+def full_precision_math():
+    """Matrix products and convolutions in full float32 on CUDA inside the block: cuDNN
+    runs float32 convolutions in TF32 (10 bits of mantissa) by default on Ampere and
+    later GPUs, which training tolerates and an NLL of 100 nats summed over 784 pixels
+    need not. The CPU computes in float32 anyway."""
+    if hasattr(torch.backends.cudnn, "conv"):           # the fp32_precision API (torch 2.9+)
+        knobs = [(torch.backends.cudnn.conv, "fp32_precision", "ieee"),
+                 (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
+    else:
+        knobs = [(torch.backends.cudnn, "allow_tf32", False),
+                 (torch.backends.cuda.matmul, "allow_tf32", False)]
+    saved = [getattr(owner, name) for owner, name, _ in knobs]
+    for owner, name, value in knobs:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for (owner, name, _), value in zip(knobs, saved):
+            setattr(owner, name, value)
+
+
 def train_epoch(model, loss_fn, opt, x_train, spec, epoch, binarize=False):
     """One pass over x_train (N, D) in shuffled batches; returns the mean stats and
     loss_max, the largest batch loss, which shows a spike that the mean hides.
     binarize: draw a fresh binary image from the grey levels at every use (dynamic
-    binarization, Sec. 5.2)."""
+    binarization, Sec. 5.2). The stats stay on the device until the epoch ends: the one
+    wait for the device in a step is the check that the loss is finite, which must come
+    before a NaN reaches the weights."""
     model.train()
     n_batches = len(x_train) // spec.batch_size          # drop the last partial batch
     order = torch.randperm(len(x_train), device=x_train.device)
-    totals, loss_max, progress = {}, -math.inf, Progress(f"epoch {epoch}", n_batches)
+    totals, batch_losses = {}, []
+    progress = Progress(f"epoch {epoch}", n_batches)
     for i in range(n_batches):
         x = x_train[order[i * spec.batch_size:(i + 1) * spec.batch_size]]
         x = torch.bernoulli(x) if binarize else x
@@ -654,10 +722,11 @@ def train_epoch(model, loss_fn, opt, x_train, spec, epoch, binarize=False):
         opt.step()
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v / n_batches
-        loss_max = max(loss_max, stats["loss"])
+        batch_losses.append(torch.as_tensor(stats["loss"]))  # a float from a custom loss too
         progress.update(i + 1, stats["loss"])
     progress.close()
-    return {**totals, "loss_max": loss_max}
+    return {**{k: float(v) for k, v in totals.items()},
+            "loss_max": float(torch.stack(batch_losses).max())}
 
 
 @torch.no_grad()
@@ -672,7 +741,7 @@ def validate(model, loss_fn, x_val, spec):
                 _, stats = loss_fn(model, x, FULL)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v * len(x) / len(x_val)
-    return totals
+    return {k: float(v) for k, v in totals.items()}
 
 
 def train(model, loss_fn, x_train, x_val, spec=TrainSpec(), on_epoch=None, binarize=False,
@@ -681,8 +750,9 @@ def train(model, loss_fn, x_train, x_val, spec=TrainSpec(), on_epoch=None, binar
     stopping early on x_val; returns (best state_dict, best epoch, epochs run, history).
 
     Early stopping: once warm-up is over, stop when the validation loss at full weights
-    has not improved for `patience` epochs, and return the best weights. A loss that is
-    not finite raises FloatingPointError.
+    has not improved for `patience` epochs, and return the best weights (of an epoch after
+    the warm-up, or of any epoch with spec.best_in_warmup). A loss that is not finite
+    raises FloatingPointError.
     on_epoch(row) receives each epoch's row of the history (the command line prints it).
     diagnose(model) -> dict, if given, adds its values to each row with the prefix val_
     (the command line passes evaluate.epoch_diagnostics: active units, MI, posterior
@@ -719,7 +789,8 @@ def train(model, loss_fn, x_train, x_val, spec=TrainSpec(), on_epoch=None, binar
                "seconds": seconds}
         if on_epoch is not None:
             on_epoch(row)
-        improved = epoch >= spec.warmup and val_stats["loss"] < progress["best_loss"]
+        counts = epoch >= spec.warmup or spec.best_in_warmup
+        improved = counts and val_stats["loss"] < progress["best_loss"]
         if improved:
             progress.update(best_loss=val_stats["loss"], best_epoch=epoch)
             best_state = snapshot(model)
@@ -734,11 +805,11 @@ def train(model, loss_fn, x_train, x_val, spec=TrainSpec(), on_epoch=None, binar
 
 
 def run_is_over(progress, spec, patience):
-    """All epochs run, or no improvement for `patience` epochs after the warm-up. Checked
-    again on resume, where more epochs or patience may give a finished run more room."""
-    epoch = progress["epoch"]
-    return epoch >= spec.epochs or (epoch >= spec.warmup
-                                    and epoch - progress["best_epoch"] >= patience)
+    """All epochs run, or no improvement for `patience` epochs after the warm-up (a best
+    epoch inside the warm-up counts as its last). Checked again on resume, where more
+    epochs or patience may give a finished run more room."""
+    epoch, since = progress["epoch"], max(progress["best_epoch"], spec.warmup - 1)
+    return epoch >= spec.epochs or (epoch >= spec.warmup and epoch - since >= patience)
 
 
 def snapshot(model):
@@ -750,7 +821,11 @@ def prefixed(prefix, stats):
 
 
 def cuda_devices(device):
-    return [torch.cuda.current_device()] if device.type == "cuda" else []
+    """The CUDA device whose random state fork_rng must save: `device`'s own (cuda:1 on a
+    process whose current device is cuda:0), none on the CPU."""
+    if device.type != "cuda":
+        return []
+    return [torch.cuda.current_device() if device.index is None else device.index]
 
 
 def rng_state(device):
@@ -781,7 +856,7 @@ class Progress:
         self.last, self.shown = now, True
         left = (now - self.start) / done * (self.total - done)
         end = "\r" if sys.stderr.isatty() else "\n"
-        print(f"{self.label}: {done}/{self.total} batches, loss {loss:.4f} nats, "
+        print(f"{self.label}: {done}/{self.total} batches, loss {float(loss):.4f} nats, "
               f"{now - self.start:.0f} s, about {left:.0f} s left", end=end, file=sys.stderr,
               flush=True)
 
@@ -828,13 +903,14 @@ class GaussianMLP(nn.Module):
 class BernoulliMLP(nn.Module):
     """z -> independent Bernoulli(logits(z)), the decoder p(x|z) on binary x."""
     discrete = True                                         # x has no rsample
+    logit_bound = None                                      # see bernoulli; set by build_model
 
     def __init__(self, in_dim, out_dim, hidden, activation="tanh", floor=STD_FLOOR):
         super().__init__()
         self.net = two_layer_mlp(in_dim, out_dim, hidden, activation)
 
     def forward(self, z):                                   # (B, Z)
-        return bernoulli(self.net(z))                       # over (B, D)
+        return bernoulli(self.net(z), self.logit_bound)     # over (B, D)
 
 
 DECODERS = {False: GaussianMLP, True: BernoulliMLP}        # keyed by "is x binary"
@@ -947,6 +1023,7 @@ def split_levels(z):
 class ConvDecoder(nn.Module):
     """convHVAE p(x|z1, z2): gated dense layers to an image, gated convolutions, logits."""
     discrete = True
+    logit_bound = None
 
     def __init__(self, image_shape, z_dim):
         super().__init__()
@@ -961,7 +1038,7 @@ class ConvDecoder(nn.Module):
         z1, z2 = split_levels(z)
         h = self.to_image(torch.cat([self.from_z1(z1), self.from_z2(z2)], dim=-1))
         logits = self.convs(h.view(-1, *self.image_shape)).flatten(1)   # (N, D)
-        return bernoulli(logits.view(*z.shape[:-1], -1))
+        return bernoulli(logits.view(*z.shape[:-1], -1), self.logit_bound)
 
 
 class MaskedConv(nn.Conv2d):
@@ -1002,6 +1079,7 @@ class PixelCNN(nn.Module):
 class PixelDecoder(nn.Module):
     """PixelHVAE p(x|z1, z2): z1 and z2 each mapped to an image-sized map, then a PixelCNN."""
     discrete = True
+    logit_bound = None
 
     def __init__(self, image_shape, z_dim):
         super().__init__()
@@ -1016,7 +1094,7 @@ class PixelDecoder(nn.Module):
         z1, z2 = split_levels(z)
         maps = torch.cat([self.from_z1(z1), self.from_z2(z2)], dim=-1)
         cond = maps.view(len(z), -1, *self.image_shape[1:])            # (N, 2C, H, W)
-        return PixelCNNBernoulli(self.pixelcnn, cond, self.image_shape)
+        return PixelCNNBernoulli(self.pixelcnn, cond, self.image_shape, self.logit_bound)
 
 
 
@@ -1029,27 +1107,29 @@ class PixelCNNBernoulli(D.Distribution):
     arg_constraints = {}
     has_rsample = False
 
-    def __init__(self, net, cond, image_shape):
+    def __init__(self, net, cond, image_shape, logit_bound=None):
         self.net, self.cond, self.image_shape = net, cond, image_shape  # cond (B, c, H, W)
+        self.logit_bound = logit_bound
         dim = math.prod(image_shape)
         super().__init__(cond.shape[:1], torch.Size([dim]), validate_args=False)
 
     def log_prob(self, x):                                              # (B, D) -> (B,)
         logits = self.net(x.view(-1, *self.image_shape), self.cond)
-        return bernoulli(logits.flatten(1)).log_prob(x)
+        return bernoulli(logits.flatten(1), self.logit_bound).log_prob(x)
 
     def sample(self, sample_shape=torch.Size()):
         if len(sample_shape):
             raise ValueError("PixelCNNBernoulli draws one image per z; repeat z instead")
         with torch.no_grad():
-            x = torch.zeros(len(self.cond), *self.image_shape, device=self.cond.device)
+            x = torch.zeros(len(self.cond), *self.image_shape, device=self.cond.device,
+                            dtype=self.cond.dtype)
             depth = self.net.receptive_rows           # rows above a pixel that reach it
             for row in range(self.image_shape[1]):
                 top = max(0, row - depth)            # only these rows can reach this row
                 crop_x, crop_c = x[:, :, top:row + 1], self.cond[:, :, top:row + 1]
                 for col in range(self.image_shape[2]):
                     logits = self.net(crop_x, crop_c)[:, :, row - top, col]
-                    x[:, :, row, col] = torch.bernoulli(torch.sigmoid(full_precision(logits)))
+                    x[:, :, row, col] = bernoulli(logits, self.logit_bound).sample()
             return x.flatten(1)
 
 
@@ -1182,7 +1262,7 @@ def infomax_loss(model, x, w=FULL, alpha=10.0, beta=1.0, bound="f"):
     _, z, rec, kl = elbo_terms(model, x)
     mi = kl_dual(model.critic(x, z), model.critic(x, shuffled_pairs(z)), bound)
     loss = (rec + w.kl * beta * kl).mean() - alpha * mi
-    return loss, {**elbo_stats(rec, kl), "mi_dual": mi.item()}
+    return loss, {**elbo_stats(rec, kl), "mi_dual": mi.detach()}
 
 
 def infonce(scores):
@@ -1210,7 +1290,7 @@ def critic_loss(model, x, w=FULL, weight=1.0, scores=self_critic_scores):
     q_z_given_x, z, rec, kl = elbo_terms(model, x)
     mi = infonce(scores(model, x, q_z_given_x, z))
     loss = (rec + w.kl * kl).mean() - weight * mi
-    return loss, {**elbo_stats(rec, kl), "infonce": mi.item()}
+    return loss, {**elbo_stats(rec, kl), "infonce": mi.detach()}
 
 
 network_critic_loss = functools.partial(critic_loss, scores=network_critic_scores)
@@ -1275,21 +1355,41 @@ ARCHS = {"mlp": build_mlp, "convhvae": build_two_level(ConvDecoder),
          "pixelhvae": build_two_level(PixelDecoder)}
 
 
+@torch.no_grad()
+def he_init(model):
+    """Every dense layer's weights drawn from N(0, 2 / fan_in) (He et al. 2015), as the
+    authors' image code (after Tomczak & Welling's) initialises theirs; biases and
+    convolutions keep torch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.normal_(0.0, math.sqrt(2.0 / m.in_features))
+    return model
+
+
+INITS = {"torch": lambda model: model, "he": he_init}   # model -> the model, initialised
+
+
 def build_model(spec, x_init=None):
     """The model that `spec` (a ModelSpec) describes; x_init (N, D), if given, are
     training points to start mixture components and pseudo-inputs on."""
     for name, table in (("arch", ARCHS), ("activation", ACTIVATIONS), ("prior", PRIORS),
-                        ("q_x", DATA_PRIORS), ("critic", CRITICS)):
+                        ("q_x", DATA_PRIORS), ("critic", CRITICS), ("init", INITS)):
         if getattr(spec, name) not in table:
             raise ValueError(f"{name}={getattr(spec, name)!r} is not one of "
                              f"{', '.join(map(repr, table))}")
     if spec.q_x == "mog" and spec.binary:
         raise ValueError("q_x='mog' is a density on continuous x; use q_x='marginal' for "
                          "binary data")
+    if spec.prob_clamp is not None and not (spec.binary and 0 < spec.prob_clamp < 0.5):
+        raise ValueError("prob_clamp bounds the probabilities of a Bernoulli decoder: give "
+                         "binary=True and a value between 0 and 0.5")
     encoder, decoder, p_z1_given_z2 = ARCHS[spec.arch](spec)
-    return Model(encoder, decoder, PRIORS[spec.prior](spec, x_init),
-                 DATA_PRIORS[spec.q_x](spec, x_init), spec.z_dim, p_z1_given_z2,
-                 build_critic(spec, encoder))
+    model = INITS[spec.init](Model(encoder, decoder, PRIORS[spec.prior](spec, x_init),
+                                   DATA_PRIORS[spec.q_x](spec, x_init), spec.z_dim,
+                                   p_z1_given_z2, build_critic(spec, encoder)))
+    if spec.prob_clamp is not None:
+        decoder.logit_bound = math.log((1 - spec.prob_clamp) / spec.prob_clamp)
+    return model
 
 
 # ----------------------------------------------------------------------------------------
@@ -1333,6 +1433,8 @@ def gradient_noise(model, anchor, n, repeats=GRADIENT_REPEATS, seed=GRADIENT_SEE
     model.train()
     rows = []
     for label, (estimator, draws) in ESTIMATOR_SETTINGS.items():
+        if estimator == "authors" and isinstance(model.p_x_given_z, PixelDecoder):
+            continue                    # it needs a mean image, which a PixelCNN has not
         torch.manual_seed(seed)
         sampling = DecoderSampling(anchor, estimator, draws)
         signal, noise = signal_and_noise(decoder_sample_gradients(model, n, sampling,
@@ -1410,20 +1512,23 @@ def reuse_freed_memory():
     return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, C_INT_MAX))
 
 
-def speed_up(model):
-    """Three CPU speed-ups for a model from build_model; returns it. Call it before
-    making the optimizer (the first one changes layers, not parameters).
+def speed_up(model, device=torch.device("cpu")):
+    """Three CPU speed-ups for a model from build_model that will run on `device`; returns
+    it. Call it before making the optimizer (the first one changes layers, not parameters).
 
     - The first convolution of one-channel images (stride 1) computes its input
-      gradient as a matrix product (OneChannelConv).
-    - Convolution weights in the channels_last (NHWC) layout: every feature map then
-      stays NHWC, for which the CPU and GPU convolution kernels are faster.
-    - Freed memory stays in the process (reuse_freed_memory): this one holds for the
-      whole process and is not undone.
+      gradient as a matrix product (OneChannelConv; CPU tensors only).
+    - On the CPU, convolution weights in the channels_last (NHWC) layout: every feature
+      map then stays NHWC, for which oneDNN's kernels are faster (bench.py). On CUDA the
+      layout stays as it is until a GPU measurement says otherwise.
+    - On the CPU, freed memory stays in the process (reuse_freed_memory): this one holds
+      for the whole process and is not undone.
     """
     for module in model.modules():
         if type(module) is nn.Conv2d and module.in_channels == 1 and module.stride == (1, 1):
             module.__class__ = OneChannelConv           # same parameters, its own backward
+    if device.type != "cpu":
+        return model
     if any(isinstance(module, nn.Conv2d) for module in model.modules()):
         model = model.to(memory_format=torch.channels_last)
     reuse_freed_memory()
@@ -1679,25 +1784,41 @@ class Config:
         default=None)
     latent_anchor: str = _help(
         "where decoder samples draw z: normal (P(z) = N(0, I), the paper) or prior (the "
-        "model prior p(z), the authors' image code)", default="normal")
+        "model prior p(z), without gradients)", default="normal")
     estimator: str = _help("gradient of binary decoder samples: loo-code (several images "
                            "per code, per-code leave-one-out baseline), loo-batch (one "
-                           "image per code, batch baseline) or authors (mean images, no "
+                           "image per code, batch baseline) or authors (the authors' "
+                           "image code: reparameterized codes from p(z), mean images, no "
                            "decoder gradient); see DecoderSampling", default="loo-code")
     draws: int = _help("loo-code: images per code; divides --batch-size",
                        default=DRAWS_PER_CODE)
     optimizer: str = _help("adam, or normgrad: Adam on per-tensor normalized gradients "
                            "(Tomczak & Welling's code)", default="adam")
+    init: str = _help("initial weights of the dense layers: torch (its default) or he "
+                      "(N(0, 2 / fan_in), the authors' image code)", default="torch")
+    prob_clamp: Optional[float] = _help("keep the probabilities of Bernoulli decoders in "
+                                        "[c, 1 - c] (the authors' code: 1e-5; default: "
+                                        "not clamped)", default=None)
     patience: Optional[int] = _help("early-stopping patience in epochs (default: --warmup, "
                                     "at least 1)", default=None)
+    best_in_warmup: bool = _help("let the best model (best.pt) come from a warm-up epoch, "
+                                 "as the authors' code does", default=False)
     epochs: int = _help("maximum number of epochs", default=200)
     batch_size: int = _help("data points per step (B encoder + B decoder samples)",
                             default=128)
     lr: float = _help("Adam learning rate", default=1e-3)
     seed: int = _help("seed of initialisation and sampling", default=1)
+    preset: Optional[str] = _help("authors: the authors' image protocol (PRESETS: their "
+                                  "decoder samples, initialisation, optimizer, clamping, "
+                                  "warm-up and early stopping); flags given explicitly "
+                                  "override it", default=None)
     device: str = _help("auto, cpu or cuda", default="auto")
     amp: bool = _help("run the networks in bfloat16 (autocast); log-densities, logsumexp "
                       "and losses stay in float32", default=False)
+    deterministic: bool = _help("deterministic cuDNN and torch algorithms, so that a run "
+                                "and its resume repeat bit for bit on a GPU (the CPU is "
+                                "deterministic without it); slower on CUDA",
+                                default=False)
     nll_samples: Optional[int] = _help("importance samples per test point for the test NLL "
                                        "(default: 1000; 0 = skip, the default for images, "
                                        "whose NLL mim.py evaluate computes)", default=None)
@@ -1755,23 +1876,44 @@ def model_spec(cfg, info):
     if cfg.q_x == "mog" and binary:
         raise UsageError("--q-x mog is a density on continuous x; use --q-x marginal "
                          "for binary data")
+    if cfg.arch == "pixelhvae" and cfg.estimator == "authors" and cfg.loss in ("mim", "ce"):
+        raise UsageError("--estimator authors draws the decoder's mean image, which the "
+                         "PixelHVAE's PixelCNN has not; use --loss amim (the authors' "
+                         "PixelHVAE row) or --estimator loo-code")
+    if cfg.prob_clamp is not None and not binary:
+        raise UsageError("--prob-clamp bounds Bernoulli probabilities; drop it for "
+                         f"continuous data such as {cfg.data}")
     return ModelSpec(x_dim=info["x_dim"], binary=binary, image_shape=shape, arch=cfg.arch,
                      z_dim=cfg.z_dim, hidden=cfg.hidden, activation=cfg.activation,
                      prior=cfg.prior, prior_components=cfg.prior_components, q_x=cfg.q_x,
                      components=cfg.components, std_floor=cfg.std_floor,
-                     critic=CRITIC_OF_LOSS.get(cfg.loss))
+                     critic=CRITIC_OF_LOSS.get(cfg.loss), init=cfg.init,
+                     prob_clamp=cfg.prob_clamp)
 
 
 def train_spec(cfg):
     return TrainSpec(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                      critic_lr=cfg.critic_lr, optimizer=cfg.optimizer, warmup=cfg.warmup,
-                     warmup_mode=cfg.warmup_mode, patience=cfg.patience, amp=cfg.amp)
+                     warmup_mode=cfg.warmup_mode, patience=cfg.patience,
+                     best_in_warmup=cfg.best_in_warmup, amp=cfg.amp)
 
+
+# --preset: the Config fields each preset sets, unless given on the command line.
+# authors: the image protocol of the authors' code (seraphlabs-ca/MIM, vae-as-mim-image.py
+# with its defaults, as their README runs it); --loss picks the row of their table: mim on
+# convhvae is their convhvae_2level-smim, amim their -amim, vae their VAE. Their early
+# stopping ends a run after 50 epochs without improvement counted from the warm-up's end
+# ("e > 50"), which is patience 51 here. README, "Departures", says what differs still.
+PRESETS = {"authors": {"warmup_mode": "authors", "warmup": 100, "epochs": 2000,
+                       "patience": 51, "best_in_warmup": True, "lr": 5e-4,
+                       "batch_size": 100, "optimizer": "normgrad", "init": "he",
+                       "prob_clamp": 1e-5, "latent_anchor": "prior",
+                       "estimator": "authors"}}
 
 CHOICES = {"arch": ARCHS, "activation": ACTIVATIONS, "prior": PRIORS, "q_x": DATA_PRIORS,
            "loss": LOSSES, "mi_bound": MI_BOUNDS, "warmup_mode": WARMUP_MODES,
            "latent_anchor": ANCHORS, "estimator": ESTIMATORS, "optimizer": OPTIMIZERS,
-           "device": ("auto", "cpu", "cuda")}
+           "init": INITS, "preset": PRESETS, "device": ("auto", "cpu", "cuda")}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -1780,7 +1922,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # What --resume may change: the rest is the run's saved configuration.
-RESUME_OVERRIDES = frozenset({"device", "epochs", "patience", "lr", "data_dir"})
+RESUME_OVERRIDES = frozenset({"device", "epochs", "patience", "lr", "data_dir", "deterministic"})
 
 
 def given_flags(parser, argv):
@@ -1814,6 +1956,8 @@ def parse_args(argv=None):
             parser.error(f"--resume continues with the run's saved configuration and "
                          f"changes only {', '.join(sorted(RESUME_OVERRIDES))}; drop "
                          f"--{extra[0].replace('_', '-')}")
+    if args["preset"]:
+        args.update({k: v for k, v in PRESETS[args["preset"]].items() if k not in given})
     cfg = Config(**args)
     check_values(parser, cfg)
     return cfg, given & RESUME_OVERRIDES
@@ -1839,6 +1983,11 @@ def check_values(parser, cfg):
     for name in ("seed", "data_seed"):
         if not 0 <= getattr(cfg, name) < SEED_LIMIT:
             parser.error(f"{flag(name)} must be between 0 and 2^63 - 1")
+    if cfg.preset == "authors" and cfg.arch == "mlp":
+        parser.error("--preset authors is the authors' image protocol: use it with --arch "
+                     "convhvae or pixelhvae")
+    if cfg.prob_clamp is not None and not 0 < cfg.prob_clamp < 0.5:
+        parser.error("--prob-clamp must be between 0 and 0.5")
     if cfg.draws < 2:
         parser.error("--draws must be at least 2: the baseline of an image is the mean "
                      "of the other images of its code")
@@ -1847,6 +1996,33 @@ def check_values(parser, cfg):
     if min(cfg.warmup, cfg.nll_samples or 0, cfg.alpha, cfg.beta, cfg.critic_weight) < 0:
         parser.error("--warmup, --nll-samples, --alpha, --beta and --critic-weight must "
                      "not be negative")
+
+
+EVAL_SEED = 0                  # of mim.py evaluate's importance samples and codes
+EVAL_MEMORY_SHARE = 0.25       # of the free GPU memory, for one evaluation pass
+EVAL_BYTES_PER_X_VALUE = 4 * 4 * CHANNELS  # float32 maps alive per pixel of a code's image:
+                               # a gated layer's 2 x CHANNELS outputs and its input, about
+
+
+def eval_rows(device, x_dim):
+    """Rows (points or codes) per forward pass of the evaluation: None, evaluate.py's
+    CPU-sized default, on the CPU; on CUDA as many as EVAL_MEMORY_SHARE of the free
+    memory holds, so that the IWAE NLL's S = 5000 codes go through in few passes."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, int(free * EVAL_MEMORY_SHARE) // (EVAL_BYTES_PER_X_VALUE * x_dim))
+
+
+def deterministic_algorithms():
+    """The same results on every run of the same settings on one GPU, as on the CPU:
+    cuDNN's deterministic kernels, no autotuning, and torch's deterministic algorithms
+    (a warning, not an error, where an operation has none). cuBLAS needs a fixed
+    workspace for it, set before its first use."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def choose_device(name):
@@ -1860,12 +2036,13 @@ def choose_device(name):
 # and AMX, ARM's BF16. Without them torch emulates bfloat16: on an AVX2 CPU a convHVAE step
 # took 48-66 s with --amp against 3.7-7.8 s in float32 (README, Command line).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+CUDA_BF16_CAPABILITY = (8, 0)   # Ampere (A100) and later compute bfloat16 natively
 
 
 def native_bf16(device, cpuinfo="/proc/cpuinfo"):
     """Does `device` compute in bfloat16 natively? Unknown counts as no."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # is_bf16_supported() also counts emulation on older GPUs
+        return torch.cuda.get_device_capability(device) >= CUDA_BF16_CAPABILITY
     try:
         with open(cpuinfo) as f:
             flags = set(f.read().split())
@@ -1909,6 +2086,8 @@ def run(cfg, overrides=("device",)):
     """Train (or resume, with the fields in `overrides` taken from cfg) and evaluate as
     `cfg` says, in the folder cfg.out if given; returns the results dict."""
     device = choose_device(cfg.device)
+    if cfg.deterministic:
+        deterministic_algorithms()
     if cfg.data_dir:  # recorded absolute, so that evaluating and resuming work from anywhere
         cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))
     cfg, resume = resumed_config(cfg, overrides) if cfg.resume else (cfg, None)
@@ -1990,7 +2169,8 @@ def fit_and_test(cfg, resume, device):
         cfg = dataclasses.replace(cfg, nll_samples=0 if data.image_shape else 1000)
     data_info = {**data_shape(data), **identity}
     torch.manual_seed(cfg.seed)
-    model = speed_up(build_model(model_spec(cfg, data_info), x_init=data.x_train)).to(device)
+    model = speed_up(build_model(model_spec(cfg, data_info), x_init=data.x_train), device)
+    model = model.to(device)
     if resume is not None:
         load_weights(model, resume["model"], os.path.join(cfg.resume, "last.pt"))
     checkpoint = save_training_state(cfg, model, data_info) if cfg.out else None
@@ -2000,7 +2180,10 @@ def fit_and_test(cfg, resume, device):
         binarize=data.dynamic, checkpoint=checkpoint, resume=resume,
         diagnose=evaluate.epoch_diagnostics(data))
     model.load_state_dict(best_state)
-    results = {**evaluate.test_metrics(model, data, cfg.nll_samples),
+    with full_precision_math():
+        metrics = evaluate.test_metrics(model, data, cfg.nll_samples,
+                                        max_batch=eval_rows(device, data.x_dim))
+    results = {**metrics,
                "best_epoch": best_epoch, "epochs": epochs,
                "train_seconds": sum(row["seconds"] for row in history)}
     if cfg.out:
@@ -2083,7 +2266,7 @@ def load_run(run_dir, device, data_dir=None):
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
     data = load_data(cfg)
     check_same_data(state["data"], data_identity(data), path)
-    return speed_up(model), cfg, data
+    return speed_up(model, device), cfg, data
 
 
 def evaluate_run(evaluate, run_dir, device, args):
@@ -2094,8 +2277,11 @@ def evaluate_run(evaluate, run_dir, device, args):
     data = first_test_points(data, args.test_size).to(device)
     ais = evaluate.AIS(args.ais_steps, args.ais_chains, args.ais_leapfrog, args.ais_points,
                        args.ais_inflate)
-    results = evaluate.test_metrics(model, data, args.nll_samples, args.knn_train,
-                                    args.max_batch, with_posterior_stats=True, ais=ais)
+    max_batch = args.max_batch or eval_rows(device, data.x_dim)
+    torch.manual_seed(EVAL_SEED)       # the same draws for the same run and flags
+    with contextlib.nullcontext() if args.tf32 else full_precision_math():
+        results = evaluate.test_metrics(model, data, args.nll_samples, args.knn_train,
+                                        max_batch, with_posterior_stats=True, ais=ais)
     results.update(test_size=len(data.x_test),
                    knn_train_size=len(data.x_train[:args.knn_train]))
     write_json(os.path.join(run_dir, "eval.json"), results)
@@ -2110,7 +2296,8 @@ def gradient_noise_run(run_dir, device, repeats):
     at the run's batch size; writes RUN_DIR/gradient_noise.json and prints a table."""
     model, cfg, data = load_run(run_dir, device)
     torch.manual_seed(cfg.seed)
-    fresh = speed_up(build_model(model_spec(cfg, data_shape(data)), x_init=data.x_train))
+    fresh = speed_up(build_model(model_spec(cfg, data_shape(data)), x_init=data.x_train),
+                     device)
     fresh = fresh.to(device)
     table = {name: gradient_noise(m, cfg.latent_anchor, cfg.batch_size, repeats)
              for name, m in (("initialisation", fresh), ("trained", model))}
@@ -2167,6 +2354,9 @@ def evaluate_parser(evaluate):
                         help="folder of the data files, where the run's own has moved "
                              "(default: the folder the run recorded)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--tf32", action="store_true",
+                        help="let CUDA run float32 convolutions and matrix products in TF32 "
+                             "(default: full float32, see full_precision_math)")
     parser.add_argument("--summary", metavar="DIR",
                         help="write DIR/summary.md (and .png) over DIR/*/results.json")
     parser.add_argument("--x", default="hidden", help="x-axis of the summary plot")

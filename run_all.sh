@@ -41,7 +41,108 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# ./run_all.sh --gpu-check: what one GPU can tell in about 10 minutes, into results/gpu-check/
+# (gpu_check.md holds every number): the convHVAE + VampPrior MIM (defaults), the authors'
+# MIM (--preset authors) and the VAE trained side by side on MNIST for GPU_CHECK_EPOCHS
+# epochs (warm-up GPU_CHECK_WARMUP), each evaluated on GPU_CHECK_TEST test digits (5-NN,
+# IWAE NLL with GPU_CHECK_NLL samples); the S = GPU_CHECK_TIMING_S NLL of
+# GPU_CHECK_TIMING_POINTS digits timed with TF32 allowed and in full float32; a run and its
+# resume compared bit for bit under --deterministic; then the test suite (GPU_CHECK_TESTS=0
+# skips it), whose command-line tests train on the GPU through --device auto. The variables
+# below size it; the test suite runs it on the CPU with a tiny budget.
+gpu_check() {
+  local device=${GPU_CHECK_DEVICE:-cuda} out=${GPU_CHECK_OUT:-results/gpu-check}
+  local epochs=${GPU_CHECK_EPOCHS:-5} warmup=${GPU_CHECK_WARMUP:-2}
+  local test=${GPU_CHECK_TEST:-1000} nll=${GPU_CHECK_NLL:-1000}
+  local timing_points=${GPU_CHECK_TIMING_POINTS:-100} timing_s=${GPU_CHECK_TIMING_S:-5000}
+  local resume_size=${GPU_CHECK_RESUME_SIZE:-2000} extra=${GPU_CHECK_FLAGS:-}
+  local data="--data mnist ${DATA_DIR:+--data-dir $DATA_DIR} --device $device"
+  local model="--arch convhvae --prior vamp $extra"
+  if [[ -e $out ]]; then
+    echo "run_all.sh: $out exists; move it away or set GPU_CHECK_OUT" >&2; return 2
+  fi
+  python - "$device" <<'PY' || return 2   # refuse in one line before anything starts
+import sys, mim
+try:
+    mim.choose_device(sys.argv[1])
+except mim.UsageError as e:
+    print(f"run_all.sh: --gpu-check: {e}", file=sys.stderr)
+    sys.exit(2)
+PY
+  mkdir -p "$out"
+  fail() { echo "run_all.sh: --gpu-check: $1 failed; see $2" >&2; return 1; }
+  local name flags pids=()
+  for name in mim authors-mim vae; do
+    case $name in
+      mim) flags="--loss mim" ;; authors-mim) flags="--loss mim --preset authors" ;;
+      vae) flags="--loss vae" ;;
+    esac
+    python mim.py $data $model $flags --epochs "$epochs" --warmup "$warmup" --amp \
+      --out "$out/$name" > "$out/$name.log" 2>&1 &
+    pids+=($!)
+  done
+  local i=0
+  for name in mim authors-mim vae; do
+    wait "${pids[$i]}" || fail "training $name" "$out/$name.log" || return
+    i=$((i + 1))
+  done
+  for name in mim authors-mim vae; do
+    python mim.py evaluate "$out/$name" --test-size "$test" --nll-samples "$nll" \
+      --device "$device" > "$out/$name.eval.log" 2>&1 \
+      || fail "evaluating $name" "$out/$name.eval.log" || return
+  done
+  for precision in tf32 fp32; do
+    cp -r "$out/mim" "$out/timing-$precision"
+    local start=$(date +%s.%N)
+    python mim.py evaluate "$out/timing-$precision" --test-size "$timing_points" \
+      --nll-samples "$timing_s" --device "$device" $([[ $precision == tf32 ]] && echo --tf32) \
+      > "$out/timing-$precision.log" 2>&1 || fail "timing" "$out/timing-$precision.log" || return
+    echo "$start $(date +%s.%N)" > "$out/timing-$precision/seconds"
+  done
+  local resume="$data $model --loss mim --train-size $resume_size --warmup 1 --deterministic"
+  { python mim.py $resume --epochs 2 --out "$out/straight" > "$out/straight.log" 2>&1 &&
+    python mim.py $resume --epochs 1 --out "$out/resumed" > "$out/resumed.log" 2>&1 &&
+    python mim.py --resume "$out/resumed" --epochs 2 >> "$out/resumed.log" 2>&1; } \
+    || fail "the resume check" "$out/straight.log and $out/resumed.log" || return
+  local tests="not run (GPU_CHECK_TESTS=0)"
+  if [[ ${GPU_CHECK_TESTS:-1} == 1 ]]; then
+    tests=$(python -m pytest -q -p no:cacheprovider 2>&1 | tail -1 || true)
+  fi
+  python - "$out" "$device" "$tests" <<'PY'
+import json, os, sys, torch, mim
+out, device, tests = sys.argv[1:]
+lines = [f"# GPU check: {out}", "", f"torch {torch.__version__}, device {device}" +
+         (f": {torch.cuda.get_device_name()} (compute capability "
+          f"{'.'.join(map(str, torch.cuda.get_device_capability()))})"
+          if device == "cuda" else f", CPU capability {torch.backends.cpu.get_cpu_capability()}"),
+         "", "| run | epochs | training (s) | 5-NN, encoder means | 5-NN, one code | "
+         "NLL, IWAE (nats) | S | test digits |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+for name in ("mim", "authors-mim", "vae"):
+    res = json.load(open(f"{out}/{name}/results.json"))
+    ev = json.load(open(f"{out}/{name}/eval.json"))
+    lines.append(f"| {name} | {res['epochs']} | {res['train_seconds']:.1f} | "
+                 f"{ev['test_knn5_acc_mean']:.4f} | {ev['test_knn5_acc']:.4f} | "
+                 f"{ev['test_nll']:.2f} | {ev['nll_samples']} | {ev['test_size']} |")
+lines += ["", "| NLL of the mim run | seconds | NLL (nats) | S | test digits |",
+          "| --- | --- | --- | --- | --- |"]
+for precision in ("tf32", "fp32"):
+    start, end = map(float, open(f"{out}/timing-{precision}/seconds").read().split())
+    ev = json.load(open(f"{out}/timing-{precision}/eval.json"))
+    lines.append(f"| {precision} | {end - start:.1f} | {ev['test_nll']:.4f} | "
+                 f"{ev['nll_samples']} | {ev['test_size']} |")
+a = mim.read_checkpoint(f"{out}/straight/last.pt")["model"]
+b = mim.read_checkpoint(f"{out}/resumed/last.pt")["model"]
+same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+lines += ["", "resume with --deterministic, 2 epochs straight against 1 + 1 resumed: " +
+          ("bit-identical weights" if same else "weights DIFFER"), "", f"tests: {tests}"]
+text = "\n".join(lines) + "\n"
+open(f"{out}/gpu_check.md", "w").write(text)
+print(text, end="")
+PY
+}
+
 case "${1:-}" in
+  --gpu-check) gpu_check; exit ;;
   --quick) seeds="1 2 3"; widths="5 20 500"; nll=100
            pca_seeds="1"; pca_dims="2 10 20"
            image_runs="mnist:1 fashion_mnist:1 mnist:2 mnist:3"; image_nll=100
@@ -54,7 +155,7 @@ case "${1:-}" in
       image_runs=$(for s in $seeds; do echo mnist:$s fashion_mnist:$s omniglot:$s; done)
       image_nll=5000; image_flags="--epochs 2000 --warmup 100"; image_eval=""
       image_models="" ;;
-  *) echo "run_all.sh: error: unknown option '$1' (use --quick, or nothing for the full run)" >&2
+  *) echo "run_all.sh: error: unknown option '$1' (use --quick, --gpu-check, or nothing for the full run)" >&2
      exit 2 ;;
 esac
 jobs=${JOBS:-$(nproc)}

@@ -438,6 +438,16 @@ def test_authors_decoder_samples_give_the_decoder_no_gradient():
     assert dec[2] is None                                              # no score term
 
 
+def test_gradient_noise_of_a_pixelhvae_leaves_out_the_mean_image_estimator():
+    """The PixelCNN has no mean image, so the authors' estimator has nothing to draw;
+    the score-function estimators still run (they crashed with it before)."""
+    model = tiny_model("pixelhvae", "vamp", z_dim=2)
+    rows = mim.gradient_noise(model, "normal", 8, repeats=3)
+    assert [r["estimator"] for r in rows] == [k for k in mim.ESTIMATOR_SETTINGS
+                                              if k != "authors"]
+    assert all(math.isfinite(r["noise"]) and r["noise"] > 0 for r in rows)
+
+
 def test_prior_anchor_draws_codes_from_the_model_prior():
     torch.manual_seed(0)
     model = mim.build_model(mim.ModelSpec(x_dim=2, prior="mog", prior_components=3))
@@ -524,6 +534,178 @@ def test_normalized_gradients_have_unit_norm_and_keep_their_direction():
         assert abs(p.grad.norm().item() - 1) < 1e-5
         assert torch.nn.functional.cosine_similarity(g0.reshape(-1), p.grad.reshape(-1),
                                                      dim=0) > 1 - 1e-6
+
+
+def test_normalized_gradients_treat_the_halves_of_a_gated_layer_as_two_layers():
+    """Tomczak & Welling's gated layers are two layers h and g, each normalized on its own
+    by their AdamNormGrad; a fused Gated layer holds both."""
+    model = tiny_model("convhvae", "vamp", z_dim=2)
+    x = torch.bernoulli(torch.rand(6, 16, generator=torch.Generator().manual_seed(0))).double()
+    mim.amim_loss(model, x)[0].backward()
+    gated = model.p_x_given_z.from_z1.layer
+    before = [h.clone() for h in gated.weight.grad.chunk(2)]
+    fused = torch.cat(before).norm()
+    mim.normalize_gradients(model)
+    for g0, g in zip(before, gated.weight.grad.chunk(2)):
+        assert torch.allclose(g, g0 / (g0.norm() + mim.NORMGRAD_EPS), rtol=1e-12)
+        assert not torch.allclose(g, g0 / (fused + mim.NORMGRAD_EPS), rtol=1e-3)
+    plain = model.q_z_given_x.z2_mean.weight.grad
+    assert plain.norm().item() == pytest.approx(1, abs=1e-3)
+
+
+def scripted_validation(losses):
+    """A loss function whose validation value at epoch t (model in eval mode) is
+    losses[t - 1], and a tiny model to train with it."""
+    torch.manual_seed(0)
+    model = mim.build_model(mim.ModelSpec(x_dim=1, hidden=2))
+    calls = iter(losses)
+
+    def loss_fn(model, x, w=mim.FULL):
+        loss = model.q_z_given_x(x).mean.square().mean()
+        return loss, {"loss": next(calls) if not model.training else loss.item()}
+    return model, loss_fn
+
+
+def authors_early_stopping(losses, warmup, early_stopping_epochs):
+    """Their experiment_vae loop, transcribed: (epoch of the saved model, epochs run)."""
+    best, e, saved = math.inf, 0, 0
+    for epoch, loss in enumerate(losses, start=1):
+        if loss < best:
+            e, best, saved = 0, loss, epoch
+        else:
+            e += 1
+            if epoch < warmup:
+                e = 0
+            if e > early_stopping_epochs:
+                break
+    return saved, epoch
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_in_warmup_with_patience_plus_one_is_the_authors_early_stopping(seed):
+    rng = np.random.default_rng(seed)
+    losses = list(rng.permutation(40).astype(float) + np.linspace(10, 0, 40))
+    warmup, theirs = int(rng.integers(1, 8)), int(rng.integers(1, 5))
+    model, loss_fn = scripted_validation(losses)
+    spec = mim.TrainSpec(epochs=40, batch_size=4, warmup=warmup, warmup_mode="authors",
+                         patience=theirs + 1, best_in_warmup=True)
+    _, best_epoch, epochs, _ = mim.train(model, loss_fn, torch.randn(8, 1), torch.randn(4, 1),
+                                         spec)
+    assert (best_epoch, epochs) == authors_early_stopping(losses, warmup, theirs)
+
+
+def test_authors_codes_come_from_the_first_pseudo_inputs_with_gradients():
+    """Their generate_x: z2 ~ q(z2|u_k) for the first n pseudo-inputs u_k by
+    reparameterization, z1 ~ p(z1|z2); gradients reach u, q(z2|x) and p(z1|z2)."""
+    model = tiny_model("convhvae", "vamp", z_dim=2)             # K = 3 pseudo-inputs
+    with torch.no_grad():
+        model.q_z_given_x.z2_logvar.weight.zero_()
+        model.q_z_given_x.z2_logvar.bias.fill_(mim.LOGVAR_BOUNDS[0])  # std e^-3 = 0.05
+    p_z = model.p_z()
+    torch.manual_seed(1)
+    z = mim.authors_codes(model, 5, p_z)                        # cycles: u_0 u_1 u_2 u_0 u_1
+    loc = p_z.top.component_distribution.base_dist.loc[[0, 1, 2, 0, 1]]
+    assert (z[:, 2:] - loc).abs().max() < 6 * math.exp(-3)
+    assert not torch.allclose(z[0, 2:], z[3, 2:])              # fresh noise for each code
+    z[:2].sum().backward()                                      # codes of u_0 and u_1
+    grad_u = model.prior.pseudo_inputs.grad.abs().sum(1)
+    assert grad_u[0] > 0 and grad_u[1] > 0 and grad_u[2] == 0
+    assert model.p_z1_given_z2.mean.weight.grad.abs().sum() > 0
+
+
+def test_prob_clamp_is_the_authors_clamped_bernoulli_and_stays_normalized():
+    torch.manual_seed(0)
+    spec = mim.ModelSpec(x_dim=12, binary=True, image_shape=(1, 3, 4), arch="convhvae",
+                         z_dim=2, prob_clamp=1e-5)
+    model = mim.build_model(spec).double()
+    with torch.no_grad():
+        model.p_x_given_z.convs[-1].bias.fill_(30.0)          # probabilities near 1
+    z = torch.randn(3, 4, dtype=torch.float64)
+    images = all_binary_images(12)
+    p = model.p_x_given_z(z)
+    probs = torch.sigmoid(model.p_x_given_z.convs(
+        model.p_x_given_z.to_image(torch.cat([model.p_x_given_z.from_z1(z[:, :2]),
+                                              model.p_x_given_z.from_z2(z[:, 2:])], -1)
+                                   ).view(-1, 1, 3, 4)).flatten(1)).clamp(1e-5, 1 - 1e-5)
+    x = images[[0, 4095]]
+    authors = (x[:, None] * probs.log() + (1 - x[:, None]) * (1 - probs).log()).sum(-1).T
+    assert torch.allclose(p.log_prob(x[:, None]).T, authors, rtol=1e-9)
+    total = torch.logsumexp(p.log_prob(images[:, None]), dim=0)        # (3,)
+    assert torch.allclose(total, torch.zeros(3, dtype=torch.float64), atol=1e-9)
+
+
+def test_he_init_draws_dense_weights_with_variance_two_over_fan_in():
+    torch.manual_seed(0)
+    model = mim.build_model(mim.ModelSpec(x_dim=400, hidden=500, init="he"))
+    first = model.q_z_given_x.net[0].weight                                 # (500, 400)
+    assert first.std().item() == pytest.approx(math.sqrt(2 / 400), rel=0.01)
+    assert abs(first.mean().item()) < 0.001
+    torch.manual_seed(0)
+    default = mim.build_model(mim.ModelSpec(x_dim=400, hidden=500)).q_z_given_x.net[0].weight
+    assert default.std().item() == pytest.approx(1 / math.sqrt(3 * 400), rel=0.01)
+
+
+def test_preset_authors_sets_its_fields_and_explicit_flags_win():
+    cfg, _ = mim.parse_args(["--data", "mnist", "--arch", "convhvae", "--preset", "authors",
+                             "--epochs", "5"])
+    for name, value in mim.PRESETS["authors"].items():
+        assert getattr(cfg, name) == (5 if name == "epochs" else value), name
+    plain, _ = mim.parse_args(["--data", "mnist", "--arch", "convhvae"])
+    assert (plain.optimizer, plain.estimator, plain.init) == ("adam", "loo-code", "torch")
+
+
+# Device logic, checked on the CPU with torch.cuda's answers mocked.
+
+def test_native_bf16_on_cuda_needs_compute_capability_8(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation
+    for capability, native in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+        assert mim.native_bf16(torch.device("cuda")) is native
+
+
+def test_rng_state_follows_the_tensors_cuda_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert mim.cuda_devices(torch.device("cuda", 1)) == [1]
+    assert mim.cuda_devices(torch.device("cuda")) == [0]
+    assert mim.cuda_devices(torch.device("cpu")) == []
+
+
+def test_evaluation_passes_are_sized_by_free_gpu_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (8 * 2 ** 30, 16 * 2 ** 30))
+    rows = mim.eval_rows(torch.device("cuda"), 784)
+    assert rows == int(8 * 2 ** 30 * mim.EVAL_MEMORY_SHARE) // (mim.EVAL_BYTES_PER_X_VALUE * 784)
+    assert mim.eval_rows(torch.device("cpu"), 784) is None
+
+
+def test_full_precision_math_turns_tf32_off_inside_and_restores_it():
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    with mim.full_precision_math():
+        assert (conv.fp32_precision, matmul.fp32_precision) == ("ieee", "ieee")
+    assert (conv.fp32_precision, matmul.fp32_precision) == before
+
+
+def test_deterministic_flag_sets_cudnn_and_torch_to_deterministic(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms",
+                        lambda mode, warn_only=False: calls.append((mode, warn_only)))
+    mim.deterministic_algorithms()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert calls == [(True, True)] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_speed_up_leaves_the_layout_and_allocator_alone_on_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mim, "reuse_freed_memory", lambda: calls.append(1))
+    model = mim.speed_up(tiny_model("convhvae"), torch.device("cuda"))
+    weight = model.p_x_given_z.convs[1].layer.weight
+    assert weight.is_contiguous() and not calls
+    model = mim.speed_up(tiny_model("convhvae"), torch.device("cpu"))
+    assert model.p_x_given_z.convs[1].layer.weight.is_contiguous(
+        memory_format=torch.channels_last) and calls == [1]
 
 
 def test_warmup_schedules():
@@ -2037,6 +2219,47 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, args, needle):
     assert not (tmp_path / "bad" / "results.json").exists()
 
 
+def gpu_check(tmp_path, **env):
+    settings = {"DATA_DIR": str(tmp_path / "data"), "GPU_CHECK_OUT": str(tmp_path / "out"),
+                "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_EPOCHS": "1", "GPU_CHECK_WARMUP": "1",
+                "GPU_CHECK_TEST": "12", "GPU_CHECK_NLL": "5", "GPU_CHECK_TIMING_POINTS": "4",
+                "GPU_CHECK_TIMING_S": "10", "GPU_CHECK_RESUME_SIZE": "30",
+                "GPU_CHECK_TESTS": "0", "OMP_NUM_THREADS": "1",
+                "GPU_CHECK_FLAGS": "--prior-components 10 --batch-size 10 --z-dim 2", **env}
+    return subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--gpu-check"], cwd=HERE,
+                          env={**os.environ, **settings}, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_gpu_check_runs_on_the_cpu_with_a_tiny_budget(tmp_path):
+    """The dry run of run_all.sh --gpu-check: three runs side by side, their evaluation,
+    the NLL with and without TF32 (the same number on a CPU, which has none) and the
+    resume compared bit for bit."""
+    write_idx_set(tmp_path / "data")
+    proc = gpu_check(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "out" / "gpu_check.md").read_text()
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| ---")}
+    for name in ("mim", "authors-mim", "vae"):
+        epochs, seconds, knn_mean, knn_one, nll, s, points = rows[name]
+        assert int(epochs) == 1 and float(seconds) > 0 and 0 <= float(knn_mean) <= 1
+        assert math.isfinite(float(nll)) and (int(s), int(points)) == (5, 12)
+    tf32, fp32 = float(rows["tf32"][1]), float(rows["fp32"][1])
+    assert tf32 == pytest.approx(fp32, rel=1e-6)
+    assert "bit-identical weights" in text
+    config = json.loads((tmp_path / "out" / "authors-mim" / "config.json").read_text())
+    assert (config["preset"], config["optimizer"], config["batch_size"]) == ("authors",
+                                                                             "normgrad", 10)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_check_without_a_gpu_refuses_in_one_line_before_anything_starts(tmp_path):
+    proc = gpu_check(tmp_path, GPU_CHECK_DEVICE="cuda")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no CUDA device" in proc.stderr and not (tmp_path / "out").exists()
+
+
 def run_script(script, *args):
     return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=HERE,
                           capture_output=True, text=True, timeout=300)
@@ -2364,6 +2587,12 @@ BAD_INPUTS = [
      "no validation points"),
     ("mim.py", ["--data", "mnist", "--data-dir", "{tmp}/corrupt"], "corrupt images",
      "not an IDX file"),
+    ("mim.py", ["--preset", "authors"], None, "--preset authors is the authors' image"),
+    ("mim.py", ["--prob-clamp", "0.7"], None, "--prob-clamp must be between 0 and 0.5"),
+    ("mim.py", ["--prob-clamp", "0.1"], None, "--prob-clamp bounds Bernoulli"),
+    ("mim.py", ["--data", "mnist", "--data-dir", "{tmp}/images", "--arch", "pixelhvae",
+                "--prior", "normal", "--estimator", "authors", "--batch-size", "10"],
+     "images", "--estimator authors draws the decoder's mean image"),
     ("mim.py", ["evaluate", "{tmp}/none"], None, "best.pt not found"),
     ("mim.py", ["evaluate", "{run}"], foreign_config, "another version"),
     ("mim.py", ["evaluate", "{run}", "--ais-inflate", "0"], "run", "--ais-inflate"),
@@ -2393,6 +2622,8 @@ def prepare_case(tmp, prepare, finished):
         (tmp / "file").write_text("not a folder")
     elif prepare == "five images":
         write_idx_set(tmp / "five", n_train=5)
+    elif prepare == "images":
+        write_idx_set(tmp / "images")
     elif prepare == "corrupt images":
         write_idx_set(tmp / "corrupt")
         (tmp / "corrupt" / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"junk"))

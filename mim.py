@@ -274,6 +274,8 @@ class ModelSpec:
     init: str = "torch"                     # INITS: of the dense layers' weights
     prob_clamp: Optional[float] = None      # Bernoulli decoders: probabilities kept in
                                             # [c, 1 - c] (the authors' code: 1e-5)
+    pseudo_init: str = "random"             # PSEUDO_INITS: start of a VampPrior's
+                                            # pseudo-inputs on the training points
 
     def __post_init__(self):
         if self.image_shape is not None:
@@ -615,6 +617,7 @@ WARMUP_MODES = ("paper", "prior", "authors")
 
 VALIDATION_SEED = 12345  # fixed noise for validation losses, so epochs compare fairly
 NORMGRAD_EPS = 1e-7      # optimizer normgrad: g / (|g| + eps), as Tomczak & Welling's code
+ADAM_EPS = 1e-8          # torch's default, and AdamNormGrad's
 PROGRESS_AFTER = 5.0     # seconds into an epoch before a progress line appears
 PROGRESS_EVERY = 2.0     # seconds between progress lines
 
@@ -641,7 +644,23 @@ def optimizer(model, spec):
     groups = [{"params": [p for p in model.parameters() if p not in critic], "lr": spec.lr}]
     if critic:
         groups.append({"params": list(model.critic.parameters()), "lr": spec.critic_lr})
-    return torch.optim.Adam(groups)
+    return (EpsFirstAdam if spec.optimizer == "normgrad" else torch.optim.Adam)(groups)
+
+
+class EpsFirstAdam(torch.optim.Adam):
+    """Adam as the AdamNormGrad of Tomczak & Welling's code steps (optimizer normgrad):
+    eps is added to sqrt(v) before the bias correction, lr sqrt(1 - b2^t) / (1 - b1^t) *
+    m / (sqrt(v) + eps), which is torch's Adam with eps / sqrt(1 - b2^t) in place of eps.
+    With normalized gradients this damps the step of elements whose gradient is below
+    about eps / sqrt(1 - b2^t) (3e-7 at t = 1), which torch's Adam moves at full rate."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            t = 1 + max((int(self.state[p]["step"]) for p in group["params"]
+                         if p in self.state), default=0)
+            group["eps"] = ADAM_EPS / math.sqrt(1 - group["betas"][1] ** t)
+        return super().step(closure)
 
 
 @torch.no_grad()
@@ -1310,14 +1329,27 @@ def data_mixture(spec, x_init):
                               init_scale=x_init.std(0).cpu(), floor=spec.std_floor)
 
 
+PSEUDO_INPUT_NOISE = 0.01   # std of the noise on the authors' pseudo-input start
+
+
 def vamp_prior(spec, x_init):
-    """Pseudo-inputs start on random points of x_init (grey levels for binary images)."""
+    """Pseudo-inputs start on K points of x_init (grey levels for binary images), chosen
+    by spec.pseudo_init (PSEUDO_INITS)."""
     if x_init is not None:
-        x_init = x_init[torch.randperm(len(x_init))[:spec.prior_components]].cpu()
         if len(x_init) < spec.prior_components:
             raise ValueError(f"prior_components={spec.prior_components} exceeds the "
                              f"{len(x_init)} points of x_init that initialise them")
+        x_init = PSEUDO_INITS[spec.pseudo_init](x_init.cpu(), spec.prior_components)
     return VampPrior(spec.prior_components, spec.x_dim, x_init, unit_range=spec.binary)
+
+
+# (x_init (N, D), K) -> the K pseudo-inputs' start (K, D). "authors": their
+# --use_training_data_init. The noise also moves pixels off 0 and 1, where their Hardtanh
+# passes no gradient and clamp does.
+PSEUDO_INITS = {
+    "random": lambda x, k: x[torch.randperm(len(x))[:k]],
+    "authors": lambda x, k: x[:k] + PSEUDO_INPUT_NOISE * torch.randn(k, x.shape[1]),
+}
 
 
 PRIORS = {  # (spec, x_init) -> p(z), or p(z2) for two levels
@@ -1373,7 +1405,8 @@ def build_model(spec, x_init=None):
     """The model that `spec` (a ModelSpec) describes; x_init (N, D), if given, are
     training points to start mixture components and pseudo-inputs on."""
     for name, table in (("arch", ARCHS), ("activation", ACTIVATIONS), ("prior", PRIORS),
-                        ("q_x", DATA_PRIORS), ("critic", CRITICS), ("init", INITS)):
+                        ("q_x", DATA_PRIORS), ("critic", CRITICS), ("init", INITS),
+                        ("pseudo_init", PSEUDO_INITS)):
         if getattr(spec, name) not in table:
             raise ValueError(f"{name}={getattr(spec, name)!r} is not one of "
                              f"{', '.join(map(repr, table))}")
@@ -1796,6 +1829,10 @@ class Config:
                            "(Tomczak & Welling's code)", default="adam")
     init: str = _help("initial weights of the dense layers: torch (its default) or he "
                       "(N(0, 2 / fan_in), the authors' image code)", default="torch")
+    pseudo_init: str = _help("start of the VampPrior's K pseudo-inputs: random (K "
+                             "training points drawn at random) or authors (the first K "
+                             f"plus N(0, {PSEUDO_INPUT_NOISE}^2) noise, the authors' code)",
+                             default="random")
     prob_clamp: Optional[float] = _help("keep the probabilities of Bernoulli decoders in "
                                         "[c, 1 - c] (the authors' code: 1e-5; default: "
                                         "not clamped)", default=None)
@@ -1888,7 +1925,7 @@ def model_spec(cfg, info):
                      prior=cfg.prior, prior_components=cfg.prior_components, q_x=cfg.q_x,
                      components=cfg.components, std_floor=cfg.std_floor,
                      critic=CRITIC_OF_LOSS.get(cfg.loss), init=cfg.init,
-                     prob_clamp=cfg.prob_clamp)
+                     prob_clamp=cfg.prob_clamp, pseudo_init=cfg.pseudo_init)
 
 
 def train_spec(cfg):
@@ -1907,13 +1944,13 @@ def train_spec(cfg):
 PRESETS = {"authors": {"warmup_mode": "authors", "warmup": 100, "epochs": 2000,
                        "patience": 51, "best_in_warmup": True, "lr": 5e-4,
                        "batch_size": 100, "optimizer": "normgrad", "init": "he",
-                       "prob_clamp": 1e-5, "latent_anchor": "prior",
-                       "estimator": "authors"}}
+                       "pseudo_init": "authors", "prob_clamp": 1e-5,
+                       "latent_anchor": "prior", "estimator": "authors"}}
 
 CHOICES = {"arch": ARCHS, "activation": ACTIVATIONS, "prior": PRIORS, "q_x": DATA_PRIORS,
            "loss": LOSSES, "mi_bound": MI_BOUNDS, "warmup_mode": WARMUP_MODES,
            "latent_anchor": ANCHORS, "estimator": ESTIMATORS, "optimizer": OPTIMIZERS,
-           "init": INITS, "preset": PRESETS, "device": ("auto", "cpu", "cuda")}
+           "init": INITS, "pseudo_init": PSEUDO_INITS, "preset": PRESETS, "device": ("auto", "cpu", "cuda")}
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -553,6 +553,66 @@ def test_normalized_gradients_treat_the_halves_of_a_gated_layer_as_two_layers():
     assert plain.norm().item() == pytest.approx(1, abs=1e-3)
 
 
+def adam_norm_grad_reference(params, grads_per_step, lr, eps=1e-8, b1=0.9, b2=0.999):
+    """AdamNormGrad of Tomczak & Welling's code, written out: eps on sqrt(v) before the
+    bias correction, which sits in the step size."""
+    params = [p.clone() for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    for t, grads in enumerate(grads_per_step, start=1):
+        for p, g, m_, v_ in zip(params, grads, m, v):
+            m_.mul_(b1).add_((1 - b1) * g)
+            v_.mul_(b2).add_((1 - b2) * g * g)
+            p.sub_(lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t) * m_ / (v_.sqrt() + eps))
+    return params
+
+
+def test_normgrad_steps_as_the_authors_adam_with_eps_before_the_bias_correction():
+    """Gradients spread over eight orders of magnitude, as normalized gradients of large
+    tensors are: the elements below about 3e-7 tell the two eps placements apart."""
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(50, 40, generator=gen, dtype=torch.float64) for _ in range(2)]
+    steps = [[torch.randn(50, 40, generator=gen, dtype=torch.float64)
+              * 10.0 ** -torch.randint(2, 10, (50, 40), generator=gen) for _ in start]
+             for _ in range(20)]
+    expected = adam_norm_grad_reference(start, steps, lr=5e-4)
+
+    def run(make):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = make([{"params": params, "lr": 5e-4}])
+        for grads in steps:
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach() for p in params]
+    moved = max((e - s).abs().max() for e, s in zip(expected, start))
+    for got, want in zip(run(mim.EpsFirstAdam), expected):
+        assert (got - want).abs().max() < 1e-9 * moved
+    torch_adam = run(torch.optim.Adam)
+    assert max((g - e).abs().max() for g, e in zip(torch_adam, expected)) > 0.1 * moved
+    spec = mim.TrainSpec(optimizer="normgrad")
+    assert type(mim.optimizer(mim.build_model(mim.ModelSpec(x_dim=2)), spec)) is \
+        mim.EpsFirstAdam
+
+
+def test_pseudo_inputs_start_on_training_points_as_chosen():
+    """random: K distinct training points as they are; authors: the first K plus
+    N(0, 0.01^2) noise (their --use_training_data_init)."""
+    x_init = torch.rand(400, 784, generator=torch.Generator().manual_seed(0))
+    spec = dict(x_dim=784, binary=True, image_shape=(1, 28, 28), arch="convhvae",
+                prior="vamp", prior_components=50)
+    torch.manual_seed(0)
+    u = mim.build_model(mim.ModelSpec(**spec), x_init).prior.pseudo_inputs.detach()
+    rows = [int(torch.nonzero((x_init == r).all(1))[0]) for r in u]           # exact copies
+    assert len(set(rows)) == 50 and rows != list(range(50))
+    torch.manual_seed(0)
+    u = mim.build_model(mim.ModelSpec(**spec, pseudo_init="authors"),
+                        x_init).prior.pseudo_inputs.detach()
+    noise = u - x_init[:50]                                                  # (K, D)
+    assert noise.std().item() == pytest.approx(mim.PSEUDO_INPUT_NOISE, rel=0.02)
+    assert abs(noise.mean().item()) < 3e-4                       # 6 standard errors
+
+
 def scripted_validation(losses):
     """A loss function whose validation value at epoch t (model in eval mode) is
     losses[t - 1], and a tiny model to train with it."""

@@ -1950,7 +1950,8 @@ PRESETS = {"authors": {"warmup_mode": "authors", "warmup": 100, "epochs": 2000,
 CHOICES = {"arch": ARCHS, "activation": ACTIVATIONS, "prior": PRIORS, "q_x": DATA_PRIORS,
            "loss": LOSSES, "mi_bound": MI_BOUNDS, "warmup_mode": WARMUP_MODES,
            "latent_anchor": ANCHORS, "estimator": ESTIMATORS, "optimizer": OPTIMIZERS,
-           "init": INITS, "pseudo_init": PSEUDO_INITS, "preset": PRESETS, "device": ("auto", "cpu", "cuda")}
+           "init": INITS, "pseudo_init": PSEUDO_INITS, "preset": PRESETS,
+           "device": ("auto", "cpu", "cuda")}
 
 
 class OneLineParser(argparse.ArgumentParser):

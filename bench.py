@@ -135,6 +135,8 @@ def image_model(arch, prior, loss, device, amp=False, fast=True):
     x_init = torch.bernoulli(torch.full((1000, X_DIM), 0.3))
     spec = mim.model_spec(cfg, {"x_dim": X_DIM, "binary": True, "image_shape": IMAGE})
     model = mim.build_model(spec, x_init)
+    if fast and device.type == "cpu":
+        mim.reuse_freed_memory()          # for the rest of the process: it cannot be undone
     return (mim.speed_up(model, device) if fast else model).to(device), cfg
 
 

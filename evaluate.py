@@ -17,8 +17,8 @@
 
 Figures (Fig. 1, 5, 7-8, 12 and summaries over seeds) come back as PNG file contents:
 this file writes nothing. It does not import mim.py either: it uses a model through its
-interface (q_z_given_x, p_x_given_z, p_z(), P_z, q_x, z_dim, latent_groups), and mim.py's
-command line runs it on trained runs:
+interface (q_z_given_x, p_x_given_z, p_z(), anchor_z, q_x, z_dim, latent_groups), and
+mim.py's command line runs it on trained runs:
 
     python mim.py evaluate RUN_DIR [RUN_DIR ...] [--nll-samples S] [--ais-steps T] ...
     python mim.py evaluate --summary DIR [--x hidden]
@@ -57,46 +57,13 @@ METRICS = {  # results.json / eval.json key: (label, unit)
 }
 AU_PREFIX = "test_au_"          # test_au_<latent group>: number of active units
 
-NLL_SAMPLES = 5000              # importance samples per test point for the NLL of Table 4:
-                                # the authors' code (experiment.py --S), as Tomczak & Welling
-AU_THRESHOLD = 0.01             # Burda et al. (2016): active if Cov_x(E_q[z_u]) > 0.01
-SNR_THRESHOLD = 1.0             # informative_units: signal variance above noise variance
-SNR_PREFIX = "test_informative_"  # test_informative_<latent group>: their number
-AU_DDOF = 1                     # the covariance over data points is the unbiased (N - 1) one
-KNN_K = 5                       # Sec. 5.3: 5-NN
-KNN_BINARIZATION_SEED = 0       # the one binarization of grey-level training images for 5-NN
-KSG_K = 5                       # neighbours of the KSG estimator (Fig. 2: "KSG, k=5")
-KDTREE_MAX_DIM = 20             # joint dimensions up to which KSG uses k-d trees; above,
-                                # they degrade towards N^2 and a brute-force pass wins
-KSG_CHUNK_VALUES = 2 ** 22      # pairwise distances per chunk of the brute-force pass
-KSG_COUNT_LEAF = 64             # points per leaf of the trees that count marginal
-                                # neighbours: their balls hold many points, and whole
-                                # leaves count faster than deeper trees (at N = 10k, 2+2:
-                                # 24 ms per count against 31 ms with scipy's 16)
 # Forward passes are chunked so that no tensor of x-sized values holds more than
 # EVAL_MAX_VALUES floats (2 MiB): 668 images of 784 pixels, whose decoder activations
 # (128 maps of 28x28 per image) take 256 MiB. Smaller passes are not slower, larger ones
-# are: the IWAE NLL at S = 5000 took 9.1 s per image in passes of 668 codes and 13.9 s in
-# passes of 5,000 on our CPU. Low-dimensional x keeps the older caps.
+# are (README, Performance). Low-dimensional x keeps the older caps.
 EVAL_MAX_VALUES = 2 ** 19
 ENCODE_BATCH = 10_000           # points per encoder pass on low-dimensional x
 IWAE_MAX_CODES = 2 ** 20        # codes per decoder pass on low-dimensional x
-AIS_STEPS = 1000                # intermediate distributions of the tight NLL (ais_nll):
-                                # the value the README's numbers use; --ais-steps asks
-AIS_CHAINS = 16                 # independent chains per test point (as Wu et al. 2017)
-AIS_LEAPFROG = 10               # leapfrog steps per HMC transition (as Wu et al. 2017)
-AIS_STEP_SIZE = 0.05            # initial leapfrog step size, adapted per chain ...
-AIS_ACCEPT = 0.65               # ... towards this acceptance rate (Neal 2011, Sec. 5.4.4)
-AIS_ADAPT_RATE = 0.05           # change of log(step size) per transition, times
-                                # (accepted - AIS_ACCEPT): equilibrium at AIS_ACCEPT
-AIS_INFLATE = 3.0               # the start r(z|x): the encoder with its std times this
-AIS_SCHEDULE_WIDTH = 4.0        # the sigmoid schedule's range, sigmoid(-4) .. sigmoid(4)
-DIAGNOSTIC_POINTS = 1000        # validation points (and training points for 5-NN) of the
-                                # per-epoch diagnostics
-MI_BATCH = 1000                 # points per batch of the minibatch MI estimate: at most
-                                # log(1000) = 6.91 nats
-PAIRS_PER_PASS = 2 ** 14        # (x, z) pairs per encoder pass in that estimate
-Z2_SAMPLES = 64                 # draws of z2 behind the variance of z1 of two levels
 
 
 def batch_limit(x_dim, cap):
@@ -108,6 +75,16 @@ def batch_limit(x_dim, cap):
 # ----------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------
+
+KSG_K = 5                       # neighbours of the KSG estimator (Fig. 2: "KSG, k=5")
+KDTREE_MAX_DIM = 20             # joint dimensions up to which KSG uses k-d trees; above,
+                                # they degrade towards N^2 and a brute-force pass wins
+KSG_CHUNK_VALUES = 2 ** 22      # pairwise distances per chunk of the brute-force pass
+KSG_COUNT_LEAF = 64             # points per leaf of the trees that count marginal
+                                # neighbours: their balls hold many points, and whole
+                                # leaves count faster than deeper trees (scipy's default
+                                # is 16; README, Performance)
+
 
 def ksg_counts_ties(x, k):
     """True if x (N, D) is binary with too many dimensions for KSG: 2^D possible values
@@ -169,6 +146,10 @@ def ksg_counts_brute(x, z, k):
     return torch.cat(n_x1).numpy(), torch.cat(n_z1).numpy()
 
 
+KNN_K = 5                       # Sec. 5.3: 5-NN
+KNN_BINARIZATION_SEED = 0       # the one binarization of grey-level training images for 5-NN
+
+
 def knn_accuracy(z_train, y_train, z_test, y_test, k=5):
     """Accuracy of a k-nearest-neighbour classifier (Euclidean) fitted on training codes."""
     from sklearn.neighbors import KNeighborsClassifier
@@ -191,6 +172,10 @@ def encoder_means(model, x, batch_size=None):
     return torch.cat([model.q_z_given_x(xb).mean for xb in x.split(batch_size)])
 
 
+AU_THRESHOLD = 0.01             # Burda et al. (2016): active if Cov_x(E_q[z_u]) > 0.01
+AU_DDOF = 1                     # the covariance over data points is the unbiased (N - 1) one
+
+
 def active_units(model, x, threshold=AU_THRESHOLD, batch_size=None):
     """Active units (Burda, Grosse & Salakhutdinov 2016, Sec. 5.2): dimension u of z is
     active if A_u = Cov_x(E_q(z|x)[z_u]) > threshold, the covariance taken over the rows
@@ -209,6 +194,11 @@ def counts_per_group(prefix, selected, latent_groups):
     """{prefix + group: number of selected units (a (Z,) bool tensor) in that group}."""
     return {prefix + name: int(selected[start:stop].sum())
             for name, (start, stop) in latent_groups.items()}
+
+
+MI_BATCH = 1000                 # points per batch of the minibatch MI estimate: at most
+                                # log(1000) = 6.91 nats
+PAIRS_PER_PASS = 2 ** 14        # (x, z) pairs per encoder pass in that estimate
 
 
 @torch.no_grad()
@@ -263,16 +253,11 @@ def posterior_variances(model, x, batch_size=None):
     """Var_q(z|x)[z_u] per row of x and unit (N, Z). For two levels, z1's variance is
     total: E[Var(z1|x, z2)] + Var(E[z1|x, z2]) over MEAN_SAMPLES draws of z2."""
     batch_size = batch_size or batch_limit(x.shape[1], ENCODE_BATCH)
-    return torch.cat([variance_of(model.q_z_given_x(xb)) for xb in x.split(batch_size)])
+    return torch.cat([model.q_z_given_x(xb).variance for xb in x.split(batch_size)])
 
 
-def variance_of(q_z_given_x):
-    if hasattr(q_z_given_x, "conditional"):   # mim.TwoLevel, by duck type (no import of mim.py)
-        z2 = q_z_given_x.top.sample((Z2_SAMPLES,))                      # (S, B, Z2)
-        z1 = q_z_given_x.conditional(z2)
-        var_z1 = z1.variance.mean(0) + z1.mean.var(0, correction=0)     # (B, Z1)
-        return torch.cat([var_z1, q_z_given_x.top.variance], dim=-1)
-    return q_z_given_x.variance
+SNR_THRESHOLD = 1.0             # informative_units: signal variance above noise variance
+SNR_PREFIX = "test_informative_"  # test_informative_<latent group>: their number
 
 
 def informative_units(means, variances, latent_groups, threshold=SNR_THRESHOLD):
@@ -294,6 +279,10 @@ def posterior_log_std(q_z_given_x):
         return torch.cat([posterior_log_std(q_z_given_x.conditional(z2)),
                           posterior_log_std(q_z_given_x.top)], dim=-1)
     return q_z_given_x.base_dist.scale.log()
+
+
+DIAGNOSTIC_POINTS = 1000        # validation points (and training points for 5-NN) of the
+                                # per-epoch diagnostics
 
 
 def epoch_diagnostics(data, n=DIAGNOSTIC_POINTS):
@@ -327,6 +316,10 @@ def reconstruction_rmse(model, x):
     """
     xhat = model.p_x_given_z(encode(model, x)).mean
     return float(((x - xhat) ** 2).sum(-1).mean().sqrt())
+
+
+NLL_SAMPLES = 5000              # importance samples per test point for the NLL of Table 4:
+                                # the authors' code (experiment.py --S), as Tomczak & Welling
 
 
 def log_joint(model, log_p_z, x, z):
@@ -372,6 +365,18 @@ def iwae_nll(model, x, num_samples, max_batch=None):
 # A tight NLL for sharp encoders: annealed importance sampling from the widened encoder
 # ----------------------------------------------------------------------------------------
 
+AIS_STEPS = 1000                # intermediate distributions of the tight NLL (ais_nll):
+                                # the value the README's numbers use; --ais-steps asks
+AIS_CHAINS = 16                 # independent chains per test point (as Wu et al. 2017)
+AIS_LEAPFROG = 10               # leapfrog steps per HMC transition (as Wu et al. 2017)
+AIS_STEP_SIZE = 0.05            # initial leapfrog step size, adapted per chain ...
+AIS_ACCEPT = 0.65               # ... towards this acceptance rate (Neal 2011, Sec. 5.4.4)
+AIS_ADAPT_RATE = 0.05           # change of log(step size) per transition, times
+                                # (accepted - AIS_ACCEPT): equilibrium at AIS_ACCEPT
+AIS_INFLATE = 3.0               # the start r(z|x): the encoder with its std times this
+AIS_SCHEDULE_WIDTH = 4.0        # the sigmoid schedule's range, sigmoid(-4) .. sigmoid(4)
+
+
 def sigmoid_schedule(steps, width=AIS_SCHEDULE_WIDTH):
     """Inverse temperatures 0 = beta_0 < ... < beta_T = 1, denser at both ends (the
     sigmoid schedule of Grosse, Ghahramani & Adams 2015, used by Wu et al. 2017)."""
@@ -406,7 +411,7 @@ def ais_start(model, x, inflate=AIS_INFLATE):
     it covers the posterior where a sharp encoder does not (any normalized r keeps AIS
     unbiased; it only changes how many steps it needs)."""
     q_z_given_x = model.q_z_given_x(x)
-    scale = inflate * variance_of(q_z_given_x).sqrt()
+    scale = inflate * q_z_given_x.variance.sqrt()
     normal = torch.distributions.Normal(q_z_given_x.mean, scale, validate_args=False)
     return torch.distributions.Independent(normal, 1)
 
@@ -630,8 +635,8 @@ def consistency_1d(model, anchor, n=100_000):
         return float(kstest(samples.cpu().numpy().ravel(), cdf).statistic)
 
     out = {
-        "ks_anchor_x": ks(model.p_x_given_z(model.P_z().sample((n,))).sample(), P_x_cdf),
-        "ks_anchor_z": ks(model.q_z_given_x(P_x).sample(), cdf_1d(model.P_z())),
+        "ks_anchor_x": ks(model.p_x_given_z(model.anchor_z().sample((n,))).sample(), P_x_cdf),
+        "ks_anchor_z": ks(model.q_z_given_x(P_x).sample(), cdf_1d(model.anchor_z())),
     }
     if model.q_x is not None:
         out["ks_prior_x"] = ks(model.p_x_given_z(model.p_z().sample((n,))).sample(),
@@ -807,9 +812,9 @@ def plot_consistency_1d(model, data, title, n=50_000):
 
     v = torch.linspace(-6, 6, 600)[:, None]
     x_anchor = data.x_train[:n]
-    rows = [("anchored", model.p_x_given_z(model.P_z().sample((n,))).sample(),
+    rows = [("anchored", model.p_x_given_z(model.anchor_z().sample((n,))).sample(),
              model.q_z_given_x(x_anchor).sample(), data.anchor.log_prob(v).exp(),
-             model.P_z().log_prob(v).exp(), "k")]
+             model.anchor_z().log_prob(v).exp(), "k")]
     if model.q_x is not None:
         rows.append(("priors", model.p_x_given_z(model.p_z().sample((n,))).sample(),
                      model.q_z_given_x(model.q_x().sample((n,))).sample(),

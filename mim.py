@@ -1,16 +1,19 @@
 """The Mutual Information Machine (MIM): a reference implementation in one file.
 
 Livne, Swersky & Fleet, "MIM: Mutual Information Machine", arXiv:1910.03175. Equation,
-algorithm and section numbers refer to that paper. The file follows its order: the
-distributions, the model, the objectives with Algorithms 1 and 2, warm-up and training;
-then, as appendices, the networks, the other remedies for posterior collapse, the CPU
-speed-ups (opt-in), and last the files and the command line.
+algorithm, section and appendix numbers (App.) refer to that paper. The file follows its
+order in numbered parts: the distributions, the model, the samples of Algorithms 1 and 2,
+the objectives, the variants of the decoder samples, warm-up and training; then the
+networks, the other remedies for posterior collapse, models from specs, the CPU speed-ups
+(opt-in) and checkpoints. The library ends at one marked line; below it is the command
+line, built on the library's specs.
 
 Paper to code
 -------------
     paper                                   code
     Sec. 3    x, z                          x (B, D) data, z (B, Z) latent codes
-              P(x), P(z) = N(0, I)          the training set; Model.P_z (the anchors)
+              P(x), P(z) = N(0, I)          the training set; Model.anchor_z (the
+                                            latent anchor P(z))
               q(z|x), p(x|z)                Model.q_z_given_x, Model.p_x_given_z
               p(z)                          Model.p_z(), log_p_z; PRIORS: normal, mog,
                                             vamp (VampPrior, App. D.1)
@@ -20,30 +23,32 @@ Paper to code
                                             log_p_xz = log p(x|z) p(z)
               z = (z1, z2), two levels      TwoLevel: q(z2|x) q(z1|x,z2), p(z2) p(z1|z2)
     Eq. 2     L_VAE, the negative ELBO      vae_loss
-    Eq. 4     M_S = 1/2 (D_enc + D_dec)     sample_m_s: encoder_samples, decoder_samples
+    Eq. 4     M_S = 1/2 (D_enc + D_dec)     encoder_samples, decoder_samples (Part 3)
     Eq. 7     L_CE = CE(M_S, M_theta)       ce_loss
     Eq. 8     L_MIM                         mim_loss
     Eq. 12    L_A-MIM                       amim_loss
     Eq. 16    q(x) = E_p(z)[p(x|z)]         log_q_x: its one-sample bound (Sec. 4.2,
                                             App. D.1)
     Alg. 1    MIM with an explicit q(x)     mim_loss on a model with q_x="mog"
-    Alg. 2    MIM with the marginal q(x)    mim_loss on a model with q_x="marginal"
-    App. D.1  VampPrior p(z)                VampPrior (Appendix B)
-    App. D.2  gradient of binary decoder    score_function_surrogate; DecoderSampling
-              samples (score function)      chooses the estimator and the latent anchor;
-                                            gradient_noise measures each one (Appendix E)
-    Sec. 5    warm-up                       warmup_weights -> Weights on the terms
+    Alg. 2    MIM with the marginal q(x)    mim_loss, line by line (lines 2-5 and 7;
+                                            `train` runs the loop)
+    App. D.1  VampPrior p(z)                VampPrior (Part 9)
+    App. D.2  gradient of binary decoder    score_function_surrogate (Part 3); the
+              samples (score function)      variants, DecoderSampling, and their
+                                            measured noise, gradient_noise (Part 5)
+    Sec. 5    warm-up                       warmup_weights -> TermWeights on the terms
               Adam, early stopping          train(model, loss_fn, x_train, x_val, TrainSpec)
-    Sec. 5.1  MLP encoder and decoder       Appendix A: GaussianMLP, BernoulliMLP
-    Sec. 5.2  convHVAE, PixelHVAE           Appendix B: TwoLevelEncoder, ConvDecoder,
+    Sec. 5.1  MLP encoder and decoder       Part 8: GaussianMLP, BernoulliMLP
+    Sec. 5.2  convHVAE, PixelHVAE           Part 9: TwoLevelEncoder, ConvDecoder,
                                             PixelDecoder with PixelCNNBernoulli; VampPrior
-    -         InfoMax-VAE, inference        Appendix C: infomax_loss, critic_loss
+    -         InfoMax-VAE, inference        Part 10: infomax_loss, critic_loss
               critics (for comparison)
-    -         a model from a spec           Appendix D: build_model(ModelSpec)
-    -         CPU speed-ups, opt-in         Appendix F: speed_up(model)
-    -         files and checkpoints         Appendix G: save_checkpoint, load_checkpoint
-    -         the command line              Appendix H: Config, main; evaluate_main runs
-                                            evaluate.py's metrics on trained runs
+    -         a model from a spec           Part 11: build_model(ModelSpec)
+    -         CPU speed-ups, opt-in         Part 12: speed_up(model)
+    -         checkpoints                   Part 13: save_checkpoint, load_checkpoint
+    -         the command line              Parts 14-15, below the library's end: Config,
+                                            main; evaluate_main runs evaluate.py's
+                                            metrics on trained runs
 
 Every log-density is normalized and in nats. Every objective is a pure function
 `(model, x, weights) -> (loss, stats)`. The library needs only this file and torch:
@@ -52,6 +57,7 @@ Every log-density is normalized and in nats. Every objective is a pure function
     model = build_model(spec)
     best_state, best_epoch, epochs, history = train(model, mim_loss, x_train, x_val,
                                                     TrainSpec(epochs=50))
+    save_checkpoint("model.pt", model, spec)        # load_checkpoint -> (model, extra)
 
 The command line also uses datasets.py and evaluate.py from this repository:
 
@@ -91,7 +97,7 @@ import torch.nn.functional as F
 # exp(raw) + 1e-6 (--min-logvar 6); 1e-4 keeps float32 sampling well resolved and is far
 # below the nearest-neighbour spacing that KSG can see in 10,000 points.
 STD_FLOOR = 1e-4
-MEAN_SAMPLES = 64        # samples of z2 behind E[z1|x] of the two-level posterior
+MEAN_SAMPLES = 64        # samples of z2 behind E[z1|x] and Var[z1|x] of two levels
 VAMP_COMPONENTS = 500    # pseudo-inputs K of the VampPrior (Tomczak & Welling 2018)
 MOG_COMPONENTS = 10      # components of a mixture p(z) or q(x) unless a spec says otherwise
 
@@ -207,6 +213,16 @@ class TwoLevel(D.Distribution):
             z1_mean = self.conditional(z2).mean.mean(0)                  # (B, Z1)
         return torch.cat([z1_mean, self.top.mean], dim=-1)
 
+    @property
+    def variance(self):
+        """Var[z] by the law of total variance: exact for z2; for z1,
+        E_z2[Var(z1|z2)] + Var_z2(E[z1|z2]) over samples of z2."""
+        with torch.no_grad():
+            z2 = self.top.sample((MEAN_SAMPLES,))                       # (S, B, Z2)
+            z1 = self.conditional(z2)
+            z1_variance = z1.variance.mean(0) + z1.mean.var(0, correction=0)  # (B, Z1)
+        return torch.cat([z1_variance, self.top.variance], dim=-1)
+
 
 # ----------------------------------------------------------------------------------------
 # 2. The model (Sec. 3): encoder, decoder, priors and the latent anchor
@@ -214,7 +230,7 @@ class TwoLevel(D.Distribution):
 
 class Model(nn.Module):
     """q(z|x), p(x|z), p(z), q(x) (None for the marginal of Eq. 16), the anchor P(z) and,
-    for the objectives that train one, a critic network. `build_model` (Appendix D)
+    for the objectives that train one, a critic network. `build_model` (Part 11)
     assembles one from a ModelSpec.
 
     `prior` is p(z), or p(z2) of a two-level model (one with `p_z1_given_z2`), whose latent
@@ -237,7 +253,7 @@ class Model(nn.Module):
             self.latent_groups = {"z": (0, z_dim)}
         else:
             self.latent_groups = {"z1": (0, z_dim), "z2": (z_dim, 2 * z_dim)}
-        self.P_z = StandardNormal(z_dim * len(self.latent_groups))
+        self.anchor_z = StandardNormal(z_dim * len(self.latent_groups))
 
     def q_top(self, x):
         """The encoder of the top latent, q(z|x) or q(z2|x): what a VampPrior mixes."""
@@ -288,11 +304,12 @@ class ModelSpec:
 # 3. Samples from M_S and the model log-densities on them (Sec. 4, Algorithms 1 and 2)
 # ----------------------------------------------------------------------------------------
 
-DRAWS_PER_CODE = 4       # loo-code: images per code (README: gradients of decoder samples)
+DRAWS_PER_CODE = 4       # images per code of discrete x (README, "Gradient of binary
+                         # decoder samples", measures 2, 4 and 8)
 
 
 @dataclass(frozen=True)
-class Weights:
+class TermWeights:
     """Weights on the terms of the objectives; FULL gives them as the paper writes them.
     The warm-up schedules (`warmup_weights`) move them towards FULL."""
     q: float = 0.5                 # on log q(x,z): the first CE term of Eq. 8
@@ -304,14 +321,15 @@ class Weights:
     top_prior: float = 1.0         # beta on log p(z2) of two-level models only (authors)
 
 
-FULL = Weights()
+FULL = TermWeights()
 
 
 def log_prior(p_z, z, w=FULL):
     """The warm-up's weighted log p(z), (B,): w.prior times log p(z) of one level; of a
     two-level prior p(z2) p(z1|z2), w.prior * w.top_prior times log p(z2) and log p(z1|z2)
     at full weight. Keeping log p(z1|z2) is what makes z2 carry information early on: with
-    it weighted too, z2 stayed unused and z1 collapsed (README, Results: "Images")."""
+    it weighted too, z2 stayed unused and z1 collapsed (README, "Images: making MIM and
+    A-MIM learn informative codes")."""
     if not isinstance(p_z, TwoLevel):
         return w.prior * p_z.log_prob(z)
     z1, z2 = z[..., :p_z.z1_dim], z[..., p_z.z1_dim:]
@@ -348,57 +366,21 @@ def encoder_samples(model, x, p_z, w=FULL):
     return q_z_given_x.log_prob(z) + model.q_x().log_prob(x), log_p_xz
 
 
-@dataclass(frozen=True)
-class DecoderSampling:
-    """How D_dec is drawn and, for discrete x, how its gradient is estimated.
-
-    anchor:    "normal": z ~ P(z) = N(0, I), the paper's fixed latent anchor;
-               "prior": z ~ p(z), the model prior (VampPrior, then p(z1|z2)) with its
-               parameters held fixed for the draw (the "authors" estimator draws its
-               own codes, see authors_codes).
-    estimator: for x that cannot be reparameterized (binary images), see
-               `score_function_surrogate`:
-               "loo-code": `draws` images x per code z, each with the mean of the other
-               images of its code as baseline (the default, chosen by measurement:
-               README, "Gradients of binary decoder samples");
-               "loo-batch": one image per code, baseline the mean over the batch;
-               "authors": the authors' image code: codes from p(z) by
-               reparameterization (authors_codes, whatever the anchor), the decoder's
-               mean image instead of a sample, log q(x) = log p(x|z) (App. D.1 for
-               z ~ p(z)), no score term. Its log p(x|z) has zero gradient at the mean
-               image, so D_dec gives the decoder no gradient at all; the encoder and
-               the prior get theirs through log q(z|x) and log p(z) at the codes.
-    """
-    anchor: str = "normal"
-    estimator: str = "loo-code"
-    draws: int = DRAWS_PER_CODE
-
-
-ANCHORS = ("normal", "prior")
-ESTIMATORS = ("loo-code", "loo-batch", "authors")
-PAPER_SAMPLING = DecoderSampling()
-
-
-def anchor_codes(model, n, p_z, anchor):
-    """n codes z (n, Z) from the latent anchor, with no gradient path."""
-    return (model.P_z() if anchor == "normal" else p_z).sample((n,))
-
-
-def decoder_samples(model, n, p_z, w=FULL, sampling=PAPER_SAMPLING):
-    """D_dec: x ~ p(x|z) for z from the latent anchor, n of them (Algorithm 2, line 4).
+def decoder_samples(model, n, p_z, w=FULL, draws=DRAWS_PER_CODE, anchor=None):
+    """D_dec: x ~ p(x|z) for z ~ P(z), n of them (Algorithm 2, line 4).
 
     Returns log q(x,z), log p(x,z) and, when x is discrete and so cannot be
     reparameterized, (log p(x|z), draws) for the score-function estimator (else None).
-    The marginal q(x) uses a fresh importance sample z' ~ q(z|x). For discrete x with
-    the "loo-code" estimator, n // draws codes give `draws` images each, ordered
-    (draws, codes) as `score_function_surrogate` expects.
+    The marginal q(x) uses a fresh importance sample z' ~ q(z|x). For discrete x, n //
+    draws codes give `draws` images each, ordered (draws, codes) as
+    `score_function_surrogate` expects. The codes carry no gradient path; `anchor`, a
+    distribution to draw them from instead of P(z), serves the variants of Part 5.
     """
     discrete = model.p_x_given_z.discrete
-    if discrete and sampling.estimator == "authors":
-        return authors_decoder_samples(model, n, p_z, w)
-    draws = sampling.draws if discrete and sampling.estimator == "loo-code" else 1
-    codes = max(1, n // draws)                 # a batch that draws does not divide loses
-    z = anchor_codes(model, codes, p_z, sampling.anchor).repeat(draws, 1)  # its remainder
+    draws = draws if discrete else 1
+    codes = max(1, n // draws)             # the remainder of n that draws leaves is dropped
+    anchor = model.anchor_z() if anchor is None else anchor
+    z = anchor.sample((codes,)).repeat(draws, 1)                        # (n, Z)
     p_x_given_z = model.p_x_given_z(z)
     x = p_x_given_z.sample() if discrete else p_x_given_z.rsample()     # (n, D)
     q_z_given_x = model.q_z_given_x(x)
@@ -408,35 +390,6 @@ def decoder_samples(model, n, p_z, w=FULL, sampling=PAPER_SAMPLING):
     log_p_xz = log_p_x_given_z + log_prior(p_z, z, w)
     score = (log_p_x_given_z, draws) if discrete else None
     return log_q_xz, log_p_xz, score
-
-
-def authors_decoder_samples(model, n, p_z, w=FULL):
-    """D_dec as the authors' image code draws it: z ~ p(z) (authors_codes), x the
-    decoder's mean image (detached), and log q(x) = log p(x|z), the App. D.1 estimate for
-    z drawn from p(z)."""
-    z = authors_codes(model, n, p_z)                                    # (n, Z)
-    p_x_given_z = model.p_x_given_z(z)
-    x = p_x_given_z.mean.detach()                                       # (n, D) in [0, 1]
-    log_p_x_given_z = p_x_given_z.log_prob(x)
-    log_q_xz = model.q_z_given_x(x).log_prob(z) + log_p_x_given_z
-    return log_q_xz, log_p_x_given_z + log_prior(p_z, z, w), None
-
-
-def authors_codes(model, n, p_z):
-    """n codes z ~ p(z) (n, Z) as the authors' image code draws them, reparameterized, so
-    that gradients reach what p(z) is made of: a VampPrior's top level from q(z|u_k) of
-    its first n pseudo-inputs u_k, one code each (cycling through them when n > K);
-    other priors by rsample where they have one; then z1 ~ p(z1|z2) for two levels."""
-    top = p_z.top if isinstance(p_z, TwoLevel) else p_z
-    if isinstance(model.prior, VampPrior):
-        q_of_u = top.component_distribution.base_dist                  # batch (K, Z)
-        k = torch.arange(n, device=q_of_u.loc.device) % len(q_of_u.loc)
-        z_top = diag_gaussian(q_of_u.loc[k], q_of_u.scale[k]).rsample()
-    else:
-        z_top = top.rsample((n,)) if top.has_rsample else top.sample((n,))
-    if not isinstance(p_z, TwoLevel):
-        return z_top
-    return torch.cat([p_z.conditional(z_top).rsample(), z_top], dim=-1)
 
 
 def score_function_surrogate(f, log_prob, draws=1):
@@ -458,13 +411,14 @@ def score_function_surrogate(f, log_prob, draws=1):
     return f + (f - baseline.reshape(-1)).detach() * (log_prob - log_prob.detach())
 
 
-def sample_m_s(model, x, w=FULL, sampling=PAPER_SAMPLING):
+def sample_m_s(model, x, w=FULL, draw_dec=decoder_samples):
     """Samples of M_S for a batch x (B, D): `encoder_samples` and, if w asks for them, as
-    many `decoder_samples`: ((log q(x,z), log p(x,z)), (log q(x,z), log p(x,z), score) or
-    None). p(z) is built once: a VampPrior encodes its pseudo-inputs once per step."""
+    many decoder samples from draw_dec (`decoder_samples`, or a variant of Part 5):
+    ((log q(x,z), log p(x,z)), (log q(x,z), log p(x,z), score) or None). p(z) is built
+    once: a VampPrior encodes its pseudo-inputs once per step."""
     p_z = model.p_z()
     return (encoder_samples(model, x, p_z, w),
-            decoder_samples(model, len(x), p_z, w, sampling) if w.decoder_samples else None)
+            draw_dec(model, len(x), p_z, w) if w.decoder_samples else None)
 
 
 def average_over_m_s(f, enc, dec):
@@ -497,21 +451,36 @@ def cross_entropy_stats(enc, dec):
 # 4. Objectives: (model, x, weights) -> (loss, stats). Losses in nats per sample.
 # ----------------------------------------------------------------------------------------
 
-def mim_loss(model, x, w=FULL, sampling=PAPER_SAMPLING):
-    """L_MIM of Eq. 8, 1/2 (CE(M_S, q(x,z)) + CE(M_S, p(x,z))), by Monte Carlo.
+def mim_loss(model, x, w=FULL, draw_dec=decoder_samples):
+    """L_MIM of Eq. 8, 1/2 (CE(M_S, q(x,z)) + CE(M_S, p(x,z))), by Algorithm 2 line by
+    line (Algorithm 1 where q(x) is explicit); `train` runs its loop, lines 1 and 6-8.
 
-    A batch of B data points gives B encoder samples and B decoder samples: Algorithm 1
-    with N = 2B, averaging -(log q(x,z) + log p(x,z)) / 2 over the N samples. With an
-    explicit q(x) this is Algorithm 1; with the marginal q(x) it is Algorithm 2 (the
-    importance-sampling bound of log q(x) in `log_q_x`). `sampling` says how D_dec is
-    drawn (anchor, estimator); at w = FULL and the "normal" anchor this is Algorithm 2.
+    A batch of B data points gives B encoder and B decoder samples, and each half is
+    averaged on its own. With the marginal q(x), log q(x) is the importance-sampling
+    bound of `log_q_x`, so log q(x,z) = log p(x,z) on encoder samples. Warm-up weights
+    w scale the two CE terms (w = FULL: 1/2 each). draw_dec: `decoder_samples`, or a
+    variant of Part 5.
     """
-    enc, dec = sample_m_s(model, x, w, sampling)
-    loss = average_over_m_s(lambda log_q, log_p: -(w.q * log_q + w.p * log_p), enc, dec)
-    return loss, cross_entropy_stats(enc, dec)
+    def ce(log_q_xz, log_p_xz):                                         # (B,)
+        return -(w.q * log_q_xz + w.p * log_p_xz)
+
+    p_z = model.p_z()                   # a VampPrior encodes its pseudo-inputs once a step
+    # 2: D_enc <- {x_i, z_i ~ q(z|x) P(x)}
+    enc = encoder_samples(model, x, p_z, w)
+    # 3: L_enc <- -1/N sum_i (log p(x_i|z_i) + log p(z_i))
+    loss_enc = ce(*enc).mean()
+    if not w.decoder_samples:           # A-MIM (Eq. 12), or a warm-up without D_dec
+        return loss_enc, cross_entropy_stats(enc, None)
+    # 4: D_dec <- {x_i, z_i, z'_i ~ p(x|z) P(z) q(z'|x)}
+    dec = draw_dec(model, len(x), p_z, w)
+    # 5: L_dec <- -1/2N sum_i (log q(z_i|x_i) + log p(x_i|z_i) + log p(z_i)
+    #                          + log p(x_i|z'_i) + log p(z'_i) - log q(z'_i|x_i))
+    loss_dec = decoder_sample_loss(ce, dec)
+    # 7: delta theta ~ -grad_theta 1/2 (L_enc + L_dec)
+    return 0.5 * (loss_enc + loss_dec), cross_entropy_stats(enc, dec)
 
 
-def amim_loss(model, x, w=FULL, sampling=PAPER_SAMPLING):
+def amim_loss(model, x, w=FULL, draw_dec=decoder_samples):
     """L_A-MIM of Eq. 12: Eq. 8 with encoder samples only, M_S^q = q(z|x)P(x).
 
     Eq. 13 shows why q(x) should be the marginal of Eq. 16: an explicit q(x) would be
@@ -519,7 +488,7 @@ def amim_loss(model, x, w=FULL, sampling=PAPER_SAMPLING):
     Eq. 12 expands to H_q(x,z) + 1/2 KL(P(x)||q(x)) + 1/2 KL(q(z|x)P(x)||p(x,z)), which
     test_mim.py checks.)
     """
-    return mim_loss(model, x, dataclasses.replace(w, decoder_samples=False), sampling)
+    return mim_loss(model, x, dataclasses.replace(w, decoder_samples=False), draw_dec)
 
 
 def mixture_cross_entropy(log_q, log_p, w_q=0.5, w_p=0.5):
@@ -528,12 +497,12 @@ def mixture_cross_entropy(log_q, log_p, w_q=0.5, w_p=0.5):
     return -torch.logsumexp(torch.stack([log_q, log_p], dim=-1) + log_w, dim=-1)
 
 
-def ce_loss(model, x, w=FULL, sampling=PAPER_SAMPLING):
+def ce_loss(model, x, w=FULL, draw_dec=decoder_samples):
     """L_CE of Eq. 7, CE(M_S, M_theta) = -E_M_S[log 1/2 (q(x,z) + p(x,z))] (App. F.2).
 
     Warm-up weights act as the mixture weights of M_theta (w.q = w.p = 1/2 is Eq. 7).
     """
-    enc, dec = sample_m_s(model, x, w, sampling)
+    enc, dec = sample_m_s(model, x, w, draw_dec)
     loss = average_over_m_s(lambda lq, lp: mixture_cross_entropy(lq, lp, w.q, w.p), enc, dec)
     with torch.no_grad():
         value = average_over_m_s(mixture_cross_entropy, enc, dec)
@@ -566,17 +535,144 @@ def vae_loss(model, x, w=FULL):
     return (rec + w.kl * kl).mean(), elbo_stats(rec, kl)
 
 
+# ----------------------------------------------------------------------------------------
+# 5. Variants of the decoder samples and their gradient noise (App. D.2)
+# ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DecoderSampling:
+    """How D_dec is drawn and, for discrete x, how its gradient is estimated; the paper's
+    way (`decoder_samples`) is the default, PAPER_SAMPLING.
+
+    anchor:    "normal": z ~ P(z) = N(0, I), the paper's fixed latent anchor;
+               "prior": z ~ p(z), the model prior (VampPrior, then p(z1|z2)) with its
+               parameters held fixed for the draw (the "authors" estimator draws its
+               own codes, see authors_codes).
+    estimator: for x that cannot be reparameterized (binary images), see
+               `score_function_surrogate`:
+               "loo-code": `draws` images x per code z, each with the mean of the other
+               images of its code as baseline (the default, chosen by measurement:
+               README, "Gradient of binary decoder samples");
+               "loo-batch": one image per code, baseline the mean over the batch;
+               "authors": the authors' image code: codes from p(z) by
+               reparameterization (authors_codes, whatever the anchor), the decoder's
+               mean image instead of a sample, log q(x) = log p(x|z) (App. D.1 for
+               z ~ p(z)), no score term. Its log p(x|z) has zero gradient at the mean
+               image, so D_dec gives the decoder no gradient at all; the encoder and
+               the prior get theirs through log q(z|x) and log p(z) at the codes.
+    """
+    anchor: str = "normal"
+    estimator: str = "loo-code"
+    draws: int = DRAWS_PER_CODE
+
+
+ANCHORS = ("normal", "prior")
+ESTIMATORS = ("loo-code", "loo-batch", "authors")
+PAPER_SAMPLING = DecoderSampling()
+
+
+def decoder_samples_of(sampling):
+    """The function (model, n, p_z, w) -> D_dec that `sampling` describes, for the
+    objectives' draw_dec. The "authors" estimator applies to discrete x only."""
+    draws = sampling.draws if sampling.estimator == "loo-code" else 1
+
+    def draw_dec(model, n, p_z, w=FULL):
+        if sampling.estimator == "authors" and model.p_x_given_z.discrete:
+            return authors_decoder_samples(model, n, p_z, w)
+        anchor = p_z if sampling.anchor == "prior" else None
+        return decoder_samples(model, n, p_z, w, draws, anchor)
+    return draw_dec
+
+
+def authors_decoder_samples(model, n, p_z, w=FULL):
+    """D_dec as the authors' image code draws it: z ~ p(z) (authors_codes), x the
+    decoder's mean image (detached), and log q(x) = log p(x|z), the App. D.1 estimate for
+    z drawn from p(z). For discrete x only: a PixelCNN decoder has no mean image."""
+    z = authors_codes(model, n, p_z)                                    # (n, Z)
+    p_x_given_z = model.p_x_given_z(z)
+    x = p_x_given_z.mean.detach()                                       # (n, D) in [0, 1]
+    log_p_x_given_z = p_x_given_z.log_prob(x)
+    log_q_xz = model.q_z_given_x(x).log_prob(z) + log_p_x_given_z
+    return log_q_xz, log_p_x_given_z + log_prior(p_z, z, w), None
+
+
+def authors_codes(model, n, p_z):
+    """n codes z ~ p(z) (n, Z) as the authors' image code draws them, reparameterized, so
+    that gradients reach what p(z) is made of: a VampPrior's top level from q(z|u_k) of
+    its first n pseudo-inputs u_k, one code each (cycling through them when n > K);
+    other priors by rsample where they have one; then z1 ~ p(z1|z2) for two levels."""
+    top = p_z.top if isinstance(p_z, TwoLevel) else p_z
+    if isinstance(model.prior, VampPrior):
+        q_of_u = top.component_distribution.base_dist                  # batch (K, Z)
+        k = torch.arange(n, device=q_of_u.loc.device) % len(q_of_u.loc)
+        z_top = diag_gaussian(q_of_u.loc[k], q_of_u.scale[k]).rsample()
+    else:
+        z_top = top.rsample((n,)) if top.has_rsample else top.sample((n,))
+    if not isinstance(p_z, TwoLevel):
+        return z_top
+    return torch.cat([p_z.conditional(z_top).rsample(), z_top], dim=-1)
+
+
+# The gradient noise of each estimator, measured on a model (README, "Gradient of binary
+# decoder samples")
+
+GRADIENT_REPEATS = 30           # independent gradient estimates per estimator
+GRADIENT_SEED = 0
+ESTIMATOR_SETTINGS = {          # label: (estimator, draws: images per code of loo-code)
+    "loo-batch": ("loo-batch", DRAWS_PER_CODE), "loo-code, 2 per code": ("loo-code", 2),
+    "loo-code, 4 per code": ("loo-code", 4), "loo-code, 8 per code": ("loo-code", 8),
+    "authors": ("authors", DRAWS_PER_CODE)}
+
+
+def decoder_sample_gradients(model, n, sampling, repeats):
+    """Independent estimates (repeats, P) of the gradient of the decoder-sample half of
+    L_MIM (Eq. 8 over D_dec, n samples) for the decoder's parameters, in float64."""
+    params = list(model.p_x_given_z.parameters())
+    rows = []
+    for _ in range(repeats):
+        dec = decoder_samples_of(sampling)(model, n, model.p_z(), FULL)
+        loss = decoder_sample_loss(lambda lq, lp: -0.5 * (lq + lp), dec)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        rows.append(torch.cat([torch.zeros(p.numel(), device=p.device) if g is None
+                               else g.reshape(-1) for p, g in zip(params, grads)]))
+    return torch.stack(rows).double()
+
+
+def signal_and_noise(grads):
+    """|E g| and sqrt(E |g - E g|^2) from R estimates g (R, P); |E g|^2 is estimated
+    without the noise^2 / R that the mean of R noisy estimates adds to it."""
+    noise2 = float(grads.var(0, correction=1).sum())
+    signal2 = float(grads.mean(0).square().sum()) - noise2 / len(grads)
+    return math.sqrt(max(signal2, 0.0)), math.sqrt(noise2)
+
+
+def gradient_noise(model, anchor, n, repeats=GRADIENT_REPEATS, seed=GRADIENT_SEED):
+    """Signal and noise of every estimator in ESTIMATOR_SETTINGS on `model`, drawing
+    decoder samples from `anchor` (DecoderSampling.anchor), n per estimate:
+    [{estimator, signal, noise, noise_over_signal}]."""
+    model.train()
+    rows = []
+    for label, (estimator, draws) in ESTIMATOR_SETTINGS.items():
+        if estimator == "authors" and isinstance(model.p_x_given_z, PixelDecoder):
+            continue                    # it needs a mean image, which a PixelCNN has not
+        torch.manual_seed(seed)
+        sampling = DecoderSampling(anchor, estimator, draws)
+        signal, noise = signal_and_noise(decoder_sample_gradients(model, n, sampling,
+                                                                  repeats))
+        rows.append({"estimator": label, "signal": signal, "noise": noise,
+                     "noise_over_signal": noise / signal if signal > 0 else math.inf})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------
-# 5. Warm-up (Sec. 5)
+# 6. Warm-up (Sec. 5)
 # ----------------------------------------------------------------------------------------
 
 PRIOR_DELAY = 0.5        # warm-up mode prior: fraction of the warm-up with beta = 0
 
 
 def warmup_weights(mode, progress, warmup):
-    """Weights `progress` epochs into training (a float: 2.5 is halfway through epoch 3).
+    """The term weights `progress` epochs into training (2.5: halfway through epoch 3).
 
     paper:   Sec. 5 -- the weight on the second (decoder) CE term of Eq. 8 rises
              linearly from 0 to 1/2 over `warmup` epochs; the VAE's KL weight from 0 to 1.
@@ -588,7 +684,8 @@ def warmup_weights(mode, progress, warmup):
              gradient; `paper` rescales it, which Adam ignores. The VAE's KL weight
              rises linearly from 0 over the whole warm-up, as in Tomczak & Welling:
              with the delay, the unweighted KL grew to 10^4 nats and z2 collapsed
-             when the weight arrived (README, Results: "Images").
+             when the weight arrived (README, "Images: making MIM and A-MIM learn
+             informative codes").
     authors: the authors' code -- the weight on log q(z|x) + log q(x) steps up per epoch
              as beta = min(1, epoch / warmup) (here scaled to 1/2, as in Eq. 8), decoder
              samples join only once it is full, and in their image code (two-level
@@ -599,27 +696,25 @@ def warmup_weights(mode, progress, warmup):
         return FULL
     if mode == "paper":
         ramp = min(1.0, progress / warmup)
-        return Weights(p=0.5 * ramp, kl=ramp)
+        return TermWeights(p=0.5 * ramp, kl=ramp)
     if mode == "prior":
         beta = min(1.0, max(0.0, progress / warmup - PRIOR_DELAY) / (1 - PRIOR_DELAY))
-        return Weights(kl=min(1.0, progress / warmup), prior=beta)
+        return TermWeights(kl=min(1.0, progress / warmup), prior=beta)
     beta = min(1.0, (math.floor(progress) + 1) / warmup)
-    return Weights(q=0.5 * beta, decoder_samples=beta >= 1.0, kl=beta, top_prior=beta)
+    return TermWeights(q=0.5 * beta, decoder_samples=beta >= 1.0, kl=beta,
+                       top_prior=beta)
 
 
 WARMUP_MODES = ("paper", "prior", "authors")
 
 
-
 # ----------------------------------------------------------------------------------------
-# 6. Training (Sec. 5): Adam, warm-up, early stopping on the validation loss
+# 7. Training (Sec. 5): Adam, warm-up, early stopping on the validation loss
 # ----------------------------------------------------------------------------------------
 
 VALIDATION_SEED = 12345  # fixed noise for validation losses, so epochs compare fairly
 NORMGRAD_EPS = 1e-7      # optimizer normgrad: g / (|g| + eps), as Tomczak & Welling's code
 ADAM_EPS = 1e-8          # torch's default, and AdamNormGrad's
-PROGRESS_AFTER = 5.0     # seconds into an epoch before a progress line appears
-PROGRESS_EVERY = 2.0     # seconds between progress lines
 
 
 @dataclass(frozen=True)
@@ -714,7 +809,7 @@ def full_precision_math():
             setattr(owner, name, value)
 
 
-def train_epoch(model, loss_fn, opt, x_train, spec, epoch, binarize=False):
+def train_epoch(model, loss_fn, opt, x_train, spec, epoch, binarize=False, on_batch=None):
     """One pass over x_train (N, D) in shuffled batches; returns the mean stats and
     loss_max, the largest batch loss, which shows a spike that the mean hides.
     binarize: draw a fresh binary image from the grey levels at every use (dynamic
@@ -725,7 +820,6 @@ def train_epoch(model, loss_fn, opt, x_train, spec, epoch, binarize=False):
     n_batches = len(x_train) // spec.batch_size          # drop the last partial batch
     order = torch.randperm(len(x_train), device=x_train.device)
     totals, batch_losses = {}, []
-    progress = Progress(f"epoch {epoch}", n_batches)
     for i in range(n_batches):
         x = x_train[order[i * spec.batch_size:(i + 1) * spec.batch_size]]
         x = torch.bernoulli(x) if binarize else x
@@ -742,8 +836,8 @@ def train_epoch(model, loss_fn, opt, x_train, spec, epoch, binarize=False):
         for k, v in stats.items():
             totals[k] = totals.get(k, 0.0) + v / n_batches
         batch_losses.append(torch.as_tensor(stats["loss"]))  # a float from a custom loss too
-        progress.update(i + 1, stats["loss"])
-    progress.close()
+        if on_batch is not None:
+            on_batch(epoch, i + 1, n_batches, stats["loss"])
     return {**{k: float(v) for k, v in totals.items()},
             "loss_max": float(torch.stack(batch_losses).max())}
 
@@ -764,7 +858,7 @@ def validate(model, loss_fn, x_val, spec):
 
 
 def train(model, loss_fn, x_train, x_val, spec=TrainSpec(), on_epoch=None, binarize=False,
-          checkpoint=None, resume=None, diagnose=None):
+          checkpoint=None, resume=None, diagnose=None, on_batch=None):
     """Fit `model` with loss_fn (model, x, weights) -> (loss, stats) on x_train (N, D),
     stopping early on x_val; returns (best state_dict, best epoch, epochs run, history).
 
@@ -772,10 +866,12 @@ def train(model, loss_fn, x_train, x_val, spec=TrainSpec(), on_epoch=None, binar
     has not improved for `patience` epochs, and return the best weights (of an epoch after
     the warm-up, or of any epoch with spec.best_in_warmup). A loss that is not finite
     raises FloatingPointError.
-    on_epoch(row) receives each epoch's row of the history (the command line prints it).
+    on_epoch(row) receives each epoch's row of the history,
+    on_batch(epoch, batches done, batches, loss) each step's progress (a 0-dim tensor
+    loss: reading it waits for the device).
     diagnose(model) -> dict, if given, adds its values to each row with the prefix val_
-    (the command line passes evaluate.epoch_diagnostics: active units, MI, posterior
-    scales, 5-NN), so that collapse shows while it happens.
+    (evaluate.epoch_diagnostics gives active units, MI, posterior scales, 5-NN), so
+    that collapse shows while it happens.
     After every epoch, checkpoint(state, improved) receives everything needed to go on:
     the optimizer, the counters, the history, the best weights and the random-number
     state. train(..., resume=state) continues from such a state (with model already
@@ -795,7 +891,8 @@ def train(model, loss_fn, x_train, x_val, spec=TrainSpec(), on_epoch=None, binar
         set_rng_state(resume["rng"], x_train.device)
     while not progress["finished"]:
         epoch, start = progress["epoch"] + 1, time.perf_counter()
-        train_stats = train_epoch(model, loss_fn, opt, x_train, spec, epoch, binarize)
+        train_stats = train_epoch(model, loss_fn, opt, x_train, spec, epoch, binarize,
+                                  on_batch)
         val_stats = validate(model, loss_fn, x_val, spec)
         if not math.isfinite(val_stats["loss"]):
             raise FloatingPointError(f"the validation loss became {val_stats['loss']} in "
@@ -860,37 +957,8 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-class Progress:
-    """A status line on stderr, shown once a loop has taken PROGRESS_AFTER seconds."""
-
-    def __init__(self, label, total):
-        self.label, self.total = label, total
-        self.start = self.last = time.perf_counter()
-        self.shown = False
-
-    def update(self, done, loss):
-        now = time.perf_counter()
-        if now - self.last < PROGRESS_EVERY or now - self.start < PROGRESS_AFTER:
-            return
-        self.last, self.shown = now, True
-        left = (now - self.start) / done * (self.total - done)
-        end = "\r" if sys.stderr.isatty() else "\n"
-        print(f"{self.label}: {done}/{self.total} batches, loss {float(loss):.4f} nats, "
-              f"{now - self.start:.0f} s, about {left:.0f} s left", end=end, file=sys.stderr,
-              flush=True)
-
-    def close(self):
-        if self.shown and sys.stderr.isatty():
-            print(file=sys.stderr)
-
-
-# ========================================================================================
-# Appendices: the networks, the other remedies for posterior collapse, the CPU speed-ups,
-# the files and the command line
-# ========================================================================================
-
 # ----------------------------------------------------------------------------------------
-# A. Networks of Sec. 5.1: two fully connected layers returning a distribution
+# 8. Networks of Sec. 5.1: two fully connected layers returning a distribution
 # ----------------------------------------------------------------------------------------
 
 ACTIVATIONS = {"tanh": nn.Tanh, "silu": nn.SiLU}
@@ -935,9 +1003,8 @@ class BernoulliMLP(nn.Module):
 DECODERS = {False: GaussianMLP, True: BernoulliMLP}        # keyed by "is x binary"
 
 
-
 # ----------------------------------------------------------------------------------------
-# B. Networks of Sec. 5.2: the two-level convHVAE and PixelHVAE of Tomczak & Welling
+# 9. Networks of Sec. 5.2: the two-level convHVAE and PixelHVAE of Tomczak & Welling
 # (2018), with the layer sizes of their code, and the VampPrior (App. D.1). x stays
 # flattened (B, D) outside the networks.
 # ----------------------------------------------------------------------------------------
@@ -969,8 +1036,6 @@ class Gated(nn.Module):
 
 def gated_dense(n_in, n_out):
     return Gated(nn.Linear(n_in, 2 * n_out))
-
-
 
 
 def gated_conv(c_in, c_out, kernel, stride=1):
@@ -1116,8 +1181,6 @@ class PixelDecoder(nn.Module):
         return PixelCNNBernoulli(self.pixelcnn, cond, self.image_shape, self.logit_bound)
 
 
-
-
 class PixelCNNBernoulli(D.Distribution):
     """p(x|z) = prod_i Bernoulli(x_i | x_<i, z) over the pixels in raster order, from a
     causal PixelCNN `net(x_images, cond)` that returns logits (B, 1, H, W). log_prob is
@@ -1152,7 +1215,6 @@ class PixelCNNBernoulli(D.Distribution):
             return x.flatten(1)
 
 
-
 class VampPrior(nn.Module):
     """p(z) = 1/K sum_k q(z|u_k) with K learnable pseudo-inputs u_k (Tomczak & Welling 2018;
     the paper's App. D.1). The mixture is built from the current encoder at every call, so
@@ -1171,9 +1233,8 @@ class VampPrior(nn.Module):
         return D.MixtureSameFamily(weights, components, validate_args=False)
 
 
-
 # ----------------------------------------------------------------------------------------
-# C. Two other remedies for posterior collapse, for comparison: the ELBO plus a bound of
+# 10. Two other remedies for posterior collapse, for comparison: the ELBO plus a bound of
 # I_q(x; z) from a critic (InfoMax-VAE; the inference critics of "Forget-me-not"). Neither
 # paper gives a critic for our architectures: x goes through a fresh copy of the
 # encoder's first layers (see x_trunk), z through an MLP. Their "loss" stat is the
@@ -1221,8 +1282,6 @@ class SeparableCritic(nn.Module):
     def forward(self, x, z, encoder):                       # (B_x, D), (B_z, Z)
         h_x = encoder.features(x) if self.trunk is None else self.trunk(x)
         return self.g(h_x) @ self.h(z).T                    # (B_x, B_z)
-
-
 
 
 def build_critic(spec, encoder):
@@ -1316,7 +1375,7 @@ network_critic_loss = functools.partial(critic_loss, scores=network_critic_score
 
 
 # ----------------------------------------------------------------------------------------
-# D. A model from a ModelSpec
+# 11. A model from a ModelSpec
 # ----------------------------------------------------------------------------------------
 
 def data_mixture(spec, x_init):
@@ -1426,59 +1485,7 @@ def build_model(spec, x_init=None):
 
 
 # ----------------------------------------------------------------------------------------
-# E. The gradient of binary decoder samples: signal and noise of each estimator (App. D.2)
-# ----------------------------------------------------------------------------------------
-
-GRADIENT_REPEATS = 30           # independent gradient estimates per estimator
-GRADIENT_SEED = 0
-ESTIMATOR_SETTINGS = {          # label: (estimator, draws: images per code of loo-code)
-    "loo-batch": ("loo-batch", DRAWS_PER_CODE), "loo-code, 2 per code": ("loo-code", 2),
-    "loo-code, 4 per code": ("loo-code", 4), "loo-code, 8 per code": ("loo-code", 8),
-    "authors": ("authors", DRAWS_PER_CODE)}
-
-
-def decoder_sample_gradients(model, n, sampling, repeats):
-    """Independent estimates (repeats, P) of the gradient of the decoder-sample half of
-    L_MIM (Eq. 8 over D_dec, n samples) for the decoder's parameters, in float64."""
-    params = list(model.p_x_given_z.parameters())
-    rows = []
-    for _ in range(repeats):
-        dec = decoder_samples(model, n, model.p_z(), FULL, sampling)
-        loss = decoder_sample_loss(lambda lq, lp: -0.5 * (lq + lp), dec)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        rows.append(torch.cat([torch.zeros(p.numel(), device=p.device) if g is None
-                               else g.reshape(-1) for p, g in zip(params, grads)]))
-    return torch.stack(rows).double()
-
-
-def signal_and_noise(grads):
-    """|E g| and sqrt(E |g - E g|^2) from R estimates g (R, P); |E g|^2 is estimated
-    without the noise^2 / R that the mean of R noisy estimates adds to it."""
-    noise2 = float(grads.var(0, correction=1).sum())
-    signal2 = float(grads.mean(0).square().sum()) - noise2 / len(grads)
-    return math.sqrt(max(signal2, 0.0)), math.sqrt(noise2)
-
-
-def gradient_noise(model, anchor, n, repeats=GRADIENT_REPEATS, seed=GRADIENT_SEED):
-    """Signal and noise of every estimator in ESTIMATOR_SETTINGS on `model`, drawing
-    decoder samples from `anchor` (DecoderSampling.anchor), n per estimate:
-    [{estimator, signal, noise, noise_over_signal}]."""
-    model.train()
-    rows = []
-    for label, (estimator, draws) in ESTIMATOR_SETTINGS.items():
-        if estimator == "authors" and isinstance(model.p_x_given_z, PixelDecoder):
-            continue                    # it needs a mean image, which a PixelCNN has not
-        torch.manual_seed(seed)
-        sampling = DecoderSampling(anchor, estimator, draws)
-        signal, noise = signal_and_noise(decoder_sample_gradients(model, n, sampling,
-                                                                  repeats))
-        rows.append({"estimator": label, "signal": signal, "noise": noise,
-                     "noise_over_signal": noise / signal if signal > 0 else math.inf})
-    return rows
-
-
-# ----------------------------------------------------------------------------------------
-# F. CPU speed-ups, opt-in: speed_up(model). Nothing above needs them; each leaves every
+# 12. CPU speed-ups, opt-in: speed_up(model). Nothing above needs them; each leaves every
 # result the same up to floating-point rounding (bench.py times them).
 # ----------------------------------------------------------------------------------------
 
@@ -1533,10 +1540,11 @@ def reuse_freed_memory():
 
     glibc gives every large allocation (above 128 KiB, a threshold that grows to 32 MiB)
     its own mapping and returns it to the system on free, so each step's activations are
-    fresh pages and every 4 KiB of them costs a page fault when first written: on our
-    2-core CPU about 40% of the IWAE NLL's time and 8% of a convHVAE training step.
-    Serving all allocations from the heap and never trimming it keeps those pages.
-    Returns whether it took effect; without glibc (macOS, Windows, musl) it does nothing.
+    fresh pages and every 4 KiB of them costs a page fault when first written (README,
+    Performance, measures what that costs). Serving all allocations from the heap and
+    never trimming it keeps those pages. It changes the whole process for good, so it is
+    not part of speed_up: call it once, where the process is yours. Returns
+    whether it took effect; without glibc (macOS, Windows, musl) it does nothing.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -1546,16 +1554,15 @@ def reuse_freed_memory():
 
 
 def speed_up(model, device=torch.device("cpu")):
-    """Three CPU speed-ups for a model from build_model that will run on `device`; returns
-    it. Call it before making the optimizer (the first one changes layers, not parameters).
+    """Two CPU speed-ups for a model from build_model that will run on `device`; returns
+    it, changing nothing but the model. Call it before making the optimizer (the first
+    one changes layers, not parameters).
 
     - The first convolution of one-channel images (stride 1) computes its input
       gradient as a matrix product (OneChannelConv; CPU tensors only).
     - On the CPU, convolution weights in the channels_last (NHWC) layout: every feature
       map then stays NHWC, for which oneDNN's kernels are faster (bench.py). On CUDA the
       layout stays as it is until a GPU measurement says otherwise.
-    - On the CPU, freed memory stays in the process (reuse_freed_memory): this one holds
-      for the whole process and is not undone.
     """
     for module in model.modules():
         if type(module) is nn.Conv2d and module.in_channels == 1 and module.stride == (1, 1):
@@ -1564,17 +1571,14 @@ def speed_up(model, device=torch.device("cpu")):
         return model
     if any(isinstance(module, nn.Conv2d) for module in model.modules()):
         model = model.to(memory_format=torch.channels_last)
-    reuse_freed_memory()
     return model
 
 
 # ----------------------------------------------------------------------------------------
-# G. Files: every write goes to a temporary file that is then renamed; checkpoints are
-# state_dicts with the settings that rebuild their model
+# 13. Checkpoints: a state_dict with the ModelSpec that rebuilds its network
 # ----------------------------------------------------------------------------------------
 
-class UsageError(Exception):
-    """Bad input to the command line: reported as one line, exit status 2."""
+CHECKPOINT_FORMAT = 2   # 1, of earlier versions: a run's settings in place of a ModelSpec
 
 
 def current_umask():
@@ -1595,6 +1599,69 @@ def atomic_write(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def to_cpu(tree):
+    """A copy of nested dicts / lists with every tensor moved to the CPU."""
+    if torch.is_tensor(tree):
+        return tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(to_cpu(v) for v in tree)
+    return tree
+
+
+def save_checkpoint(path, model, spec, **extra):
+    """Write model's state_dict, the ModelSpec `spec` that rebuilds it and `extra`
+    (tensors, numbers, strings, and lists or dicts of them) to `path`, atomically: the
+    file is whole or not there."""
+    state = {"format": CHECKPOINT_FORMAT, "spec": dataclasses.asdict(spec),
+             "model": model.state_dict(), "extra": extra}
+    atomic_write(path, lambda tmp: torch.save(to_cpu(state), tmp))
+
+
+def read_checkpoint(path, device="cpu"):
+    """The dict that save_checkpoint wrote: format, spec, model, extra. Read with
+    weights_only=True; ValueError for a file of another format or program."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        return state
+    if isinstance(state, dict) and {"config", "data", "model"} <= state.keys():
+        raise ValueError(f"{path} was written by an earlier mim.py (checkpoint format 1, "
+                         "without a ModelSpec); load it with that version or train again")
+    raise ValueError(f"{path} is not a checkpoint written by mim.py; train again")
+
+
+def checkpoint_spec(state):
+    """The ModelSpec of a checkpoint; ValueError if it has fields this mim.py lacks."""
+    unknown = sorted(set(state["spec"]) - {f.name for f in dataclasses.fields(ModelSpec)})
+    if unknown:
+        raise ValueError(f"its ModelSpec has the field {unknown[0]!r}, unknown to this "
+                         "mim.py; use the version that wrote it")
+    return ModelSpec(**state["spec"])
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model, extra) from a file of `save_checkpoint`."""
+    state = read_checkpoint(path, device)
+    model = build_model(checkpoint_spec(state))
+    model.load_state_dict(state["model"])
+    return model.to(device), state["extra"]
+
+
+# ========================================================================================
+# The library ends here. Below it, and only below it: the command line (python mim.py,
+# python mim.py evaluate), its flags, run folders and messages, built on the specs above.
+# ========================================================================================
+
+# ----------------------------------------------------------------------------------------
+# 14. Files: every write goes to a temporary file that is then renamed (atomic_write); a
+# run's checkpoints keep its flags and data in save_checkpoint's extra
+# ----------------------------------------------------------------------------------------
+
+class UsageError(Exception):
+    """Bad input to the command line: reported as one line, exit status 2."""
 
 
 # What a finished run adds to its folder after training (then the evaluate command), removed
@@ -1677,56 +1744,45 @@ def format_value(v, spec=".6g"):
     return f"{v:{spec}}" if isinstance(v, float) else str(v)
 
 
-def to_cpu(tree):
-    """A copy of nested dicts / lists with every tensor moved to the CPU."""
-    if torch.is_tensor(tree):
-        return tree.detach().cpu()
-    if isinstance(tree, dict):
-        return {k: to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_cpu(v) for v in tree)
-    return tree
+def save_run_checkpoint(path, model, cfg, data_info, **training_state):
+    """A checkpoint of a run: the model with its ModelSpec, and in extra the flags, the
+    data's shape and identity, and for last.pt the training state that --resume needs."""
+    save_checkpoint(path, model, model_spec(cfg, data_info), config=dataclasses.asdict(cfg),
+                    data=data_info, **training_state)
 
 
-def save_checkpoint(path, model, cfg, data_info, **training_state):
-    """state_dict + config + data shape (all that `load_checkpoint` needs), and for last.pt
-    the training state that `--resume` continues from."""
-    state = {"config": dataclasses.asdict(cfg), "data": data_info,
-             "model": model.state_dict(), **training_state}
-    atomic_write(path, lambda tmp: torch.save(to_cpu(state), tmp))
+RUN_KEYS = {"config", "data"}      # extra of every run checkpoint; last.pt also has the
+RESUME_KEYS = {"optimizer", "progress", "best_model", "rng"}      # training state
 
 
-def read_checkpoint(path, device="cpu"):
+def read_run_checkpoint(path, device="cpu", keys=RUN_KEYS):
+    """The state read_checkpoint returns, if it is a run's checkpoint with `keys` in its
+    extra; else one line (UsageError) that says what is wrong."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        state = read_checkpoint(path, device)
     except FileNotFoundError:
         raise UsageError(f"{path} not found; train with mim.py --out first") from None
+    except ValueError as e:                  # another format, or not a checkpoint at all
+        raise UsageError(str(e)) from None
     except Exception as e:  # torch raises several types for truncated / foreign files
         raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}); "
                          "train again") from None
-
-
-CHECKPOINT_KEYS = {"config", "data", "model"}   # last.pt also has the training state:
-RESUME_KEYS = {"optimizer", "progress", "best_model", "rng"}
-
-
-def checked_state(state, path, keys=CHECKPOINT_KEYS):
-    """state if it is a checkpoint of this mim.py with `keys`; else one line (UsageError)."""
-    if not isinstance(state, dict) or not keys <= state.keys():
-        missing = keys - set(state) if isinstance(state, dict) else keys
-        raise UsageError(f"{path} is not a checkpoint written by mim.py (it lacks "
-                         f"{', '.join(sorted(missing))}); train again")
+    missing = keys - set(state["extra"])
+    if missing:
+        raise UsageError(f"{path} is not a checkpoint written by mim.py's command line (it "
+                         f"lacks {', '.join(sorted(missing))}); train again")
     return state
 
 
 def saved_config(state, path, **changes):
-    """The Config of a checkpoint, refused in one line if another version wrote it."""
+    """The Config of a run's checkpoint, refused in one line if another version wrote it."""
+    config = state["extra"]["config"]
     known = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(state["config"]) - known)
+    unknown = sorted(set(config) - known)
     if unknown:
         raise UsageError(f"{path} was written by another version of mim.py (setting "
                          f"{unknown[0]!r} is unknown here); use that version or train again")
-    return Config(**{**state["config"], **changes})
+    return Config(**{**config, **changes})
 
 
 def load_weights(model, weights, path):
@@ -1734,32 +1790,30 @@ def load_weights(model, weights, path):
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{path} does not fit the network its config describes ({first}); "
+        raise UsageError(f"{path} does not fit the network its spec describes ({first}); "
                          "train again") from None
 
 
-def load_checkpoint(path, device="cpu"):
-    """(model, cfg) from a checkpoint written by `save_checkpoint`."""
-    return model_from_state(checked_state(read_checkpoint(path, device), path), path, device)
-
-
-def model_from_state(state, path, device="cpu"):
+def run_model(state, path, device="cpu"):
+    """(model, cfg) of a run checkpoint's state, refused in one line where it does not fit."""
     cfg = saved_config(state, path)
-    model = build_model(model_spec(cfg, state["data"]))
+    try:
+        model = build_model(checkpoint_spec(state))
+    except ValueError as e:
+        raise UsageError(f"{path}: {e}") from None
     load_weights(model, state["model"], path)
     return model.to(device), cfg
 
 
-
-
 # ----------------------------------------------------------------------------------------
-# H. The command line: flags, defaults that depend on the data, runs and their folders
+# 15. The command line: flags, defaults that depend on the data, runs and their folders
 # ----------------------------------------------------------------------------------------
 
 PCA_STD_FLOOR = 0.1      # pca_fashion_mnist: with 1e-4, MIM's decoder std sat at the floor
                          # for z ~ P(z) and its loss exploded (README, Results: "Fig. 3")
 IMAGE_Z_DIM = 40         # z1 and z2 of the two-level models (Tomczak & Welling 2018)
-IMAGE_WARMUP = 5         # warm-up epochs of the image architectures (README, Results: "Images")
+IMAGE_WARMUP = 5         # warm-up epochs of the image architectures (README, "Images:
+                         # making MIM and A-MIM learn informative codes")
 
 
 def _help(text, **kw):
@@ -1880,9 +1934,6 @@ class Config:
             self.prior_components = VAMP_COMPONENTS if self.prior == "vamp" else MOG_COMPONENTS
 
 
-
-
-
 LOSSES = {"mim": mim_loss, "amim": amim_loss, "vae": vae_loss, "ce": ce_loss,
           "infomax": infomax_loss, "critic-self": critic_loss,
           "critic-nn": network_critic_loss,       # the model's critic tells the two apart
@@ -1898,8 +1949,8 @@ def objective(cfg):
     if cfg.loss.startswith("critic-"):
         return functools.partial(LOSSES[cfg.loss], weight=cfg.critic_weight)
     if cfg.loss in ("mim", "amim", "ce"):
-        return functools.partial(LOSSES[cfg.loss], sampling=DecoderSampling(
-            cfg.latent_anchor, cfg.estimator, cfg.draws))
+        return functools.partial(LOSSES[cfg.loss], draw_dec=decoder_samples_of(
+            DecoderSampling(cfg.latent_anchor, cfg.estimator, cfg.draws)))
     return LOSSES[cfg.loss]
 
 
@@ -2070,6 +2121,15 @@ def choose_device(name):
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+def command_line_device(name):
+    """choose_device; on the CPU, freed memory then stays in the process
+    (reuse_freed_memory), as it does wherever bench.py times the speed-ups."""
+    device = choose_device(name)
+    if device.type == "cpu":
+        reuse_freed_memory()
+    return device
+
+
 # CPU feature flags (Linux /proc/cpuinfo) of native bfloat16 arithmetic: x86 AVX512_BF16
 # and AMX, ARM's BF16. Without them torch emulates bfloat16: on an AVX2 CPU a convHVAE step
 # took 48-66 s with --amp against 3.7-7.8 s in float32 (README, Command line).
@@ -2099,8 +2159,6 @@ def checked_amp(cfg, device):
     return dataclasses.replace(cfg, amp=False)
 
 
-
-
 def load_data(cfg):
     import datasets
     try:
@@ -2114,16 +2172,16 @@ def resumed_config(cfg, overrides=("device",)):
     """The saved config and training state of the run in cfg.resume (from its last.pt),
     with the fields named in `overrides` taken from cfg (--resume DIR --lr 1e-4)."""
     path = os.path.join(cfg.resume, "last.pt")
-    state = checked_state(read_checkpoint(path), path, CHECKPOINT_KEYS | RESUME_KEYS)
+    state = read_run_checkpoint(path, keys=RUN_KEYS | RESUME_KEYS)
     saved = saved_config(state, path, resume=cfg.resume, out=cfg.resume,
                          **{k: getattr(cfg, k) for k in overrides})
-    return saved, state
+    return saved, {**state["extra"], "model": state["model"]}
 
 
 def run(cfg, overrides=("device",)):
     """Train (or resume, with the fields in `overrides` taken from cfg) and evaluate as
     `cfg` says, in the folder cfg.out if given; returns the results dict."""
-    device = choose_device(cfg.device)
+    device = command_line_device(cfg.device)
     if cfg.deterministic:
         deterministic_algorithms()
     if cfg.data_dir:  # recorded absolute, so that evaluating and resuming work from anywhere
@@ -2216,7 +2274,7 @@ def fit_and_test(cfg, resume, device):
     best_state, best_epoch, epochs, history = train(
         model, objective(cfg), data.x_train, data.x_val, train_spec(cfg), on_epoch=log_line,
         binarize=data.dynamic, checkpoint=checkpoint, resume=resume,
-        diagnose=evaluate.epoch_diagnostics(data))
+        diagnose=evaluate.epoch_diagnostics(data), on_batch=Progress())
     model.load_state_dict(best_state)
     with full_precision_math():
         metrics = evaluate.test_metrics(model, data, cfg.nll_samples,
@@ -2225,9 +2283,33 @@ def fit_and_test(cfg, resume, device):
                "best_epoch": best_epoch, "epochs": epochs,
                "train_seconds": sum(row["seconds"] for row in history)}
     if cfg.out:
-        save_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info)
+        save_run_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info)
         write_json(os.path.join(cfg.out, "results.json"), results)
     return results
+
+
+PROGRESS_AFTER = 5.0     # seconds into an epoch before a progress line appears
+PROGRESS_EVERY = 2.0     # seconds between progress lines
+
+
+class Progress:
+    """train's on_batch for the command line: a status line on stderr, shown once an
+    epoch has taken PROGRESS_AFTER seconds."""
+
+    def __call__(self, epoch, done, total, loss):
+        now = time.perf_counter()
+        if done == 1:                           # timed from the end of the first batch
+            self.start = self.last = now
+            self.shown = False
+        elif now - self.last >= PROGRESS_EVERY and now - self.start >= PROGRESS_AFTER:
+            self.last, self.shown = now, True
+            left = (now - self.start) / (done - 1) * (total - done)
+            end = "\r" if sys.stderr.isatty() else "\n"
+            print(f"epoch {epoch}: {done}/{total} batches, loss {float(loss):.4f} nats, "
+                  f"{now - self.start:.0f} s, about {left:.0f} s left", end=end,
+                  file=sys.stderr, flush=True)
+        if done == total and self.shown and sys.stderr.isatty():
+            print(file=sys.stderr)
 
 
 def log_line(row):
@@ -2256,8 +2338,8 @@ def save_training_state(cfg, model, data_info):
             started = True
         write_csv(os.path.join(cfg.out, "log.csv"), state["progress"]["history"])
         if improved:
-            save_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info)
-        save_checkpoint(os.path.join(cfg.out, "last.pt"), model, cfg, data_info, **state)
+            save_run_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info)
+        save_run_checkpoint(os.path.join(cfg.out, "last.pt"), model, cfg, data_info, **state)
     return checkpoint
 
 
@@ -2298,12 +2380,12 @@ def load_run(run_dir, device, data_dir=None):
     if not os.path.exists(path):
         raise UsageError(f"{run_dir}/best.pt not found; train with mim.py --out {run_dir} "
                          "first")
-    state = checked_state(read_checkpoint(path, device), path)
-    model, cfg = model_from_state(state, path, device)
+    state = read_run_checkpoint(path, device)
+    model, cfg = run_model(state, path, device)
     if data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=data_dir)
     data = load_data(cfg)
-    check_same_data(state["data"], data_identity(data), path)
+    check_same_data(state["extra"]["data"], data_identity(data), path)
     return speed_up(model, device), cfg, data
 
 
@@ -2428,7 +2510,7 @@ def evaluate_main(argv):
     args = parser.parse_args(argv)
     check_evaluate_args(parser, args)
     try:
-        device = choose_device(args.device) if args.runs else None
+        device = command_line_device(args.device) if args.runs else None
         for run_dir in args.runs:
             if args.gradient_noise:
                 gradient_noise_run(run_dir, device, args.repeats)

@@ -242,7 +242,7 @@ def model_grid(model):
     g = {
         "q_z_given_x": torch.distributions.Normal(q.loc, q.scale).log_prob(v.T),
         "p_x_given_z": torch.distributions.Normal(p.loc.T, p.scale.T).log_prob(v),
-        "P_x": ANCHOR_1D.log_prob(v), "P_z": model.P_z().log_prob(v),
+        "P_x": ANCHOR_1D.log_prob(v), "P_z": model.anchor_z().log_prob(v),
         "p_z": model.log_p_z(v),
     }
     if model.q_x is not None:
@@ -397,7 +397,8 @@ def binary_toy_model():
 
 def mim_gradient_draws(model, x, sampling, n):
     params = list(model.parameters())
-    return torch.stack([gradient(mim.mim_loss(model, x, sampling=sampling)[0], params)
+    return torch.stack([gradient(mim.mim_loss(model, x, draw_dec=mim.decoder_samples_of(sampling))[0],
+                                    params)
                         for _ in range(n)])
 
 
@@ -430,8 +431,8 @@ def test_per_code_baseline_lowers_the_variance_of_the_decoder_gradient():
 def test_authors_decoder_samples_give_the_decoder_no_gradient():
     """Their mean image x = E[x|z] makes d log p(x|z) / d logits = x - sigmoid(logits) = 0."""
     model = tiny_model("convhvae", "vamp", z_dim=2)
-    dec = mim.decoder_samples(model, 8, model.p_z(), mim.FULL, mim.DecoderSampling(
-        estimator="authors"))
+    draw_dec = mim.decoder_samples_of(mim.DecoderSampling(estimator="authors"))
+    dec = draw_dec(model, 8, model.p_z(), mim.FULL)
     loss = mim.decoder_sample_loss(lambda lq, lp: -0.5 * (lq + lp), dec)
     grads = torch.autograd.grad(loss, list(model.p_x_given_z.parameters()), allow_unused=True)
     assert all(g is None or g.abs().max() < 1e-12 for g in grads)
@@ -449,14 +450,21 @@ def test_gradient_noise_of_a_pixelhvae_leaves_out_the_mean_image_estimator():
 
 
 def test_prior_anchor_draws_codes_from_the_model_prior():
+    """With anchor "prior" the decoder samples' codes come from p(z), with "normal" from
+    P(z) = N(0, I): a mixture prior far from the origin tells them apart by log p(z)."""
     torch.manual_seed(0)
     model = mim.build_model(mim.ModelSpec(x_dim=2, prior="mog", prior_components=3))
+    with torch.no_grad():
+        model.prior.loc.fill_(6.0)
+        model.prior.raw_scale.fill_(-3.0)
     p_z = model.p_z()
-    z = mim.anchor_codes(model, 200_000, p_z, "prior")
-    assert not z.requires_grad
-    assert torch.allclose(z.mean(0), p_z.mean, atol=0.02)
-    assert torch.allclose(mim.anchor_codes(model, 200_000, p_z, "normal").std(0),
-                          torch.ones(2), atol=0.01)
+
+    def mean_log_prior(anchor):
+        draw_dec = mim.decoder_samples_of(mim.DecoderSampling(anchor=anchor))
+        with torch.no_grad():
+            log_q_xz, log_p_xz, _ = draw_dec(model, 4000, p_z)
+        return float(log_p_xz.mean())
+    assert mean_log_prior("prior") > mean_log_prior("normal") + 100
 
 
 # ----------------------------------------------------------------------------------------
@@ -492,7 +500,7 @@ def test_authors_image_objective_equals_its_formula(progress):
 def test_prior_warmup_weighs_log_p_z2_and_keeps_log_p_z1_given_z2():
     model = tiny_model("convhvae", "vamp", z_dim=2)
     x = torch.bernoulli(torch.rand(6, 16, generator=torch.Generator().manual_seed(0))).double()
-    w = mim.Weights(prior=0.3)
+    w = mim.TermWeights(prior=0.3)
     torch.manual_seed(3)
     loss, _ = mim.amim_loss(model, x, w)
     rec, cond, top = draws_of_two_level_terms(model, x.double(), 3)
@@ -510,11 +518,11 @@ def test_full_weights_are_algorithm_2_exactly():
     torch.manual_seed(5)
     loss, _ = mim.mim_loss(model, x)
     torch.manual_seed(5)
-    log_p_z = model.P_z().log_prob
+    log_p_z = model.anchor_z().log_prob
     q = model.q_z_given_x(x)
     z = q.rsample()
     l_enc = -(model.p_x_given_z(z).log_prob(x) + log_p_z(z)).mean()
-    z = model.P_z().sample((16,))
+    z = model.anchor_z().sample((16,))
     x_dec = model.p_x_given_z(z).rsample()
     q_dec = model.q_z_given_x(x_dec)
     z_prime = q_dec.rsample()
@@ -757,27 +765,30 @@ def test_deterministic_flag_sets_cudnn_and_torch_to_deterministic(monkeypatch):
     assert calls == [(True, True)] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
-def test_speed_up_leaves_the_layout_and_allocator_alone_on_cuda(monkeypatch):
+def test_speed_up_changes_only_the_model_and_the_layout_only_on_the_cpu(monkeypatch):
+    """speed_up never touches the allocator (a setting of the whole process); the
+    command line's choice of the CPU does."""
     calls = []
     monkeypatch.setattr(mim, "reuse_freed_memory", lambda: calls.append(1))
     model = mim.speed_up(tiny_model("convhvae"), torch.device("cuda"))
-    weight = model.p_x_given_z.convs[1].layer.weight
-    assert weight.is_contiguous() and not calls
+    assert model.p_x_given_z.convs[1].layer.weight.is_contiguous()
     model = mim.speed_up(tiny_model("convhvae"), torch.device("cpu"))
     assert model.p_x_given_z.convs[1].layer.weight.is_contiguous(
-        memory_format=torch.channels_last) and calls == [1]
+        memory_format=torch.channels_last) and not calls
+    assert mim.command_line_device("cpu") == torch.device("cpu") and calls == [1]
 
 
 def test_warmup_schedules():
-    assert mim.warmup_weights("paper", 0.0, 3) == mim.Weights(p=0.0, kl=0.0)
-    assert mim.warmup_weights("paper", 1.5, 3) == mim.Weights(p=0.25, kl=0.5)
+    assert mim.warmup_weights("paper", 0.0, 3) == mim.TermWeights(p=0.0, kl=0.0)
+    assert mim.warmup_weights("paper", 1.5, 3) == mim.TermWeights(p=0.25, kl=0.5)
     assert mim.warmup_weights("paper", 7.0, 3) == mim.FULL
     early = mim.warmup_weights("authors", 0.5, 3)            # epoch 1 of 3
     assert early.q == pytest.approx(0.5 / 3) and not early.decoder_samples
     assert mim.warmup_weights("authors", 2.5, 3) == mim.FULL   # epoch 3: full, with D_dec
     assert mim.warmup_weights("paper", 0.0, 0) == mim.FULL
     delay = mim.PRIOR_DELAY * 4
-    assert mim.warmup_weights("prior", delay, 4) == mim.Weights(prior=0.0, kl=delay / 4)
+    assert mim.warmup_weights("prior", delay, 4) == mim.TermWeights(prior=0.0,
+                                                                    kl=delay / 4)
     halfway = mim.warmup_weights("prior", delay + (4 - delay) / 2, 4)
     assert halfway.prior == pytest.approx(0.5)
     assert halfway.kl == pytest.approx((delay + (4 - delay) / 2) / 4)
@@ -1172,23 +1183,36 @@ local = {"datasets", "evaluate", "scipy", "sklearn", "matplotlib"} & set(sys.mod
 torch.manual_seed(0)
 x = torch.cat([0.1 * torch.randn(600, 2) + 1, 0.1 * torch.randn(600, 2) - 1])
 x = x[torch.randperm(len(x))]
-model = mim.build_model(mim.ModelSpec(x_dim=2, z_dim=2, hidden=16))
+spec = mim.ModelSpec(x_dim=2, z_dim=2, hidden=16)
+model = mim.build_model(spec)
 best, best_epoch, epochs, history = mim.train(model, mim.mim_loss, x[:1000], x[1000:],
                                               mim.TrainSpec(epochs=4, warmup=1))
-print(sorted(local), epochs, history[0]["val_loss"], history[-1]["val_loss"])
+model.load_state_dict(best)
+mim.save_checkpoint("toy.pt", model, spec, note="alone")
+loaded, extra = mim.load_checkpoint("toy.pt")
+v = torch.randn(5, 2)
+same = all(torch.equal(f(model)(v).mean, f(loaded)(v).mean)
+           for f in (lambda m: m.q_z_given_x, lambda m: m.p_x_given_z))
+print(sorted(local), same, extra["note"], epochs, history[0]["val_loss"],
+      history[-1]["val_loss"])
 """
 
 
 def test_mim_py_copied_alone_imports_nothing_else_and_trains_a_toy_model(tmp_path):
     """The library needs only mim.py and torch: copied into an empty folder, it imports
-    none of the repository's other files (nor scipy, sklearn, matplotlib) and trains."""
+    none of the repository's other files (nor scipy, sklearn, matplotlib), trains a model
+    from a ModelSpec, and saves it; the loaded checkpoint gives the same outputs. No
+    progress lines: stderr stays empty."""
     shutil.copy(os.path.join(HERE, "mim.py"), tmp_path)
     proc = subprocess.run([sys.executable, "-E", "-s", "-c", LIBRARY_ALONE], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    local, epochs, first, last = proc.stdout.split(" ", 1)[0], *proc.stdout.split()[-3:]
-    assert local == "[]" and int(epochs) == 4 and float(last) < float(first)
-    assert sorted(os.listdir(tmp_path)) in (["mim.py"], ["__pycache__", "mim.py"])
+    local, same, note, epochs, first, last = proc.stdout.split()
+    assert local == "[]" and same == "True" and note == "alone"
+    assert int(epochs) == 4 and float(last) < float(first)
+    assert sorted(os.listdir(tmp_path)) in (["mim.py", "toy.pt"],
+                                            ["__pycache__", "mim.py", "toy.pt"])
+    assert proc.stderr == ""
 
 
 def local_imports(path, names):
@@ -2188,15 +2212,23 @@ def test_std_floor_defaults_by_data_set_and_yields_to_the_flag():
 
 
 def test_checkpoint_round_trip(tmp_path):
-    cfg = mim.Config(q_x="mog", prior="mog")
+    spec = mim.ModelSpec(x_dim=2, q_x="mog", prior="mog")
     torch.manual_seed(0)
-    info = {"x_dim": 2, "binary": False}
-    model = mim.build_model(mim.model_spec(cfg, info), x_init=torch.randn(100, 2))
-    mim.save_checkpoint(tmp_path / "best.pt", model, cfg, info)
-    loaded, cfg2 = mim.load_checkpoint(tmp_path / "best.pt")
-    assert cfg2 == cfg
+    model = mim.build_model(spec, x_init=torch.randn(100, 2))
+    mim.save_checkpoint(tmp_path / "best.pt", model, spec, note="round trip", step=3)
+    loaded, extra = mim.load_checkpoint(tmp_path / "best.pt")
+    assert extra == {"note": "round trip", "step": 3}
+    assert mim.read_checkpoint(tmp_path / "best.pt")["spec"] == dataclasses.asdict(spec)
     for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
+
+
+def test_checkpoints_of_the_earlier_format_are_refused_in_one_line(tmp_path):
+    """Format 1 (the command line's flags, no ModelSpec) is named, not misread."""
+    model = mim.build_model(mim.ModelSpec(x_dim=2))
+    torch.save({"config": {}, "data": {}, "model": model.state_dict()}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="earlier mim.py .checkpoint format 1"):
+        mim.load_checkpoint(tmp_path / "old.pt")
 
 
 def run_cli(*args, cwd=HERE):
@@ -2226,8 +2258,8 @@ def test_cli_trains_and_writes_its_files(trained_run):
                    "val_knn5_mean"):
         assert column in rows[0].split(",")
     assert "test_knn5_acc_mean" in results
-    model, cfg = mim.load_checkpoint(out / "best.pt")
-    assert cfg.epochs == 3 and isinstance(model, mim.Model)
+    model, extra = mim.load_checkpoint(out / "best.pt")
+    assert extra["config"]["epochs"] == 3 and isinstance(model, mim.Model)
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
 
@@ -2333,8 +2365,8 @@ def toy2d_run(folder):
     model = mim.build_model(mim.ModelSpec(x_dim=2, hidden=8))
     os.makedirs(folder)
     mim.write_json(os.path.join(folder, "config.json"), vars(cfg))
-    mim.save_checkpoint(os.path.join(folder, "best.pt"), model, cfg,
-                        {"x_dim": 2, "binary": False})
+    mim.save_run_checkpoint(os.path.join(folder, "best.pt"), model, cfg,
+                            {"x_dim": 2, "binary": False})
     return folder
 
 
@@ -2436,7 +2468,7 @@ def test_resume_after_kill_ends_with_the_same_weights(tmp_path):
     time.sleep(0.2)                                     # into the second epoch
     proc.kill()                                         # SIGKILL: no chance to clean up
     proc.wait()
-    done = torch.load(cut / "last.pt", weights_only=True)["progress"]["epoch"]
+    done = torch.load(cut / "last.pt", weights_only=True)["extra"]["progress"]["epoch"]
     assert 1 <= done < 4
     resumed = start_mim("--resume", str(cut))
     out, err = resumed.communicate(timeout=300)
@@ -2488,7 +2520,7 @@ def test_two_runs_into_one_new_folder_leave_it_to_one_of_them(tmp_path):
     loser_err = [err for code, err in results if code == 2][0]
     assert ("another process is writing" in loser_err or "already holds a run" in loser_err)
     assert json.loads((out / "config.json").read_text())["seed"] == int(winner)
-    assert torch.load(out / "best.pt", weights_only=True)["config"]["seed"] == int(winner)
+    assert torch.load(out / "best.pt", weights_only=True)["extra"]["config"]["seed"] == int(winner)
 
 
 def test_resume_goes_on_after_a_nan_with_a_lower_lr(tmp_path, monkeypatch, capsys):
@@ -2543,8 +2575,9 @@ def test_convhvae_vamp_mim_trains_and_evaluates_on_images(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert {"best.pt", "last.pt", "config.json", "log.csv", "results.json"} <= set(
         os.listdir(out))
-    model, cfg = mim.load_checkpoint(out / "best.pt")
-    assert cfg.z_dim == 40 and model.latent_groups == {"z1": (0, 40), "z2": (40, 80)}
+    model, extra = mim.load_checkpoint(out / "best.pt")
+    assert extra["config"]["z_dim"] == 40
+    assert model.latent_groups == {"z1": (0, 40), "z2": (40, 80)}
     assert model.prior.pseudo_inputs.shape == (10, 784)
     proc = run_script("mim.py", "evaluate", str(out), "--nll-samples", "4")
     assert proc.returncode == 0, proc.stderr
@@ -2584,7 +2617,7 @@ def foreign_config(run):
     """Both checkpoints as a later version with one more setting would write them."""
     for ckpt in (run / "last.pt", run / "best.pt"):
         state = torch.load(ckpt, weights_only=True)
-        state["config"]["from_the_future"] = 1
+        state["extra"]["config"]["from_the_future"] = 1
         torch.save(state, ckpt)
 
 
@@ -2713,7 +2746,7 @@ def test_checkpoints_record_their_data_and_refuse_another_test_split(tmp_path):
                    "1", "--warmup", "1", "--nll-samples", "0", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "config.json").read_text())["data_dir"] == str(images)
-    info = torch.load(out / "best.pt", weights_only=True)["data"]
+    info = torch.load(out / "best.pt", weights_only=True)["extra"]["data"]
     assert info["name"] == "mnist" and info["sizes"][2] == 60
     moved = tmp_path / "moved"
     images.rename(moved)
@@ -2779,5 +2812,5 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_a_resumable_run(tmp_path, sig
     assert [l for l in err.strip().splitlines() if not progress.match(l)] == [
         f"mim.py: stopped by {how}; {out}/last.pt holds the last finished epoch: "
         f"continue with python mim.py --resume {out}"]
-    assert torch.load(out / "last.pt", weights_only=True)["progress"]["epoch"] >= 1
+    assert torch.load(out / "last.pt", weights_only=True)["extra"]["progress"]["epoch"] >= 1
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]

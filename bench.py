@@ -128,23 +128,27 @@ def conv_peak(rows, amp):
 # Training steps and the NLL
 # ----------------------------------------------------------------------------------------
 
-def image_model(arch, prior, loss, device, amp=False, fast=True):
-    """The model of the command line's flags and their settings; fast: with speed_up."""
+OBJECTIVES = {"vae": mim.vae_loss, "amim": mim.amim_loss, "mim": mim.mim_loss}
+
+
+def image_model(arch, prior, device, fast=True):
+    """The image model as the command line builds it (40 + 40 latent units, the paper's
+    decoder samples); fast: with the speed-ups, as the command line trains."""
     torch.manual_seed(0)
-    cfg = mim.Config(data="mnist", arch=arch, prior=prior, loss=loss, amp=amp)
     x_init = torch.bernoulli(torch.full((1000, X_DIM), 0.3))
-    spec = mim.model_spec(cfg, {"x_dim": X_DIM, "binary": True, "image_shape": IMAGE})
+    spec = mim.ModelSpec(x_dim=X_DIM, binary=True, image_shape=IMAGE, arch=arch,
+                         z_dim=mim.IMAGE_Z_DIM, prior=prior)
     model = mim.build_model(spec, x_init)
     if fast and device.type == "cpu":
         mim.reuse_freed_memory()          # for the rest of the process: it cannot be undone
-    return (mim.speed_up(model, device) if fast else model).to(device), cfg
+    return (mim.speed_up(model, device) if fast else model).to(device)
 
 
-def step_function(model, cfg, x):
-    loss_fn, opt = mim.objective(cfg), mim.optimizer(model, mim.train_spec(cfg))
+def step_function(model, loss, amp, x):
+    loss_fn, opt = OBJECTIVES[loss], mim.optimizer(model, mim.TrainSpec(amp=amp))
 
     def step():
-        with mim.autocast(x.device, cfg.amp):
+        with mim.autocast(x.device, amp):
             loss, _ = loss_fn(model, x, mim.FULL)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -154,9 +158,9 @@ def step_function(model, cfg, x):
 
 def timed_step(arch, prior, loss, amp, device, warmup, repeats, batch, fast):
     """(seconds per step, the step) of one training step; memory counts from its start."""
-    model, cfg = image_model(arch, prior, loss, device, amp, fast)
+    model = image_model(arch, prior, device, fast)
     x = torch.bernoulli(torch.full((batch, X_DIM), 0.3, device=device))
-    step = step_function(model, cfg, x)
+    step = step_function(model, loss, amp, x)
     reset_memory(device)
     return median_seconds(step, device, warmup, repeats), step
 
@@ -181,7 +185,7 @@ def train_row(arch, prior, loss, amp, device, peaks, warmup, repeats, batch=BATC
 
 def timed_nll(device, images, fast):
     """(seconds, the NLL's call) of the IWAE NLL of `images` test images."""
-    model, _ = image_model("convhvae", "vamp", "vae", device, fast=fast)
+    model = image_model("convhvae", "vamp", device, fast=fast)
     model.eval()
     x = torch.bernoulli(torch.full((images, X_DIM), 0.3, device=device))
     nll = functools.partial(evaluate.iwae_nll, model, x, NLL_S)

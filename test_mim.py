@@ -1036,14 +1036,34 @@ def test_shuffled_pairs_are_a_derangement_and_samples_of_the_product_of_marginal
         assert not (mim.shuffled_pairs(index) == index).any()
 
 
+# loss: (critic network of the model, objective), as --loss chooses them
+COMPARISON_LOSSES = {"vae": (None, mim.vae_loss), "infomax": ("joint", mim.infomax_loss),
+                     "critic-self": (None, mim.critic_loss),
+                     "critic-nn": ("separable", mim.network_critic_loss),
+                     "critic-hybrid": ("hybrid", mim.network_critic_loss),
+                     "mim": (None, mim.mim_loss)}
+
+
 def critic_model(loss, arch="mlp"):
+    """(model, its objective) of `loss` on 5-D x (mlp) or tiny binary images."""
     torch.manual_seed(0)
+    critic, loss_fn = COMPARISON_LOSSES[loss]
     if arch == "mlp":
-        cfg = mim.Config(data="toy20d", z_dim=3, hidden=8, loss=loss)
-        return mim.build_model(mim.model_spec(cfg, {"x_dim": 5, "binary": False})), cfg
-    cfg = mim.Config(data="mnist", arch=arch, z_dim=2, loss=loss)
-    info = {"x_dim": 16, "binary": True, "image_shape": TINY}
-    return mim.build_model(mim.model_spec(cfg, info)), cfg
+        spec = mim.ModelSpec(x_dim=5, z_dim=3, hidden=8, critic=critic)
+    else:
+        spec = mim.ModelSpec(x_dim=16, binary=True, image_shape=TINY, arch=arch, z_dim=2,
+                             critic=critic)
+    return mim.build_model(spec), loss_fn
+
+
+def test_the_command_line_gives_each_comparison_loss_its_critic_and_objective():
+    def function_and_scores(f):            # a functools.partial is unwrapped
+        return getattr(f, "func", f), getattr(f, "keywords", {}).get("scores")
+
+    for loss, (critic, loss_fn) in COMPARISON_LOSSES.items():
+        cfg = mim.Config(loss=loss)
+        assert mim.model_spec(cfg, {"x_dim": 5, "binary": False}).critic == critic
+        assert function_and_scores(mim.objective(cfg)) == function_and_scores(loss_fn)
 
 
 def n_params(module):
@@ -1139,19 +1159,20 @@ def test_minibatch_mi_is_the_self_critics_infonce_and_at_most_log_b():
 
 
 def test_critic_network_gets_its_own_learning_rate():
-    model, cfg = critic_model("infomax")
-    groups = mim.optimizer(model, cfg).param_groups
-    assert [g["lr"] for g in groups] == [cfg.lr, cfg.critic_lr]
+    model, _ = critic_model("infomax")
+    spec = mim.TrainSpec()
+    groups = mim.optimizer(model, spec).param_groups
+    assert [g["lr"] for g in groups] == [spec.lr, spec.critic_lr]
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.critic.parameters()}
-    assert len(mim.optimizer(*critic_model("critic-self")).param_groups) == 1
+    assert len(mim.optimizer(critic_model("critic-self")[0], spec).param_groups) == 1
 
 
 @pytest.mark.parametrize("loss", ["infomax", "critic-self", "critic-nn", "critic-hybrid"])
 @pytest.mark.parametrize("arch", ["mlp", "convhvae"])
 def test_comparison_objectives_have_finite_gradients_and_report_the_elbo(loss, arch):
-    model, cfg = critic_model(loss, arch)
+    model, loss_fn = critic_model(loss, arch)
     x = torch.randn(16, 5) if arch == "mlp" else torch.bernoulli(torch.full((16, 16), 0.5))
-    value, stats = mim.objective(cfg)(model, x, mim.FULL)
+    value, stats = loss_fn(model, x, mim.FULL)
     value.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert stats["loss"] == pytest.approx(stats["rec"] + stats["kl"], rel=1e-5)
@@ -1160,13 +1181,12 @@ def test_comparison_objectives_have_finite_gradients_and_report_the_elbo(loss, a
 
 
 def test_infomax_dv_bound_and_weights_reach_the_objective():
-    model, cfg = critic_model("infomax")
+    model, _ = critic_model("infomax")
     x = torch.randn(32, 5)
     values = {}
     for alpha in (0.0, 2.0):
         torch.manual_seed(3)
-        loss = mim.objective(dataclasses.replace(cfg, alpha=alpha, mi_bound="dv"))
-        values[alpha] = loss(model, x, mim.FULL)
+        values[alpha] = mim.infomax_loss(model, x, mim.FULL, alpha=alpha, bound="dv")
     (l0, s0), (l2, s2) = values[0.0], values[2.0]
     assert l0.item() == pytest.approx(s0["rec"] + s0["kl"], rel=1e-5)
     assert l2.item() == pytest.approx(l0.item() - 2.0 * s2["mi_dual"], rel=1e-5)
@@ -1243,10 +1263,10 @@ def test_no_import_circle_among_the_top_level_modules():
 @pytest.mark.parametrize("loss", ["vae", "mim", "critic-hybrid"])
 def test_amp_runs_networks_in_bf16_and_densities_in_float32(loss):
     torch.manual_seed(0)
-    cfg = mim.Config(data="mnist", arch="convhvae", prior="vamp", prior_components=5,
-                     z_dim=4, loss=loss, amp=True)
-    info = {"x_dim": 784, "binary": True, "image_shape": (1, 28, 28)}
-    model = mim.build_model(mim.model_spec(cfg, info), x_init=torch.rand(20, 784))
+    critic, loss_fn = COMPARISON_LOSSES[loss]
+    spec = mim.ModelSpec(x_dim=784, binary=True, image_shape=(1, 28, 28), arch="convhvae",
+                         z_dim=4, prior="vamp", prior_components=5, critic=critic)
+    model = mim.build_model(spec, x_init=torch.rand(20, 784))
     x = torch.bernoulli(torch.full((8, 784), 0.3))
     with mim.autocast(x.device, True):
         assert model.q_z_given_x.z2_features(x.view(-1, 1, 28, 28)).dtype == torch.bfloat16
@@ -1256,9 +1276,9 @@ def test_amp_runs_networks_in_bf16_and_densities_in_float32(loss):
         assert model.p_x_given_z(z).base_dist.logits.dtype == torch.float32
         assert model.log_p_z(z).dtype == torch.float32
         torch.manual_seed(1)
-        low, _ = mim.objective(cfg)(model, x, mim.FULL)
+        low, _ = loss_fn(model, x, mim.FULL)
     torch.manual_seed(1)
-    full, _ = mim.objective(cfg)(model, x, mim.FULL)
+    full, _ = loss_fn(model, x, mim.FULL)
     assert low.dtype == torch.float32
     assert low.item() == pytest.approx(full.item(), rel=0.02)   # bf16 keeps 8 bits
 

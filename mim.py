@@ -453,7 +453,7 @@ def cross_entropy_stats(enc, dec):
 
 def mim_loss(model, x, w=FULL, draw_dec=decoder_samples):
     """L_MIM of Eq. 8, 1/2 (CE(M_S, q(x,z)) + CE(M_S, p(x,z))), by Algorithm 2 line by
-    line (Algorithm 1 where q(x) is explicit); `train` runs its loop, lines 1 and 6-8.
+    line (Algorithm 1 where q(x) is explicit); `train` runs its loop and steps.
 
     A batch of B data points gives B encoder and B decoder samples, and each half is
     averaged on its own. With the marginal q(x), log q(x) is the importance-sampling
@@ -464,10 +464,12 @@ def mim_loss(model, x, w=FULL, draw_dec=decoder_samples):
     def ce(log_q_xz, log_p_xz):                                         # (B,)
         return -(w.q * log_q_xz + w.p * log_p_xz)
 
+    # 1: while not converged do -- `train` calls this once per batch
     p_z = model.p_z()                   # a VampPrior encodes its pseudo-inputs once a step
     # 2: D_enc <- {x_i, z_i ~ q(z|x) P(x)}
     enc = encoder_samples(model, x, p_z, w)
-    # 3: L_enc <- -1/N sum_i (log p(x_i|z_i) + log p(z_i))
+    # 3: L_enc <- -1/N sum_i (log p(x_i|z_i) + log p(z_i))   [ce at w = FULL, since
+    #    log q(x,z) = log p(x,z) on encoder samples]
     loss_enc = ce(*enc).mean()
     if not w.decoder_samples:           # A-MIM (Eq. 12), or a warm-up without D_dec
         return loss_enc, cross_entropy_stats(enc, None)
@@ -476,7 +478,7 @@ def mim_loss(model, x, w=FULL, draw_dec=decoder_samples):
     # 5: L_dec <- -1/2N sum_i (log q(z_i|x_i) + log p(x_i|z_i) + log p(z_i)
     #                          + log p(x_i|z'_i) + log p(z'_i) - log q(z'_i|x_i))
     loss_dec = decoder_sample_loss(ce, dec)
-    # 7: delta theta ~ -grad_theta 1/2 (L_enc + L_dec)
+    # 6-7: minimize: delta theta ~ -grad_theta 1/2 (L_enc + L_dec) -- `train` steps on it
     return 0.5 * (loss_enc + loss_dec), cross_entropy_stats(enc, dec)
 
 
@@ -1810,7 +1812,8 @@ def run_model(state, path, device="cpu"):
 # ----------------------------------------------------------------------------------------
 
 PCA_STD_FLOOR = 0.1      # pca_fashion_mnist: with 1e-4, MIM's decoder std sat at the floor
-                         # for z ~ P(z) and its loss exploded (README, Results: "Fig. 3")
+                         # for z ~ P(z) and its loss exploded (README, "Fig. 3: 20-D PCA
+                         # Fashion-MNIST")
 IMAGE_Z_DIM = 40         # z1 and z2 of the two-level models (Tomczak & Welling 2018)
 IMAGE_WARMUP = 5         # warm-up epochs of the image architectures (README, "Images:
                          # making MIM and A-MIM learn informative codes")
@@ -1991,7 +1994,8 @@ def train_spec(cfg):
 # with its defaults, as their README runs it); --loss picks the row of their table: mim on
 # convhvae is their convhvae_2level-smim, amim their -amim, vae their VAE. Their early
 # stopping ends a run after 50 epochs without improvement counted from the warm-up's end
-# ("e > 50"), which is patience 51 here. README, "Departures", says what differs still.
+# ("e > 50"), which is patience 51 here. README, "Where this implementation departs from
+# the authors' code", says what differs still.
 PRESETS = {"authors": {"warmup_mode": "authors", "warmup": 100, "epochs": 2000,
                        "patience": 51, "best_in_warmup": True, "lr": 5e-4,
                        "batch_size": 100, "optimizer": "normgrad", "init": "he",
@@ -2131,8 +2135,8 @@ def command_line_device(name):
 
 
 # CPU feature flags (Linux /proc/cpuinfo) of native bfloat16 arithmetic: x86 AVX512_BF16
-# and AMX, ARM's BF16. Without them torch emulates bfloat16: on an AVX2 CPU a convHVAE step
-# took 48-66 s with --amp against 3.7-7.8 s in float32 (README, Command line).
+# and AMX, ARM's BF16. Without them torch emulates bfloat16, many times slower than float32
+# (README, Command line, --amp, gives the measurement).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 CUDA_BF16_CAPABILITY = (8, 0)   # Ampere (A100) and later compute bfloat16 natively
 
@@ -2459,7 +2463,7 @@ def evaluate_parser(evaluate):
     parser.add_argument("--ais-inflate", type=float, default=evaluate.AIS_INFLATE,
                         help="AIS starts from the encoder with its std times this "
                              "(default: %(default)s; 1 suits calibrated encoders in many "
-                             "dimensions, see the README)")
+                             "dimensions: README, \"A tight NLL for sharp encoders\")")
     parser.add_argument("--ais-points", type=int, default=None,
                         help="run AIS on the first N test points only (default: all)")
     parser.add_argument("--test-size", type=int, default=None,

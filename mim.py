@@ -297,7 +297,13 @@ class ModelSpec:
         if self.image_shape is not None:
             self.image_shape = tuple(self.image_shape)     # JSON gives lists
         if self.prior_components is None:
-            self.prior_components = VAMP_COMPONENTS if self.prior == "vamp" else MOG_COMPONENTS
+            self.prior_components = default_prior_components(self.prior)
+
+
+def default_prior_components(prior):
+    """K of p(z) when not given: the VampPrior's 500 pseudo-inputs (Tomczak & Welling), or
+    the mixture's components."""
+    return VAMP_COMPONENTS if prior == "vamp" else MOG_COMPONENTS
 
 
 # ----------------------------------------------------------------------------------------
@@ -1817,6 +1823,7 @@ PCA_STD_FLOOR = 0.1      # pca_fashion_mnist: with 1e-4, MIM's decoder std sat a
 IMAGE_Z_DIM = 40         # z1 and z2 of the two-level models (Tomczak & Welling 2018)
 IMAGE_WARMUP = 5         # warm-up epochs of the image architectures (README, "Images:
                          # making MIM and A-MIM learn informative codes")
+IMAGE_WARMUP_MODE = "prior"   # ... and their warm-up (see warmup_weights)
 
 
 def _help(text, **kw):
@@ -1834,23 +1841,25 @@ class Config:
     train_size: Optional[int] = _help("train on the first N training points only (quick "
                                       "runs; default: all)", default=None)
     arch: str = _help("network architecture: mlp (Sec. 5.1), convhvae or pixelhvae "
-                      "(Sec. 5.2, two latent levels)", default="mlp")
-    hidden: int = _help("hidden units of each two-layer network", default=50)
+                      "(Sec. 5.2, two latent levels)", default=ModelSpec.arch)
+    hidden: int = _help("hidden units of each two-layer network", default=ModelSpec.hidden)
     activation: str = _help("hidden activation: tanh (Sec. 5.1) or silu (App. F.2)",
-                            default="tanh")
+                            default=ModelSpec.activation)
     z_dim: Optional[int] = _help("latent dimension, per level for convhvae / pixelhvae "
-                                 "(default: 2 for mlp, 40 for the image architectures)",
+                                 f"(default: {ModelSpec.z_dim} for mlp, {IMAGE_Z_DIM} for "
+                                 "the image architectures)",
                                  default=None)
     prior: str = _help("latent prior p(z) (of z2 for two levels): normal (= the anchor P(z)), "
-                       "mog or vamp (VampPrior)", default="normal")
-    prior_components: Optional[int] = _help("components K of p(z): default 10 for mog, 500 "
-                                            "for vamp", default=None)
+                       "mog or vamp (VampPrior)", default=ModelSpec.prior)
+    prior_components: Optional[int] = _help(f"components K of p(z): default {MOG_COMPONENTS} "
+                                            f"for mog, {VAMP_COMPONENTS} for vamp",
+                                            default=None)
     q_x: str = _help("data prior q(x): marginal (Eq. 16) or mog (explicit, low-dim x)",
-                     default="marginal")
-    components: int = _help("components of the mog q(x)", default=10)
+                     default=ModelSpec.q_x)
+    components: int = _help("components of the mog q(x)", default=ModelSpec.components)
     std_floor: Optional[float] = _help("floor added to every Gaussian standard deviation "
                                        f"(default: {PCA_STD_FLOOR} for pca_fashion_mnist, "
-                                       f"{STD_FLOOR} otherwise)", default=None)
+                                       f"{ModelSpec.std_floor} otherwise)", default=None)
     loss: str = _help("objective: mim (Eq. 8), amim (Eq. 12), vae (negative ELBO), ce "
                       "(Eq. 7); for comparison infomax (InfoMax-VAE) or the inference "
                       "critics critic-self, critic-nn, critic-hybrid", default="mim")
@@ -1863,44 +1872,47 @@ class Config:
     critic_weight: float = _help("critic-*: weight lambda of the InfoNCE term (critics "
                                  "paper, Alg. 1; Eq. 7 has 1)", default=1.0)
     critic_lr: float = _help("Adam learning rate of a critic network (InfoMax-VAE App. D)",
-                             default=1e-4)
-    warmup: Optional[int] = _help("warm-up epochs (Sec. 5; default 3 for mlp, "
-                                  f"{IMAGE_WARMUP} for the image architectures)",
+                             default=TrainSpec.critic_lr)
+    warmup: Optional[int] = _help(f"warm-up epochs (Sec. 5; default {TrainSpec.warmup} for "
+                                  f"mlp, {IMAGE_WARMUP} for the image architectures)",
                                   default=None)
     warmup_mode: Optional[str] = _help(
         "paper: weight on CE(M_S, p(x,z)) rises 0 -> 1/2 (Sec. 5); prior: weight beta on "
         "log p(z) rises 0 -> 1 (KL annealing's analogue); authors: their code's schedule "
-        "(see warmup_weights). Default: paper for mlp, prior for the image architectures",
+        f"(see warmup_weights). Default: {TrainSpec.warmup_mode} for mlp, "
+        f"{IMAGE_WARMUP_MODE} for the image architectures",
         default=None)
     latent_anchor: str = _help(
         "where decoder samples draw z: normal (P(z) = N(0, I), the paper) or prior (the "
-        "model prior p(z), without gradients)", default="normal")
+        "model prior p(z), without gradients)", default=DecoderSampling.anchor)
     estimator: str = _help("gradient of binary decoder samples: loo-code (several images "
                            "per code, per-code leave-one-out baseline), loo-batch (one "
                            "image per code, batch baseline) or authors (the authors' "
                            "image code: reparameterized codes from p(z), mean images, no "
-                           "decoder gradient); see DecoderSampling", default="loo-code")
+                           "decoder gradient); see DecoderSampling",
+                           default=DecoderSampling.estimator)
     draws: int = _help("loo-code: images per code; divides --batch-size",
-                       default=DRAWS_PER_CODE)
+                       default=DecoderSampling.draws)
     optimizer: str = _help("adam, or normgrad: Adam on per-tensor normalized gradients "
-                           "(Tomczak & Welling's code)", default="adam")
+                           "(Tomczak & Welling's code)", default=TrainSpec.optimizer)
     init: str = _help("initial weights of the dense layers: torch (its default) or he "
-                      "(N(0, 2 / fan_in), the authors' image code)", default="torch")
+                      "(N(0, 2 / fan_in), the authors' image code)", default=ModelSpec.init)
     pseudo_init: str = _help("start of the VampPrior's K pseudo-inputs: random (K "
                              "training points drawn at random) or authors (the first K "
                              f"plus N(0, {PSEUDO_INPUT_NOISE}^2) noise, the authors' code)",
-                             default="random")
+                             default=ModelSpec.pseudo_init)
     prob_clamp: Optional[float] = _help("keep the probabilities of Bernoulli decoders in "
                                         "[c, 1 - c] (the authors' code: 1e-5; default: "
                                         "not clamped)", default=None)
     patience: Optional[int] = _help("early-stopping patience in epochs (default: --warmup, "
                                     "at least 1)", default=None)
     best_in_warmup: bool = _help("let the best model (best.pt) come from a warm-up epoch, "
-                                 "as the authors' code does", default=False)
-    epochs: int = _help("maximum number of epochs", default=200)
+                                 "as the authors' code does",
+                                 default=TrainSpec.best_in_warmup)
+    epochs: int = _help("maximum number of epochs", default=TrainSpec.epochs)
     batch_size: int = _help("data points per step (B encoder + B decoder samples)",
-                            default=128)
-    lr: float = _help("Adam learning rate", default=1e-3)
+                            default=TrainSpec.batch_size)
+    lr: float = _help("Adam learning rate", default=TrainSpec.lr)
     seed: int = _help("seed of initialisation and sampling", default=1)
     preset: Optional[str] = _help("authors: the authors' image protocol (PRESETS: their "
                                   "decoder samples, initialisation, optimizer, clamping, "
@@ -1908,7 +1920,7 @@ class Config:
                                   "override it", default=None)
     device: str = _help("auto, cpu or cuda", default="auto")
     amp: bool = _help("run the networks in bfloat16 (autocast); log-densities, logsumexp "
-                      "and losses stay in float32", default=False)
+                      "and losses stay in float32", default=TrainSpec.amp)
     deterministic: bool = _help("deterministic cuDNN and torch algorithms, so that a run "
                                 "and its resume repeat bit for bit on a GPU (the CPU is "
                                 "deterministic without it); slower on CUDA",
@@ -1926,15 +1938,16 @@ class Config:
     def __post_init__(self):  # defaults that depend on other fields
         image = self.arch != "mlp"
         if self.z_dim is None:
-            self.z_dim = IMAGE_Z_DIM if image else 2
+            self.z_dim = IMAGE_Z_DIM if image else ModelSpec.z_dim
         if self.warmup is None:
-            self.warmup = IMAGE_WARMUP if image else 3
+            self.warmup = IMAGE_WARMUP if image else TrainSpec.warmup
         if self.warmup_mode is None:
-            self.warmup_mode = "prior" if image else "paper"
+            self.warmup_mode = IMAGE_WARMUP_MODE if image else TrainSpec.warmup_mode
         if self.std_floor is None:
-            self.std_floor = PCA_STD_FLOOR if self.data == "pca_fashion_mnist" else STD_FLOOR
+            self.std_floor = (PCA_STD_FLOOR if self.data == "pca_fashion_mnist"
+                              else ModelSpec.std_floor)
         if self.prior_components is None:
-            self.prior_components = VAMP_COMPONENTS if self.prior == "vamp" else MOG_COMPONENTS
+            self.prior_components = default_prior_components(self.prior)
 
 
 LOSSES = {"mim": mim_loss, "amim": amim_loss, "vae": vae_loss, "ce": ce_loss,

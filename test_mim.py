@@ -2225,6 +2225,29 @@ def test_real_fashion_mnist_and_its_principal_components():
 # (bit-identical after kill -9), the evaluate command, image runs end to end.
 # ----------------------------------------------------------------------------------------
 
+SPEC_FIELD_OF_FLAG = {"latent_anchor": "anchor"}     # flag: its DecoderSampling field
+
+
+def test_every_flag_default_is_its_spec_fields_default():
+    """A flag that sets a ModelSpec, TrainSpec or DecoderSampling field takes its default
+    from there: equal where the flag has one, and for the data-dependent ones (None in
+    Config) what Config resolves on toy2d with the MLP."""
+    specs = (mim.ModelSpec, mim.TrainSpec, mim.DecoderSampling)
+    resolved = mim.Config()
+    checked = 0
+    for f in dataclasses.fields(mim.Config):
+        name = SPEC_FIELD_OF_FLAG.get(f.name, f.name)
+        for spec in specs:
+            field = {g.name: g for g in dataclasses.fields(spec)}.get(name)
+            if field is None or field.default is dataclasses.MISSING:
+                continue
+            value = f.default if f.default is not None else getattr(resolved, f.name)
+            if field.default is not None or f.default is not None:
+                assert value == field.default, (f.name, value, spec.__name__, field.default)
+            checked += 1
+    assert checked >= 25
+
+
 def test_std_floor_defaults_by_data_set_and_yields_to_the_flag():
     assert mim.parse_args(["--data", "pca_fashion_mnist"])[0].std_floor == mim.PCA_STD_FLOOR
     assert mim.parse_args([])[0].std_floor == mim.STD_FLOOR

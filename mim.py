@@ -891,12 +891,8 @@ def train(model, loss_fn, x_train, x_val, spec=TrainSpec(), on_epoch=None, binar
                 "finished": False}
     best_state = None
     if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
-        for group, fresh in zip(opt.param_groups, optimizer(model, spec).param_groups):
-            group["lr"] = fresh["lr"]                     # a resumed run may change lr
-        progress, best_state = resume["progress"], resume["best_model"]
-        progress = {**progress, "finished": run_is_over(progress, spec, patience)}
-        set_rng_state(resume["rng"], x_train.device)
+        progress, best_state = resumed_training(resume, opt, model, spec, patience,
+                                                x_train.device)
     while not progress["finished"]:
         epoch, start = progress["epoch"] + 1, time.perf_counter()
         train_stats = train_epoch(model, loss_fn, opt, x_train, spec, epoch, binarize,
@@ -926,6 +922,19 @@ def train(model, loss_fn, x_train, x_val, spec=TrainSpec(), on_epoch=None, binar
     if best_state is None:                    # warm-up never ended: keep the last weights
         progress["best_epoch"], best_state = progress["epoch"], snapshot(model)
     return best_state, progress["best_epoch"], progress["epoch"], progress["history"]
+
+
+def resumed_training(resume, opt, model, spec, patience, device):
+    """(progress, best state) of a training state that train's checkpoint received, with
+    the optimizer and the random state restored; the learning rate stays spec's, since a
+    resumed run may change it."""
+    opt.load_state_dict(resume["optimizer"])
+    for group, fresh in zip(opt.param_groups, optimizer(model, spec).param_groups):
+        group["lr"] = fresh["lr"]
+    progress = {**resume["progress"],
+                "finished": run_is_over(resume["progress"], spec, patience)}
+    set_rng_state(resume["rng"], device)
+    return progress, resume["best_model"]
 
 
 def run_is_over(progress, spec, patience):

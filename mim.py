@@ -75,6 +75,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -552,7 +553,8 @@ class DecoderSampling:
     """How D_dec is drawn and, for discrete x, how its gradient is estimated; the paper's
     way (`decoder_samples`) is the default, PAPER_SAMPLING.
 
-    anchor:    "normal": z ~ P(z) = N(0, I), the paper's fixed latent anchor;
+    latent_anchor:
+               "normal": z ~ P(z) = N(0, I), the paper's fixed latent anchor;
                "prior": z ~ p(z), the model prior (VampPrior, then p(z1|z2)) with its
                parameters held fixed for the draw (the "authors" estimator draws its
                own codes, see authors_codes).
@@ -569,7 +571,7 @@ class DecoderSampling:
                image, so D_dec gives the decoder no gradient at all; the encoder and
                the prior get theirs through log q(z|x) and log p(z) at the codes.
     """
-    anchor: str = "normal"
+    latent_anchor: str = "normal"
     estimator: str = "loo-code"
     draws: int = DRAWS_PER_CODE
 
@@ -587,7 +589,7 @@ def decoder_samples_of(sampling):
     def draw_dec(model, n, p_z, w=FULL):
         if sampling.estimator == "authors" and model.p_x_given_z.discrete:
             return authors_decoder_samples(model, n, p_z, w)
-        anchor = p_z if sampling.anchor == "prior" else None
+        anchor = p_z if sampling.latent_anchor == "prior" else None
         return decoder_samples(model, n, p_z, w, draws, anchor)
     return draw_dec
 
@@ -656,7 +658,7 @@ def signal_and_noise(grads):
 
 def gradient_noise(model, anchor, n, repeats=GRADIENT_REPEATS, seed=GRADIENT_SEED):
     """Signal and noise of every estimator in ESTIMATOR_SETTINGS on `model`, drawing
-    decoder samples from `anchor` (DecoderSampling.anchor), n per estimate:
+    decoder samples from `anchor` (DecoderSampling.latent_anchor), n per estimate:
     [{estimator, signal, noise, noise_over_signal}]."""
     model.train()
     rows = []
@@ -1400,6 +1402,9 @@ def data_mixture(spec, x_init):
     with the data's spread."""
     if x_init is None:
         return MixtureOfGaussians(spec.x_dim, spec.components, floor=spec.std_floor)
+    if len(x_init) < spec.components:
+        raise ValueError(f"components={spec.components} exceeds the {len(x_init)} training "
+                         "points (x_init) that start the mixture q(x); lower it")
     pick = torch.randperm(len(x_init))[:spec.components]
     return MixtureOfGaussians(spec.x_dim, spec.components, init_loc=x_init[pick].cpu(),
                               init_scale=x_init.std(0).cpu(), floor=spec.std_floor)
@@ -1414,7 +1419,8 @@ def vamp_prior(spec, x_init):
     if x_init is not None:
         if len(x_init) < spec.prior_components:
             raise ValueError(f"prior_components={spec.prior_components} exceeds the "
-                             f"{len(x_init)} points of x_init that initialise them")
+                             f"{len(x_init)} training points (x_init) that start the "
+                             "pseudo-inputs; lower it")
         x_init = PSEUDO_INITS[spec.pseudo_init](x_init.cpu(), spec.prior_components)
     return VampPrior(spec.prior_components, spec.x_dim, x_init, unit_range=spec.binary)
 
@@ -1452,8 +1458,9 @@ def build_mlp(spec):
 def build_two_level(decoder_class):
     def build(spec):
         if spec.image_shape is None or not spec.binary:
-            raise ValueError(f"arch={spec.arch!r} models binary images: give binary=True "
-                             "and image_shape=(C, H, W), or use arch='mlp'")
+            raise ValueError(f"arch={spec.arch!r} models binary images (binary=True, "
+                             "image_shape=(C, H, W)) such as MNIST; use arch='mlp' for "
+                             "other data")
         return (TwoLevelEncoder(spec.image_shape, spec.z_dim),
                 decoder_class(spec.image_shape, spec.z_dim), ConditionalPrior(spec.z_dim))
     return build
@@ -1490,8 +1497,9 @@ def build_model(spec, x_init=None):
         raise ValueError("q_x='mog' is a density on continuous x; use q_x='marginal' for "
                          "binary data")
     if spec.prob_clamp is not None and not (spec.binary and 0 < spec.prob_clamp < 0.5):
-        raise ValueError("prob_clamp bounds the probabilities of a Bernoulli decoder: give "
-                         "binary=True and a value between 0 and 0.5")
+        raise ValueError(f"prob_clamp={spec.prob_clamp} bounds a Bernoulli decoder's "
+                         "probabilities, so it needs binary x and a value between 0 and "
+                         "0.5; leave it out for continuous x")
     encoder, decoder, p_z1_given_z2 = ARCHS[spec.arch](spec)
     model = INITS[spec.init](Model(encoder, decoder, PRIORS[spec.prior](spec, x_init),
                                    DATA_PRIORS[spec.q_x](spec, x_init), spec.z_dim,
@@ -1835,128 +1843,148 @@ IMAGE_WARMUP = 5         # warm-up epochs of the image architectures (README, "I
 IMAGE_WARMUP_MODE = "prior"   # ... and their warm-up (see warmup_weights)
 
 
-def _help(text, **kw):
-    return field(metadata={"help": text}, **kw)
+# Every flag's help, in the order of --help. A flag named like a field of ModelSpec,
+# TrainSpec or DecoderSampling sets that field and takes its default from there (or, for
+# DATA_DEPENDENT ones, from data_defaults); the rest are the command line's own (OWN_FLAGS).
+HELP = {
+    "data": "data set (datasets.py): toy2d, toy20d, toy1d, pca_fashion_mnist, mnist, "
+            "fashion_mnist or omniglot",
+    "data_seed": "seed of the fixed train/validation/test samples",
+    "data_dir": "folder holding the image files (searched first; see datasets.py)",
+    "pca_dim": "principal components of pca_fashion_mnist (Sec. 5.1)",
+    "train_size": "train on the first N training points only (quick runs; default: all)",
+    "arch": "network architecture: mlp (Sec. 5.1), convhvae or pixelhvae (Sec. 5.2, two "
+            "latent levels)",
+    "hidden": "hidden units of each two-layer network",
+    "activation": "hidden activation: tanh (Sec. 5.1) or silu (App. F.2)",
+    "z_dim": f"latent dimension, per level for convhvae / pixelhvae (default: "
+             f"{ModelSpec.z_dim} for mlp, {IMAGE_Z_DIM} for the image architectures)",
+    "prior": "latent prior p(z) (of z2 for two levels): normal (= the anchor P(z)), mog or "
+             "vamp (VampPrior)",
+    "prior_components": f"components K of p(z) (default: {MOG_COMPONENTS} for mog, "
+                        f"{VAMP_COMPONENTS} for vamp)",
+    "q_x": "data prior q(x): marginal (Eq. 16) or mog (explicit, low-dim x)",
+    "components": "components of the mog q(x)",
+    "std_floor": f"floor added to every Gaussian standard deviation (default: "
+                 f"{PCA_STD_FLOOR} for pca_fashion_mnist, {ModelSpec.std_floor} otherwise)",
+    "init": "initial weights of the dense layers: torch (its default) or he "
+            "(N(0, 2 / fan_in), the authors' image code)",
+    "prob_clamp": "keep the probabilities of Bernoulli decoders in [c, 1 - c] (the "
+                  "authors' code: 1e-5; default: not clamped)",
+    "pseudo_init": "start of the VampPrior's K pseudo-inputs: random (K training points "
+                   "drawn at random) or authors (the first K plus N(0, "
+                   f"{PSEUDO_INPUT_NOISE}^2) noise, the authors' code)",
+    "loss": "objective: mim (Eq. 8), amim (Eq. 12), vae (negative ELBO), ce (Eq. 7); for "
+            "comparison infomax (InfoMax-VAE) or the inference critics critic-self, "
+            "critic-nn, critic-hybrid",
+    "alpha": "infomax: weight of the mutual-information bound (InfoMax-VAE Eq. 3; 10 in "
+             "its Sec. 6.1)",
+    "beta": "infomax: weight of the ELBO's KL term (InfoMax-VAE Eq. 3)",
+    "mi_bound": "infomax: f (f-divergence dual with f(t) = t log t, its Eq. 6) or dv "
+                "(Donsker-Varadhan, its Eq. 12)",
+    "critic_weight": "critic-*: weight lambda of the InfoNCE term (critics paper, Alg. 1; "
+                     "Eq. 7 has 1)",
+    "latent_anchor": "where decoder samples draw z: normal (P(z) = N(0, I), the paper) or "
+                     "prior (the model prior p(z), without gradients)",
+    "estimator": "gradient of binary decoder samples: loo-code (several images per code, "
+                 "per-code leave-one-out baseline), loo-batch (one image per code, batch "
+                 "baseline) or authors (the authors' image code: reparameterized codes "
+                 "from p(z), mean images, no decoder gradient); see DecoderSampling",
+    "draws": "loo-code: images per code; divides --batch-size",
+    "epochs": "maximum number of epochs",
+    "batch_size": "data points per step (B encoder + B decoder samples)",
+    "lr": "Adam learning rate",
+    "critic_lr": "Adam learning rate of a critic network (InfoMax-VAE App. D)",
+    "optimizer": "adam, or normgrad: Adam on per-tensor normalized gradients (Tomczak & "
+                 "Welling's code)",
+    "warmup": f"warm-up epochs (Sec. 5; default {TrainSpec.warmup} for mlp, "
+              f"{IMAGE_WARMUP} for the image architectures)",
+    "warmup_mode": "paper: weight on CE(M_S, p(x,z)) rises 0 -> 1/2 (Sec. 5); prior: "
+                   "weight beta on log p(z) rises 0 -> 1 (KL annealing's analogue); "
+                   "authors: their code's schedule (see warmup_weights). Default: "
+                   f"{TrainSpec.warmup_mode} for mlp, {IMAGE_WARMUP_MODE} for the image "
+                   "architectures",
+    "patience": "early-stopping patience in epochs (default: --warmup, at least 1)",
+    "best_in_warmup": "let the best model (best.pt) come from a warm-up epoch, as the "
+                      "authors' code does",
+    "amp": "run the networks in bfloat16 (autocast); log-densities, logsumexp and losses "
+           "stay in float32",
+    "seed": "seed of initialisation and sampling",
+    "preset": "authors: the authors' image protocol (PRESETS: their decoder samples, "
+              "initialisation, optimizer, clamping, warm-up and early stopping); flags "
+              "given explicitly override it",
+    "device": "auto, cpu or cuda",
+    "deterministic": "deterministic cuDNN and torch algorithms, so that a run and its "
+                     "resume repeat bit for bit on a GPU (the CPU is deterministic "
+                     "without it); slower on CUDA",
+    "nll_samples": "importance samples per test point for the test NLL (default: 1000; 0 "
+                   "= skip, the default for images, whose NLL mim.py evaluate computes)",
+    "out": "directory for config.json, log.csv, last.pt, best.pt, results.json",
+    "resume": "continue the interrupted run in this directory from its last.pt, with its "
+              "saved configuration",
+    "overwrite": "let --out replace the run its folder holds (once the new run has "
+                 "finished its first epoch)",
+}
+
+OWN_FLAGS = {  # the command line's own settings, (type, default): no spec holds them
+    "data": (str, "toy2d"), "data_seed": (int, 0), "data_dir": (Optional[str], None),
+    "pca_dim": (int, 20), "train_size": (Optional[int], None), "loss": (str, "mim"),
+    "alpha": (float, 10.0), "beta": (float, 1.0), "mi_bound": (str, "f"),
+    "critic_weight": (float, 1.0), "seed": (int, 1), "preset": (Optional[str], None),
+    "device": (str, "auto"), "deterministic": (bool, False),
+    "nll_samples": (Optional[int], None), "out": (Optional[str], None),
+    "resume": (Optional[str], None), "overwrite": (bool, False),
+}
+SPECS = (ModelSpec, DecoderSampling, TrainSpec)          # their fields are flags, but ...
+FROM_DATA = {"x_dim", "binary", "image_shape", "critic"}  # ... these come from the data
+DATA_DEPENDENT = {"z_dim", "std_floor", "warmup", "warmup_mode", "prior_components"}
 
 
-@dataclass
-class Config:
-    data: str = _help("data set (datasets.py): toy2d, toy20d, toy1d, pca_fashion_mnist, "
-                      "mnist, fashion_mnist or omniglot", default="toy2d")
-    data_seed: int = _help("seed of the fixed train/validation/test samples", default=0)
-    data_dir: Optional[str] = _help("folder holding the image files (searched first; see "
-                                    "datasets.py)", default=None)
-    pca_dim: int = _help("principal components of pca_fashion_mnist (Sec. 5.1)", default=20)
-    train_size: Optional[int] = _help("train on the first N training points only (quick "
-                                      "runs; default: all)", default=None)
-    arch: str = _help("network architecture: mlp (Sec. 5.1), convhvae or pixelhvae "
-                      "(Sec. 5.2, two latent levels)", default=ModelSpec.arch)
-    hidden: int = _help("hidden units of each two-layer network", default=ModelSpec.hidden)
-    activation: str = _help("hidden activation: tanh (Sec. 5.1) or silu (App. F.2)",
-                            default=ModelSpec.activation)
-    z_dim: Optional[int] = _help("latent dimension, per level for convhvae / pixelhvae "
-                                 f"(default: {ModelSpec.z_dim} for mlp, {IMAGE_Z_DIM} for "
-                                 "the image architectures)",
-                                 default=None)
-    prior: str = _help("latent prior p(z) (of z2 for two levels): normal (= the anchor P(z)), "
-                       "mog or vamp (VampPrior)", default=ModelSpec.prior)
-    prior_components: Optional[int] = _help(f"components K of p(z): default {MOG_COMPONENTS} "
-                                            f"for mog, {VAMP_COMPONENTS} for vamp",
-                                            default=None)
-    q_x: str = _help("data prior q(x): marginal (Eq. 16) or mog (explicit, low-dim x)",
-                     default=ModelSpec.q_x)
-    components: int = _help("components of the mog q(x)", default=ModelSpec.components)
-    std_floor: Optional[float] = _help("floor added to every Gaussian standard deviation "
-                                       f"(default: {PCA_STD_FLOOR} for pca_fashion_mnist, "
-                                       f"{ModelSpec.std_floor} otherwise)", default=None)
-    loss: str = _help("objective: mim (Eq. 8), amim (Eq. 12), vae (negative ELBO), ce "
-                      "(Eq. 7); for comparison infomax (InfoMax-VAE) or the inference "
-                      "critics critic-self, critic-nn, critic-hybrid", default="mim")
-    alpha: float = _help("infomax: weight of the mutual-information bound (InfoMax-VAE "
-                         "Eq. 3; 10 in its Sec. 6.1)", default=10.0)
-    beta: float = _help("infomax: weight of the ELBO's KL term (InfoMax-VAE Eq. 3)",
-                        default=1.0)
-    mi_bound: str = _help("infomax: f (f-divergence dual with f(t) = t log t, its Eq. 6) or "
-                          "dv (Donsker-Varadhan, its Eq. 12)", default="f")
-    critic_weight: float = _help("critic-*: weight lambda of the InfoNCE term (critics "
-                                 "paper, Alg. 1; Eq. 7 has 1)", default=1.0)
-    critic_lr: float = _help("Adam learning rate of a critic network (InfoMax-VAE App. D)",
-                             default=TrainSpec.critic_lr)
-    warmup: Optional[int] = _help(f"warm-up epochs (Sec. 5; default {TrainSpec.warmup} for "
-                                  f"mlp, {IMAGE_WARMUP} for the image architectures)",
-                                  default=None)
-    warmup_mode: Optional[str] = _help(
-        "paper: weight on CE(M_S, p(x,z)) rises 0 -> 1/2 (Sec. 5); prior: weight beta on "
-        "log p(z) rises 0 -> 1 (KL annealing's analogue); authors: their code's schedule "
-        f"(see warmup_weights). Default: {TrainSpec.warmup_mode} for mlp, "
-        f"{IMAGE_WARMUP_MODE} for the image architectures",
-        default=None)
-    latent_anchor: str = _help(
-        "where decoder samples draw z: normal (P(z) = N(0, I), the paper) or prior (the "
-        "model prior p(z), without gradients)", default=DecoderSampling.anchor)
-    estimator: str = _help("gradient of binary decoder samples: loo-code (several images "
-                           "per code, per-code leave-one-out baseline), loo-batch (one "
-                           "image per code, batch baseline) or authors (the authors' "
-                           "image code: reparameterized codes from p(z), mean images, no "
-                           "decoder gradient); see DecoderSampling",
-                           default=DecoderSampling.estimator)
-    draws: int = _help("loo-code: images per code; divides --batch-size",
-                       default=DecoderSampling.draws)
-    optimizer: str = _help("adam, or normgrad: Adam on per-tensor normalized gradients "
-                           "(Tomczak & Welling's code)", default=TrainSpec.optimizer)
-    init: str = _help("initial weights of the dense layers: torch (its default) or he "
-                      "(N(0, 2 / fan_in), the authors' image code)", default=ModelSpec.init)
-    pseudo_init: str = _help("start of the VampPrior's K pseudo-inputs: random (K "
-                             "training points drawn at random) or authors (the first K "
-                             f"plus N(0, {PSEUDO_INPUT_NOISE}^2) noise, the authors' code)",
-                             default=ModelSpec.pseudo_init)
-    prob_clamp: Optional[float] = _help("keep the probabilities of Bernoulli decoders in "
-                                        "[c, 1 - c] (the authors' code: 1e-5; default: "
-                                        "not clamped)", default=None)
-    patience: Optional[int] = _help("early-stopping patience in epochs (default: --warmup, "
-                                    "at least 1)", default=None)
-    best_in_warmup: bool = _help("let the best model (best.pt) come from a warm-up epoch, "
-                                 "as the authors' code does",
-                                 default=TrainSpec.best_in_warmup)
-    epochs: int = _help("maximum number of epochs", default=TrainSpec.epochs)
-    batch_size: int = _help("data points per step (B encoder + B decoder samples)",
-                            default=TrainSpec.batch_size)
-    lr: float = _help("Adam learning rate", default=TrainSpec.lr)
-    seed: int = _help("seed of initialisation and sampling", default=1)
-    preset: Optional[str] = _help("authors: the authors' image protocol (PRESETS: their "
-                                  "decoder samples, initialisation, optimizer, clamping, "
-                                  "warm-up and early stopping); flags given explicitly "
-                                  "override it", default=None)
-    device: str = _help("auto, cpu or cuda", default="auto")
-    amp: bool = _help("run the networks in bfloat16 (autocast); log-densities, logsumexp "
-                      "and losses stay in float32", default=TrainSpec.amp)
-    deterministic: bool = _help("deterministic cuDNN and torch algorithms, so that a run "
-                                "and its resume repeat bit for bit on a GPU (the CPU is "
-                                "deterministic without it); slower on CUDA",
-                                default=False)
-    nll_samples: Optional[int] = _help("importance samples per test point for the test NLL "
-                                       "(default: 1000; 0 = skip, the default for images, "
-                                       "whose NLL mim.py evaluate computes)", default=None)
-    out: Optional[str] = _help("directory for config.json, log.csv, last.pt, best.pt, "
-                               "results.json", default=None)
-    resume: Optional[str] = _help("continue the interrupted run in this directory from its "
-                                  "last.pt, with its saved configuration", default=None)
-    overwrite: bool = _help("let --out replace the run its folder holds (once the new "
-                            "run has finished its first epoch)", default=False)
+def data_defaults(cfg):
+    """The defaults that depend on the data set or the architecture: the image models'
+    (Tomczak & Welling's sizes, our warm-up) and pca_fashion_mnist's floor."""
+    image = cfg.arch != "mlp"
+    return {"z_dim": IMAGE_Z_DIM if image else ModelSpec.z_dim,
+            "std_floor": (PCA_STD_FLOOR if cfg.data == "pca_fashion_mnist"
+                          else ModelSpec.std_floor),
+            "warmup": IMAGE_WARMUP if image else TrainSpec.warmup,
+            "warmup_mode": IMAGE_WARMUP_MODE if image else TrainSpec.warmup_mode,
+            "prior_components": default_prior_components(cfg.prior)}
 
-    def __post_init__(self):  # defaults that depend on other fields
-        image = self.arch != "mlp"
-        if self.z_dim is None:
-            self.z_dim = IMAGE_Z_DIM if image else ModelSpec.z_dim
-        if self.warmup is None:
-            self.warmup = IMAGE_WARMUP if image else TrainSpec.warmup
-        if self.warmup_mode is None:
-            self.warmup_mode = IMAGE_WARMUP_MODE if image else TrainSpec.warmup_mode
-        if self.std_floor is None:
-            self.std_floor = (PCA_STD_FLOOR if self.data == "pca_fashion_mnist"
-                              else ModelSpec.std_floor)
-        if self.prior_components is None:
-            self.prior_components = default_prior_components(self.prior)
+
+def config_fields():
+    """(name, type, field) of every flag in HELP's order; DATA_DEPENDENT ones are None
+    until data_defaults fills them in."""
+    spec_fields = {f.name: f for spec in SPECS for f in dataclasses.fields(spec)
+                   if f.name not in FROM_DATA}
+    rows = []
+    for name in HELP:
+        if name in OWN_FLAGS:
+            kind, default = OWN_FLAGS[name]
+        else:
+            f = spec_fields[name]
+            kind, default = f.type, None if name in DATA_DEPENDENT else f.default
+        rows.append((name, Optional[kind] if default is None else kind,
+                     field(default=default)))
+    assert {r[0] for r in rows} == set(OWN_FLAGS) | set(spec_fields), "a flag lacks help"
+    return rows
+
+
+def _fill_data_defaults(cfg):
+    for name, value in data_defaults(cfg).items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+
+
+# The flags as one flat record (config.json of a run); spec_of(cls, cfg) takes a spec out.
+Config = dataclasses.make_dataclass("Config", config_fields(),
+                                    namespace={"__post_init__": _fill_data_defaults})
+
+
+def spec_of(cls, cfg, **from_data):
+    """The spec `cls` (ModelSpec, TrainSpec, DecoderSampling) that the flags in cfg set."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)
+                  if f.name not in FROM_DATA}, **from_data)
 
 
 LOSSES = {"mim": mim_loss, "amim": amim_loss, "vae": vae_loss, "ce": ce_loss,
@@ -1974,41 +2002,36 @@ def objective(cfg):
     if cfg.loss.startswith("critic-"):
         return functools.partial(LOSSES[cfg.loss], weight=cfg.critic_weight)
     if cfg.loss in ("mim", "amim", "ce"):
-        return functools.partial(LOSSES[cfg.loss], draw_dec=decoder_samples_of(
-            DecoderSampling(cfg.latent_anchor, cfg.estimator, cfg.draws)))
+        return functools.partial(LOSSES[cfg.loss],
+                                 draw_dec=decoder_samples_of(spec_of(DecoderSampling, cfg)))
     return LOSSES[cfg.loss]
 
 
 def model_spec(cfg, info):
     """The ModelSpec of the flags in cfg for data described by info (x_dim, binary,
-    image_shape), refused in one line where the two do not fit."""
-    binary, shape = info["binary"], info.get("image_shape")
-    if cfg.arch != "mlp" and not (binary and shape):
-        raise UsageError(f"--arch {cfg.arch} models binary images; use --data mnist, "
-                         "fashion_mnist or omniglot, or --arch mlp")
-    if cfg.q_x == "mog" and binary:
-        raise UsageError("--q-x mog is a density on continuous x; use --q-x marginal "
-                         "for binary data")
-    if cfg.arch == "pixelhvae" and cfg.estimator == "authors" and cfg.loss in ("mim", "ce"):
-        raise UsageError("--estimator authors draws the decoder's mean image, which the "
-                         "PixelHVAE's PixelCNN has not; use --loss amim (the authors' "
-                         "PixelHVAE row) or --estimator loo-code")
-    if cfg.prob_clamp is not None and not binary:
-        raise UsageError("--prob-clamp bounds Bernoulli probabilities; drop it for "
-                         f"continuous data such as {cfg.data}")
-    return ModelSpec(x_dim=info["x_dim"], binary=binary, image_shape=shape, arch=cfg.arch,
-                     z_dim=cfg.z_dim, hidden=cfg.hidden, activation=cfg.activation,
-                     prior=cfg.prior, prior_components=cfg.prior_components, q_x=cfg.q_x,
-                     components=cfg.components, std_floor=cfg.std_floor,
-                     critic=CRITIC_OF_LOSS.get(cfg.loss), init=cfg.init,
-                     prob_clamp=cfg.prob_clamp, pseudo_init=cfg.pseudo_init)
+    image_shape)."""
+    return spec_of(ModelSpec, cfg, x_dim=info["x_dim"], binary=info["binary"],
+                   image_shape=info.get("image_shape"), critic=CRITIC_OF_LOSS.get(cfg.loss))
 
 
 def train_spec(cfg):
-    return TrainSpec(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                     critic_lr=cfg.critic_lr, optimizer=cfg.optimizer, warmup=cfg.warmup,
-                     warmup_mode=cfg.warmup_mode, patience=cfg.patience,
-                     best_in_warmup=cfg.best_in_warmup, amp=cfg.amp)
+    return spec_of(TrainSpec, cfg)
+
+
+def built_model(cfg, info, x_init):
+    """build_model for the flags in cfg, its ValueError as one line that names flags."""
+    try:
+        return build_model(model_spec(cfg, info), x_init=x_init)
+    except ValueError as e:
+        raise UsageError(as_flags(str(e))) from None
+
+
+def as_flags(message):
+    """A library message with the fields it names as flags: q_x='mog' -> --q-x mog."""
+    def flag(m):
+        name, value = m[1], m[3]
+        return f"--{name.replace('_', '-')} {value}" if name in HELP else m[0]
+    return re.sub(r"\b(\w+)=('?)([^\s',;)]*)\2", flag, message)
 
 
 # --preset: the Config fields each preset sets, unless given on the command line.
@@ -2055,7 +2078,7 @@ def parse_args(argv=None):
                            epilog="python mim.py evaluate --help: metrics and figures of "
                                   "trained runs")
     for f in dataclasses.fields(Config):
-        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        flag, text = "--" + f.name.replace("_", "-"), HELP[f.name]
         if f.type is bool:
             parser.add_argument(flag, action="store_true", help=text)
             continue
@@ -2103,6 +2126,10 @@ def check_values(parser, cfg):
                      "convhvae or pixelhvae")
     if cfg.prob_clamp is not None and not 0 < cfg.prob_clamp < 0.5:
         parser.error("--prob-clamp must be between 0 and 0.5")
+    if cfg.arch == "pixelhvae" and cfg.estimator == "authors" and cfg.loss in ("mim", "ce"):
+        parser.error("--estimator authors draws the decoder's mean image, which the "
+                     "PixelHVAE's PixelCNN has not; use --loss amim (the authors' PixelHVAE "
+                     "row) or --estimator loo-code")
     if cfg.draws < 2:
         parser.error("--draws must be at least 2: the baseline of an image is the mean "
                      "of the other images of its code")
@@ -2268,12 +2295,6 @@ def fitting_data(data, cfg):
     if n < cfg.batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {n} training points; "
                          "lower it")
-    if cfg.prior == "vamp" and cfg.prior_components > n:
-        raise UsageError(f"--prior-components {cfg.prior_components} exceeds the {n} training "
-                         "points that initialise the pseudo-inputs; lower it")
-    if cfg.q_x == "mog" and cfg.components > n:
-        raise UsageError(f"--components {cfg.components} exceeds the {n} training points "
-                         "that fit the mixture q(x); lower it")
     if len(data.x_val) == 0:
         raise UsageError(f"{cfg.data} has no validation points (its training split holds "
                          f"{len(data.x_train)}); use a larger training file")
@@ -2291,7 +2312,7 @@ def fit_and_test(cfg, resume, device):
         cfg = dataclasses.replace(cfg, nll_samples=0 if data.image_shape else 1000)
     data_info = {**data_shape(data), **identity}
     torch.manual_seed(cfg.seed)
-    model = speed_up(build_model(model_spec(cfg, data_info), x_init=data.x_train), device)
+    model = speed_up(built_model(cfg, data_info, data.x_train), device)
     model = model.to(device)
     if resume is not None:
         load_weights(model, resume["model"], os.path.join(cfg.resume, "last.pt"))
@@ -2442,8 +2463,7 @@ def gradient_noise_run(run_dir, device, repeats):
     at the run's batch size; writes RUN_DIR/gradient_noise.json and prints a table."""
     model, cfg, data = load_run(run_dir, device)
     torch.manual_seed(cfg.seed)
-    fresh = speed_up(build_model(model_spec(cfg, data_shape(data)), x_init=data.x_train),
-                     device)
+    fresh = speed_up(built_model(cfg, data_shape(data), data.x_train), device)
     fresh = fresh.to(device)
     table = {name: gradient_noise(m, cfg.latent_anchor, cfg.batch_size, repeats)
              for name, m in (("initialisation", fresh), ("trained", model))}

@@ -460,7 +460,7 @@ def test_prior_anchor_draws_codes_from_the_model_prior():
     p_z = model.p_z()
 
     def mean_log_prior(anchor):
-        draw_dec = mim.decoder_samples_of(mim.DecoderSampling(anchor=anchor))
+        draw_dec = mim.decoder_samples_of(mim.DecoderSampling(latent_anchor=anchor))
         with torch.no_grad():
             log_q_xz, log_p_xz, _ = draw_dec(model, 4000, p_z)
         return float(log_p_xz.mean())
@@ -2225,9 +2225,6 @@ def test_real_fashion_mnist_and_its_principal_components():
 # (bit-identical after kill -9), the evaluate command, image runs end to end.
 # ----------------------------------------------------------------------------------------
 
-SPEC_FIELD_OF_FLAG = {"latent_anchor": "anchor"}     # flag: its DecoderSampling field
-
-
 def test_every_flag_default_is_its_spec_fields_default():
     """A flag that sets a ModelSpec, TrainSpec or DecoderSampling field takes its default
     from there: equal where the flag has one, and for the data-dependent ones (None in
@@ -2236,7 +2233,7 @@ def test_every_flag_default_is_its_spec_fields_default():
     resolved = mim.Config()
     checked = 0
     for f in dataclasses.fields(mim.Config):
-        name = SPEC_FIELD_OF_FLAG.get(f.name, f.name)
+        name = f.name
         for spec in specs:
             field = {g.name: g for g in dataclasses.fields(spec)}.get(name)
             if field is None or field.default is dataclasses.MISSING:
@@ -2725,7 +2722,7 @@ BAD_INPUTS = [
      "not an IDX file"),
     ("mim.py", ["--preset", "authors"], None, "--preset authors is the authors' image"),
     ("mim.py", ["--prob-clamp", "0.7"], None, "--prob-clamp must be between 0 and 0.5"),
-    ("mim.py", ["--prob-clamp", "0.1"], None, "--prob-clamp bounds Bernoulli"),
+    ("mim.py", ["--prob-clamp", "0.1"], None, "--prob-clamp 0.1 bounds a Bernoulli decoder"),
     ("mim.py", ["--data", "mnist", "--data-dir", "{tmp}/images", "--arch", "pixelhvae",
                 "--prior", "normal", "--estimator", "authors", "--batch-size", "10"],
      "images", "--estimator authors draws the decoder's mean image"),

@@ -23,6 +23,7 @@ mim.py's command line runs it on trained runs:
     python mim.py evaluate RUN_DIR [RUN_DIR ...] [--nll-samples S] [--ais-steps T] ...
     python mim.py evaluate --summary DIR [--x hidden]
 """
+import csv
 import dataclasses
 import glob
 import io
@@ -651,17 +652,18 @@ def consistency_1d(model, anchor, n=100_000):
 # ----------------------------------------------------------------------------------------
 
 def load_runs(folder):
-    """(config, metrics) of every DIR/*/results.json, updated by the run's eval.json."""
+    """(config, metrics) of every DIR/*/results.json, updated by the run's eval.json;
+    metrics_from says which of the two files the metrics came from."""
     runs = []
     for path in sorted(glob.glob(os.path.join(folder, "*", "results.json"))):
         run_dir = os.path.dirname(path)
         with open(os.path.join(run_dir, "config.json")) as f:
             cfg = json.load(f)
         with open(path) as f:
-            results = json.load(f)
+            results = {**json.load(f), "metrics_from": "results.json"}
         if os.path.exists(os.path.join(run_dir, "eval.json")):  # evaluate.py's metrics win
             with open(os.path.join(run_dir, "eval.json")) as f:
-                results.update(json.load(f))
+                results.update(json.load(f), metrics_from="eval.json, else results.json")
         runs.append((cfg, results))
     if not runs:
         raise ValueError(f"no */results.json under {folder}; train runs with mim.py --out first")
@@ -670,7 +672,13 @@ def load_runs(folder):
 
 # Settings that name a run or say where and how it ran, not what it is: a run resumed on
 # another device belongs with its seeds.
-RUN_KEYS = ("seed", "out", "resume", "overwrite", "device", "deterministic")
+RUN_KEYS = ("seed", "out", "resume", "overwrite", "device", "deterministic", "environment",
+            "tensorboard")
+
+
+# How a run's metrics were measured, not metrics: seeds of one group that differ in them
+# average unlike numbers (an NLL of S = 50 with one of S = 1000), which the summary marks.
+MEASURED_WITH = ("metrics_from", "nll_samples", "test_size", "knn_train_size")
 
 
 def summarize(runs):
@@ -687,7 +695,7 @@ def summarize(runs):
 
     for key, results in sorted(groups.items(), key=order):
         metrics = dict.fromkeys(m for r in results for m in r
-                                if isinstance(r[m], (int, float)))
+                                if isinstance(r[m], (int, float)) and m not in MEASURED_WITH)
         table[key] = {}
         for m in metrics:  # over the runs that have m (AIS may have run on some only)
             values = [r[m] for r in results if m in r]
@@ -699,16 +707,36 @@ def number(v):
     return f"{v:.3f}" if abs(v) < 1e4 else f"{v:.3g}"
 
 
-def summary_markdown(varying, table, metrics):
+def measured_with(runs, varying):
+    """{group: text} saying how each group's metrics were measured (MEASURED_WITH), with
+    MIXED where its seeds differ."""
+    seen = {}
+    for cfg, res in runs:
+        group = seen.setdefault(tuple(cfg[k] for k in varying), {})
+        for k in MEASURED_WITH:
+            group.setdefault(k, set()).add(json.dumps(res.get(k)))
+    def text(values):
+        values = sorted(json.loads(v) for v in values if v != "null")
+        return (str(values[0]) if len(values) == 1 else
+                "MIXED " + " / ".join(map(str, values)) if values else "-")
+    return {key: "; ".join(f"{k} {text(v)}" for k, v in how.items() if text(v) != "-")
+            for key, how in seen.items()}
+
+
+def summary_markdown(varying, table, metrics, how):
     head = varying + [f"{describe(m)[0]} ({describe(m)[1]})" if describe(m)[0] else m
-                      for m in metrics]
+                      for m in metrics] + ["measured with"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for key, row in table.items():
         cells = [str(v) for v in key] + [
             f"{number(row[m][0])} ± {number(row[m][1])}" if m in row else "" for m in metrics]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells + [how[key]]) + " |")
     n = sorted({row[m][2] for row in table.values() for m in row})
     lines.append(f"\nmean ± std (ddof = 0) over {', '.join(map(str, n))} seeds")
+    if any("MIXED" in text for text in how.values()):
+        lines.append("MIXED: the seeds of that group were measured differently, so its "
+                     "means mix estimators; evaluate them alike (mim.py evaluate RUN ... "
+                     "with the same flags for every seed)")
     return "\n".join(lines) + "\n"
 
 
@@ -728,11 +756,15 @@ def png_bytes(fig, dpi=120):
     return buffer.getvalue()
 
 
-def plot_summary(varying, table, metrics, x_key, columns=4):
-    """One panel per metric against x_key, one line per remaining group (Fig. 2 layout);
-    categories on x (such as --x loss) get points with error bars and no lines."""
-    plt = pyplot()
+FIGURE_FONT = 11       # points: readable when a panel fills a third of a slide
+LOG_AXIS_RATIO = 10     # numbers on x spanning this factor or more get a log axis
 
+
+def plot_summary(varying, table, metrics, x_key, columns=4, title="", n_seeds=""):
+    """One panel per metric against x_key, one line per remaining group (Fig. 2 layout);
+    categories on x (such as --x loss) get points with error bars and no lines; numbers
+    spanning a decade or more a log axis."""
+    plt = pyplot()
     xi = varying.index(x_key)
     series = {}
     for key, row in table.items():
@@ -750,12 +782,17 @@ def plot_summary(varying, table, metrics, x_key, columns=4):
                         linestyle="none" if categories else "-")
             if categories:
                 ax.tick_params(axis="x", labelrotation=60)
+        xs = [k[xi] for k in table]
+        if (all(isinstance(v, (int, float)) and v > 0 for v in xs)
+                and max(xs) >= LOG_AXIS_RATIO * min(xs)):
+            ax.set_xscale("log")
         label, unit = describe(m)
         ax.set(title=label or m, xlabel=x_key, ylabel=unit)
     for ax in axes.flat[len(metrics):]:
         ax.set_visible(False)
     if len(series) > 1:
-        axes.flat[0].legend()
+        axes.flat[0].legend(title=", ".join(k for k in varying if k != x_key), fontsize=9)
+    fig.suptitle(f"{title}mean ± std over {n_seeds} seeds per point")
     fig.tight_layout()
     return fig
 
@@ -766,11 +803,23 @@ def summary(runs, x_key=None):
     varying, table = summarize(runs)
     metrics = [m for m in METRICS if m in runs[0][1]] + sorted(
         m for m in runs[0][1] if m.startswith(("ks_", AU_PREFIX)))
-    text = summary_markdown(varying, table, metrics)
-    if x_key not in varying:
+    text = summary_markdown(varying, table, metrics, measured_with(runs, varying))
+    if x_key is None:
         return text, None
+    if x_key not in varying:
+        varies = ", ".join(varying) or "nothing but the seed"
+        return text + (f"no plot: {x_key} does not vary between these groups (what varies: "
+                       f"{varies}; seeds are averaged within a group)\n"), None
     plotted = [m for m in metrics if m != "test_mi_batch_cap"]   # a constant, log B
-    return text, png_bytes(plot_summary(varying, table, plotted, x_key))
+    same = {k: v for k, v in runs[0][0].items() if k in ("data", "arch", "loss")
+            and k not in varying}
+    title = ", ".join(str(v) for v in same.values()) + (": " if same else "")
+    seeds = sorted({row[m][2] for row in table.values() for m in row})
+    n_seeds = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    with pyplot().rc_context({"font.size": FIGURE_FONT}):
+        png = png_bytes(plot_summary(varying, table, plotted, x_key, title=title,
+                                     n_seeds=n_seeds))
+    return text, png
 
 
 # ----------------------------------------------------------------------------------------
@@ -790,16 +839,24 @@ def plot_toy2d(model, data, title, n_points=300):
     grid = torch.linspace(-2, 2, 200)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
     density = data.anchor.log_prob(torch.stack([gx, gy], -1).view(-1, 2)).exp().view(200, 200)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(3.2, 6.4))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.2, 8.4))
     top.contour(gx, gy, density, levels=6, colors="k", linewidths=0.6)
-    top.scatter(xhat[:, 0], xhat[:, 1], s=3, c="r")
-    top.set(title=title, xlim=(-2, 2), ylim=(-2, 2), aspect="equal")
+    top.plot([], [], "k", lw=0.6, label="level sets of P(x)")
+    top.scatter(xhat[:, 0], xhat[:, 1], s=3, c="r",
+                label=f"reconstructions of {len(x)} test points")
+    top.set(title=f"{title}\ndata space", xlim=(-2, 2), ylim=(-2, 2), aspect="equal",
+            xlabel="$x_1$", ylabel="$x_2$")
+    top.legend(loc="upper left", fontsize=8)
     loc, scale = (t.cpu() for t in (q_z_given_x.mean, q_z_given_x.stddev))
     for (mx, my), (sx, sy) in zip(loc.tolist(), scale.tolist()):
         bottom.add_patch(Ellipse((mx, my), 2 * sx, 2 * sy, fill=False, color="g", lw=0.5))
+    bottom.plot([], [], "g", lw=0.5, label="q(z|x): one-std ellipses")
     bottom.add_patch(plt.Circle((0, 0), 1, fill=False, ls="--", color="k"))
+    bottom.plot([], [], "k--", label="P(z) = N(0, I): unit circle")
     lim = max(3.0, float(loc.abs().max()) + 0.5)
-    bottom.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal")
+    bottom.set(title="latent space", xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal",
+               xlabel="$z_1$", ylabel="$z_2$")
+    bottom.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return png_bytes(fig, dpi=150)
 
@@ -819,14 +876,22 @@ def plot_consistency_1d(model, data, title, n=50_000):
         rows.append(("priors", model.p_x_given_z(model.p_z().sample((n,))).sample(),
                      model.q_z_given_x(model.q_x().sample((n,))).sample(),
                      model.q_x().log_prob(v).exp(), model.p_z().log_prob(v).exp(), "rb"))
-    fig, axes = plt.subplots(2, len(rows), figsize=(3.6 * len(rows), 5), squeeze=False)
+    fig, axes = plt.subplots(2, len(rows), figsize=(4.6 * len(rows), 6.4), squeeze=False)
+    names = {("anchored", "x"): ("decoder marginal of z ~ P(z)", "anchor P(x)"),
+             ("anchored", "z"): ("encoder marginal of x ~ P(x)", "anchor P(z)"),
+             ("priors", "x"): ("decoder marginal of z ~ p(z)", "prior q(x)"),
+             ("priors", "z"): ("encoder marginal of x ~ q(x)", "prior p(z)")}
     for j, (name, xs, zs, dx, dz, colours) in enumerate(rows):
         for i, (s, d, var) in enumerate([(xs, dx, "x"), (zs, dz, "z")]):
             ax = axes[i, j]
+            sampled, exact = names[(name, var)]
             ax.hist(s.cpu().numpy().ravel(), bins=120, range=(-6, 6), density=True,
-                    color="g" if var == "x" else "y", alpha=0.6)
-            ax.plot(v.numpy().ravel(), d.numpy().ravel(), colours[min(i, len(colours) - 1)])
-            ax.set(title=f"{title}: {name}, {var}", xlim=(-6, 6))
+                    color="g" if var == "x" else "y", alpha=0.6, label=sampled)
+            ax.plot(v.numpy().ravel(), d.numpy().ravel(), colours[min(i, len(colours) - 1)],
+                    label=exact)
+            ax.set(title=f"{name}: {var}", xlim=(-6, 6), xlabel=var, ylabel="density")
+            ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"{title}: marginals, {n} samples each")
     fig.tight_layout()
     return png_bytes(fig, dpi=120)
 
@@ -909,6 +974,46 @@ def plot_samples(model, image_shape, title, grid=SAMPLE_GRID):
     rows, columns = grid
     images = decoded_images(model.p_x_given_z(model.p_z().sample((rows * columns,))))
     return plot_mosaic(list(images.split(columns)), image_shape, f"{title}: z ~ p(z)")
+
+
+# The panels of training.png: (title, unit, {log.csv column: its label}); a column
+# ending in "_" stands for every column that starts with it (one per latent group).
+TRAINING_PANELS = (
+    ("loss", "nats", {"train_loss": "train (warm-up weights)",
+                      "val_loss": "validation (full weights)"}),
+    ("MI (minibatch), validation", "nats", {"val_mi_batch": "estimate"}),
+    ("active units, validation", "units", {"val_au_": ""}),
+    ("5-NN accuracy, encoder means", "fraction", {"val_knn5_mean": "validation"}),
+)
+
+
+def training_figure(log_csv, title):
+    """training.png from a run's log.csv (None if it has no rows): each panel of
+    TRAINING_PANELS that the log has, against the epoch."""
+    with open(log_csv) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    panels = []
+    for name, unit, columns in TRAINING_PANELS:
+        lines = {k: label or k[len(c):] for c, label in columns.items() for k in rows[0]
+                 if k == c or (c.endswith("_") and k.startswith(c))}
+        if lines:
+            panels.append((name, unit, lines))
+    plt = pyplot()
+    epochs = [int(r["epoch"]) for r in rows]
+    with plt.rc_context({"font.size": FIGURE_FONT}):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8),
+                                 squeeze=False)
+        for ax, (name, unit, lines) in zip(axes.flat, panels):
+            for key, label in lines.items():
+                ax.plot(epochs, [float(r[key]) if r[key] else np.nan for r in rows],
+                        marker=".", label=label)
+            ax.set(title=name, xlabel="epoch", ylabel=unit)
+            ax.legend(fontsize=9)
+        fig.suptitle(f"{title}: training curves")
+        fig.tight_layout()
+        return png_bytes(fig)
 
 
 def run_figures(model, data, title):

@@ -72,11 +72,15 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import math
 import os
+import platform
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -1692,7 +1696,8 @@ class UsageError(Exception):
 # What a finished run adds to its folder after training (then the evaluate command), removed
 # when --overwrite replaces the run; config.json, log.csv and last.pt are rewritten.
 RUN_OUTPUTS = ("best.pt", "results.json", "eval.json", "gradient_noise.json", "fig1.png",
-               "consistency.png", "tsne.png", "reconstructions.png", "samples.png")
+               "consistency.png", "tsne.png", "reconstructions.png", "samples.png",
+               "training.png")
 
 
 RUN_FILE_STEMS = {name.split(".")[0] for name in ("config.json", "log.csv", "last.pt",
@@ -1922,6 +1927,8 @@ HELP = {
     "out": "directory for config.json, log.csv, last.pt, best.pt, results.json",
     "resume": "continue the interrupted run in this directory from its last.pt, with its "
               "saved configuration",
+    "tensorboard": "also log every epoch's row to TensorBoard in this directory (needs "
+                   "the tensorboard package; optional)",
     "overwrite": "let --out replace the run its folder holds (once the new run has "
                  "finished its first epoch)",
 }
@@ -1933,7 +1940,8 @@ OWN_FLAGS = {  # the command line's own settings, (type, default): no spec holds
     "critic_weight": (float, 1.0), "seed": (int, 1), "preset": (Optional[str], None),
     "device": (str, "auto"), "deterministic": (bool, False),
     "nll_samples": (Optional[int], None), "out": (Optional[str], None),
-    "resume": (Optional[str], None), "overwrite": (bool, False),
+    "resume": (Optional[str], None), "tensorboard": (Optional[str], None),
+    "overwrite": (bool, False),
 }
 SPECS = (ModelSpec, DecoderSampling, TrainSpec)          # their fields are flags, but ...
 FROM_DATA = {"x_dim", "binary", "image_shape", "critic"}  # ... these come from the data
@@ -2060,7 +2068,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # What --resume may change: the rest is the run's saved configuration.
-RESUME_OVERRIDES = frozenset({"device", "epochs", "patience", "lr", "data_dir", "deterministic"})
+RESUME_OVERRIDES = frozenset({"device", "epochs", "patience", "lr", "data_dir", "deterministic",
+                              "tensorboard"})
 
 
 def given_flags(parser, argv):
@@ -2212,8 +2221,30 @@ def checked_amp(cfg, device):
     return dataclasses.replace(cfg, amp=False)
 
 
+def sibling(name):
+    """This checkout's datasets.py or evaluate.py, loaded by its path under a private
+    module name, so that a package of the same name elsewhere on sys.path (Hugging Face's
+    `datasets` and `evaluate`) never stands in for it; where `import name` already gave
+    this very file, that module is used."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".py")
+    module = sys.modules.get(name)
+    if module is not None and os.path.abspath(getattr(module, "__file__", "") or "") == path:
+        return module
+    key = "_mim_" + name
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]
+
+
 def load_data(cfg):
-    import datasets
+    datasets = sibling("datasets")
     try:
         return datasets.load_dataset(cfg.data, seed=cfg.data_seed, data_dir=cfg.data_dir,
                                      pca_dim=cfg.pca_dim)
@@ -2253,6 +2284,45 @@ def run(cfg, overrides=("device",)):
     finally:
         if lock is not None:
             os.close(lock)
+
+
+def environment(device):
+    """Where a run ran, for config.json, results.json and eval.json: the versions, the
+    CPU's vector capability or the GPU, the threads, the device and the code version."""
+    def version(package):
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "numpy": version("numpy"), "cpu": cpu_model(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return {**env, "code_version": code_version()}
+
+
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name where Linux tells it, else the machine type."""
+    try:
+        with open(cpuinfo) as f:
+            names = [line.split(":", 1)[1].strip() for line in f
+                     if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.machine()
+
+
+def code_version():
+    """`git describe --always --dirty` of the folder mim.py is in; None outside git."""
+    try:
+        done = subprocess.run(["git", "describe", "--always", "--dirty"], text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def data_shape(data):
@@ -2302,8 +2372,8 @@ def fitting_data(data, cfg):
 
 
 def fit_and_test(cfg, resume, device):
-    import evaluate
-
+    evaluate = sibling("evaluate")
+    on_epoch = log_line if cfg.tensorboard is None else tensorboard_logger(cfg.tensorboard)
     data = fitting_data(load_data(cfg), cfg).to(device)
     identity = data_identity(data)
     if resume is not None:
@@ -2316,10 +2386,11 @@ def fit_and_test(cfg, resume, device):
     model = model.to(device)
     if resume is not None:
         load_weights(model, resume["model"], os.path.join(cfg.resume, "last.pt"))
-    checkpoint = save_training_state(cfg, model, data_info) if cfg.out else None
+    env = environment(device)
+    checkpoint = save_training_state(cfg, model, data_info, env) if cfg.out else None
 
     best_state, best_epoch, epochs, history = train(
-        model, objective(cfg), data.x_train, data.x_val, train_spec(cfg), on_epoch=log_line,
+        model, objective(cfg), data.x_train, data.x_val, train_spec(cfg), on_epoch=on_epoch,
         binarize=data.dynamic, checkpoint=checkpoint, resume=resume,
         diagnose=evaluate.epoch_diagnostics(data), on_batch=Progress())
     model.load_state_dict(best_state)
@@ -2331,7 +2402,7 @@ def fit_and_test(cfg, resume, device):
                "train_seconds": sum(row["seconds"] for row in history)}
     if cfg.out:
         save_run_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info)
-        write_json(os.path.join(cfg.out, "results.json"), results)
+        write_json(os.path.join(cfg.out, "results.json"), {**results, "environment": env})
     return results
 
 
@@ -2369,7 +2440,26 @@ def log_line(row):
           flush=True)
 
 
-def save_training_state(cfg, model, data_info):
+def tensorboard_logger(folder):
+    """on_epoch for --tensorboard: log_line, and each number of the epoch's row as a
+    TensorBoard scalar at step = epoch. The package is imported only here."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install "
+                         "tensorboard, or leave the flag out") from None
+    writer = SummaryWriter(folder)
+
+    def on_epoch(row):
+        log_line(row)
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                writer.add_scalar(key, value, row["epoch"])
+        writer.flush()
+    return on_epoch
+
+
+def save_training_state(cfg, model, data_info, env):
     """The per-epoch checkpoint: log.csv with every epoch so far and last.pt always,
     best.pt when validation improved. The folder changes only from the first epoch on:
     then config.json is written and a replaced run's other outputs removed."""
@@ -2381,7 +2471,8 @@ def save_training_state(cfg, model, data_info):
             for name in (n for n in RUN_OUTPUTS if not (cfg.resume and n == "best.pt")):
                 if os.path.exists(os.path.join(cfg.out, name)):
                     os.remove(os.path.join(cfg.out, name))
-            write_json(os.path.join(cfg.out, "config.json"), dataclasses.asdict(cfg))
+            write_json(os.path.join(cfg.out, "config.json"),
+                       {**dataclasses.asdict(cfg), "environment": env})
             started = True
         write_csv(os.path.join(cfg.out, "log.csv"), state["progress"]["history"])
         if improved:
@@ -2415,8 +2506,8 @@ def first_test_points(data, n):
 
 
 def run_title(cfg):
-    arch = f"h={cfg.hidden}" if cfg.arch == "mlp" else cfg.arch
-    return f"{cfg.loss.upper()} {arch}"
+    arch = f"MLP, {cfg.hidden} hidden" if cfg.arch == "mlp" else cfg.arch
+    return f"{cfg.loss.upper()}, {cfg.data}, {arch}, seed {cfg.seed}"
 
 
 def load_run(run_dir, device, data_dir=None):
@@ -2451,10 +2542,16 @@ def evaluate_run(evaluate, run_dir, device, args):
                                         max_batch, with_posterior_stats=True, ais=ais)
     results.update(test_size=len(data.x_test),
                    knn_train_size=len(data.x_train[:args.knn_train]))
-    write_json(os.path.join(run_dir, "eval.json"), results)
+    write_json(os.path.join(run_dir, "eval.json"), {**results,
+                                                    "environment": environment(device)})
     print(f"{run_dir}:\n{evaluate.format_results(results)}", flush=True)
-    for name, png in evaluate.run_figures(model, data, run_title(cfg)).items():
-        write_bytes(os.path.join(run_dir, name), png)
+    figures = evaluate.run_figures(model, data, run_title(cfg))
+    if os.path.exists(os.path.join(run_dir, "log.csv")):
+        figures["training.png"] = evaluate.training_figure(os.path.join(run_dir, "log.csv"),
+                                                           run_title(cfg))
+    for name, png in figures.items():
+        if png is not None:
+            write_bytes(os.path.join(run_dir, name), png)
     return results
 
 
@@ -2550,8 +2647,7 @@ def check_evaluate_args(parser, args):
 
 
 def evaluate_main(argv):
-    import evaluate
-
+    evaluate = sibling("evaluate")
     parser = evaluate_parser(evaluate)
     args = parser.parse_args(argv)
     check_evaluate_args(parser, args)
@@ -2600,8 +2696,7 @@ def main(argv=None):
         sys.exit(128 + signal.SIGTERM)
     finally:  # main may be called in-process (tests): leave SIGTERM as it was
         signal.signal(signal.SIGTERM, previous)
-    import evaluate
-    print(evaluate.format_results(results))
+    print(sibling("evaluate").format_results(results))
 
 
 if __name__ == "__main__":

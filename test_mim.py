@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import re
 import shutil
 import signal
@@ -1236,14 +1237,18 @@ def test_mim_py_copied_alone_imports_nothing_else_and_trains_a_toy_model(tmp_pat
 
 
 def local_imports(path, names):
-    """The names in `names` that the file imports anywhere, inside functions too."""
+    """The names in `names` (all, for None) that the file imports anywhere, inside
+    functions too, by an import statement or by mim.sibling("name")."""
     found = set()
     for node in ast.walk(ast.parse(open(path).read())):
-        if isinstance(node, ast.Import):
+        if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "sibling"
+                and isinstance(node.args[0], ast.Constant)):
+            found.add(node.args[0].value)
+        elif isinstance(node, ast.Import):
             found |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module.split(".")[0])
-    return found & names
+    return found if names is None else found & names
 
 
 def test_no_import_circle_among_the_top_level_modules():
@@ -1258,6 +1263,111 @@ def test_no_import_circle_among_the_top_level_modules():
         return any(n == target or (n not in seen and reaches(n, target, (*seen, n)))
                    for n in graph[start])
     assert not [m for m in modules if reaches(m, m)]
+
+
+DISTRIBUTION_OF_MODULE = {"sklearn": "scikit-learn"}      # where the two names differ
+
+
+def test_requirements_list_every_module_the_project_imports():
+    """Every module imported anywhere in the project's .py files (inside functions too)
+    that is neither the standard library's nor the project's own is in requirements.txt."""
+    own = {os.path.splitext(f)[0] for f in os.listdir(HERE) if f.endswith(".py")}
+    wanted = set()
+    for name in own:
+        wanted |= local_imports(os.path.join(HERE, name + ".py"), None)
+    wanted = {DISTRIBUTION_OF_MODULE.get(m, m) for m in wanted - own
+              if m not in sys.stdlib_module_names}
+    with open(os.path.join(HERE, "requirements.txt")) as f:
+        listed = {re.split(r"[<>=!~ \[;]", line.strip())[0].lower() for line in f
+                  if line.strip() and not line.startswith("#")}
+    assert "torch" in wanted and not wanted - listed, sorted(wanted - listed)
+
+
+def test_runs_record_their_environment(tmp_path):
+    """config.json, results.json and eval.json say where the run ran: versions, CPU,
+    threads, device and the checkout's code version (git describe, as git prints it)."""
+    run = str(tmp_path / "run")
+    mim.main(["--hidden", "8", "--epochs", "2", "--nll-samples", "8", "--device", "cpu",
+              "--out", run])
+    mim.main(["evaluate", run, "--nll-samples", "4", "--test-size", "20", "--device", "cpu"])
+    described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=HERE,
+                               capture_output=True, text=True)
+    for name in ("config.json", "results.json", "eval.json"):
+        with open(os.path.join(run, name)) as f:
+            env = json.load(f)["environment"]
+        assert env["torch"] == torch.__version__ and env["numpy"] == np.__version__
+        assert env["python"] == platform.python_version() and env["device"] == "cpu"
+        assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert env["threads"] == torch.get_num_threads() and env["cpu"]
+        expected = described.stdout.strip() if described.returncode == 0 else None
+        assert env["code_version"] == expected
+
+
+class FakeSummaryWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter: records the scalars."""
+    scalars = []
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def add_scalar(self, key, value, step):
+        self.scalars.append((self.folder, key, value, step))
+
+    def flush(self):
+        pass
+
+
+def test_tensorboard_logs_every_number_of_each_epoch_or_refuses_in_one_line(
+        tmp_path, monkeypatch, capsys):
+    run, board = str(tmp_path / "run"), str(tmp_path / "board")
+    flags = ["--hidden", "8", "--epochs", "2", "--nll-samples", "8", "--tensorboard", board]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
+    mim.main(flags + ["--out", run])
+    with open(os.path.join(run, "log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    logged = {(key, step): value for folder, key, value, step in FakeSummaryWriter.scalars}
+    assert {folder for folder, *_ in FakeSummaryWriter.scalars} == {board}
+    assert len(logged) == sum(len(row) - 1 for row in rows) and len(rows) == 2
+    for row in rows:
+        for key in ("train_loss", "val_loss", "seconds"):
+            assert logged[(key, int(row["epoch"]))] == pytest.approx(float(row[key]), rel=1e-5)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)    # not installed
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        mim.main(flags + ["--out", str(tmp_path / "other")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1
+    assert "--tensorboard needs the tensorboard package: pip install tensorboard" in err
+    assert not os.path.exists(tmp_path / "other")
+
+
+SHADOWED = """
+import os, sys
+sys.path.insert(0, os.path.abspath("standins"))
+import datasets, evaluate                # the stand-ins, as a notebook may have imported
+sys.path.append(sys.argv[1])
+import mim
+try:
+    mim.main(["--hidden", "8", "--epochs", "2", "--nll-samples", "8", "--out", "run"])
+    mim.main(["evaluate", "run", "--nll-samples", "4", "--test-size", "50"])
+except SystemExit as e:
+    sys.exit(e.code)
+print(datasets.NAME, evaluate.NAME, sorted(k for k in sys.modules if k.startswith("_mim_")))
+"""
+
+
+def test_packages_named_datasets_or_evaluate_do_not_shadow_the_repositorys(tmp_path):
+    """Stand-ins for Hugging Face's `datasets` and `evaluate`, first on sys.path and
+    imported before mim: training and `mim.py evaluate` still use this checkout's files."""
+    for name in ("datasets", "evaluate"):
+        (tmp_path / "standins" / name).mkdir(parents=True)
+        (tmp_path / "standins" / name / "__init__.py").write_text(f"NAME = 'stand-in'\n")
+    proc = subprocess.run([sys.executable, "-c", SHADOWED, HERE], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[-2] == "stand-in stand-in ['_mim_datasets', '_mim_evaluate']"
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["test_size"] == 50
 
 
 @pytest.mark.parametrize("loss", ["vae", "mim", "critic-hybrid"])
@@ -1579,6 +1689,28 @@ def test_summary_is_mean_and_std_over_seeds(tmp_path):
     assert table[("vae",)]["test_mi_ksg"][0] == pytest.approx(2.0)
     assert table[("vae",)]["test_nll_tight"] == pytest.approx((75.0, 0.0, 1))
 
+
+def test_summary_names_where_metrics_came_from_and_marks_mixed_estimators(tmp_path):
+    """Seed 1's NLL from eval.json at S = 50, seed 2's from results.json at S = 1000: the
+    group is marked MIXED with both sample counts; --x seed explains why nothing is drawn."""
+    for seed, nll, samples in [(1, 2.216, 50), (2, 2.141, 1000)]:
+        run = tmp_path / f"s{seed}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps(vars(mim.Config(seed=seed))))
+        (run / "results.json").write_text(json.dumps({"test_nll": 2.141, "nll_samples": 1000}))
+        if seed == 1:
+            (run / "eval.json").write_text(json.dumps({"test_nll": nll, "nll_samples": samples}))
+    runs = evaluate.load_runs(tmp_path)
+    text, png = evaluate.summary(runs, "seed")
+    assert png is None and "nll_samples MIXED 50 / 1000" in text
+    assert "metrics_from MIXED eval.json, else results.json / results.json" in text
+    assert "MIXED: the seeds of that group were measured differently" in text
+    assert text.splitlines()[-1].startswith("no plot: seed does not vary between these "
+                                            "groups (what varies: nothing but the seed")
+    assert evaluate.summarize(runs)[1][()]["test_nll"][0] == pytest.approx((2.216 + 2.141) / 2)
+    (tmp_path / "s1" / "eval.json").unlink()
+    text, _ = evaluate.summary(evaluate.load_runs(tmp_path))
+    assert "MIXED" not in text and "nll_samples 1000" in text
 
 def tiny_binary_model(z_dim=4, x_dim=16, seed=0):
     torch.manual_seed(seed)
@@ -2304,11 +2436,33 @@ def test_cli_trains_and_writes_its_files(trained_run):
 
 
 def test_evaluate_cli_plots_a_trained_run(trained_run):
+    """fig1.png, and training.png from its log.csv (a run made by toy2d_run has none)."""
     out, _ = trained_run
     proc = subprocess.run([sys.executable, os.path.join(HERE, "mim.py"), "evaluate", str(out),
                            "--nll-samples", "10"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert (out / "fig1.png").read_bytes()[:4] == b"\x89PNG"
+    for png in ("fig1.png", "training.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_training_figure_draws_a_panel_per_logged_quantity(tmp_path, monkeypatch):
+    """Loss (2 lines), MI, active units (one line per latent group) and 5-NN; no
+    figure for a log without rows."""
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,train_loss,val_loss,val_mi_batch,val_au_z1,val_au_z2,val_knn5_mean\n"
+                   "1,5.0,4.0,0.1,3,0,0.5\n2,4.0,3.5,0.2,4,1,0.6\n")
+    drawn = []
+    monkeypatch.setattr(evaluate, "png_bytes", lambda fig: drawn.append(
+        [(ax.get_title(), ax.get_ylabel(), [l.get_label() for l in ax.get_lines()])
+         for ax in fig.axes]) or b"png")
+    assert evaluate.training_figure(log, "MIM") == b"png"
+    assert drawn[0] == [
+        ("loss", "nats", ["train (warm-up weights)", "validation (full weights)"]),
+        ("MI (minibatch), validation", "nats", ["estimate"]),
+        ("active units, validation", "units", ["z1", "z2"]),
+        ("5-NN accuracy, encoder means", "fraction", ["validation"])]
+    log.write_text("epoch,train_loss\n")
+    assert evaluate.training_figure(log, "MIM") is None
 
 
 @pytest.mark.parametrize("flags,native", [

@@ -1283,9 +1283,12 @@ def test_requirements_list_every_module_the_project_imports():
     assert "torch" in wanted and not wanted - listed, sorted(wanted - listed)
 
 
-def test_runs_record_their_environment(tmp_path):
+def test_runs_record_their_environment(tmp_path, monkeypatch):
     """config.json, results.json and eval.json say where the run ran: versions, CPU,
-    threads, device and the checkout's code version (git describe, as git prints it)."""
+    threads (one for the MLP without OMP_NUM_THREADS; the process's count comes back
+    afterwards), device and the checkout's code version (git describe, as git prints it)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
     run = str(tmp_path / "run")
     mim.main(["--hidden", "8", "--epochs", "2", "--nll-samples", "8", "--device", "cpu",
               "--out", run])
@@ -1301,9 +1304,15 @@ def test_runs_record_their_environment(tmp_path):
         assert env["torch"] == torch.__version__ and env["numpy"] == np.__version__
         assert env["python"] == platform.python_version() and env["device"] == "cpu"
         assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-        assert env["threads"] == torch.get_num_threads() and env["cpu"]
+        assert env["threads"] == mim.MLP_THREADS and env["cpu"]
         expected = described.stdout.strip() if described.returncode == 0 else None
         assert env["code_version"] == expected
+    assert torch.get_num_threads() == threads
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))         # the user's choice stands
+    mim.main(["--hidden", "8", "--epochs", "1", "--nll-samples", "8", "--device", "cpu",
+              "--out", run, "--overwrite"])
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["environment"]["threads"] == threads
 
 
 class FakeSummaryWriter:

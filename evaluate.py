@@ -715,11 +715,12 @@ def measured_with(runs, varying):
         group = seen.setdefault(tuple(cfg[k] for k in varying), {})
         for k in MEASURED_WITH:
             group.setdefault(k, set()).add(json.dumps(res.get(k)))
-    def text(values):
+    def text(name, values):
         values = sorted(json.loads(v) for v in values if v != "null")
-        return (str(values[0]) if len(values) == 1 else
-                "MIXED " + " / ".join(map(str, values)) if values else "-")
-    return {key: "; ".join(f"{k} {text(v)}" for k, v in how.items() if text(v) != "-")
+        if len(values) > 1:
+            return f"{name} MIXED " + " / ".join(map(str, values))
+        return f"{name} {values[0]}" if values else None
+    return {key: "; ".join(filter(None, (text(k, v) for k, v in how.items())))
             for key, how in seen.items()}
 
 
@@ -770,6 +771,9 @@ def plot_summary(varying, table, metrics, x_key, columns=4, title="", n_seeds=""
     for key, row in table.items():
         name = ", ".join(str(v) for i, v in enumerate(key) if i != xi)
         series.setdefault(name, []).append((key[xi], row))
+    xs = [key[xi] for key in table]
+    log_x = (all(isinstance(v, (int, float)) and v > 0 for v in xs)
+             and max(xs) >= LOG_AXIS_RATIO * min(xs))
     rows = math.ceil(len(metrics) / columns)
     fig, axes = plt.subplots(rows, min(columns, len(metrics)), squeeze=False,
                              figsize=(4 * min(columns, len(metrics)), 3.4 * rows))
@@ -782,9 +786,7 @@ def plot_summary(varying, table, metrics, x_key, columns=4, title="", n_seeds=""
                         linestyle="none" if categories else "-")
             if categories:
                 ax.tick_params(axis="x", labelrotation=60)
-        xs = [k[xi] for k in table]
-        if (all(isinstance(v, (int, float)) and v > 0 for v in xs)
-                and max(xs) >= LOG_AXIS_RATIO * min(xs)):
+        if log_x:
             ax.set_xscale("log")
         label, unit = describe(m)
         ax.set(title=label or m, xlabel=x_key, ylabel=unit)

@@ -2272,20 +2272,19 @@ def run(cfg, overrides=("device",)):
         cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))
     cfg, resume = resumed_config(cfg, overrides) if cfg.resume else (cfg, None)
     cfg = checked_amp(cfg, device)
-    if not cfg.out:
-        with default_threads(cfg.arch, device):
+    with default_threads(cfg.arch, device):
+        if not cfg.out:
             return fit_and_test(cfg, resume, device)
-    lock, created = claim_folder(cfg.out, replace=cfg.resume or cfg.overwrite)
-    try:
-        with default_threads(cfg.arch, device):
+        lock, created = claim_folder(cfg.out, replace=cfg.resume or cfg.overwrite)
+        try:
             return fit_and_test(cfg, resume, device)
-    except BaseException:
-        if created and not os.listdir(cfg.out):  # stopped before its first epoch
-            os.rmdir(cfg.out)
-        raise
-    finally:
-        if lock is not None:
-            os.close(lock)
+        except BaseException:
+            if created and not os.listdir(cfg.out):  # stopped before its first epoch
+                os.rmdir(cfg.out)
+            raise
+        finally:
+            if lock is not None:
+                os.close(lock)
 
 
 MLP_THREADS = 1   # CPU threads of an MLP run where OMP_NUM_THREADS is not set: as fast as
@@ -2552,27 +2551,23 @@ def evaluate_run(evaluate, run_dir, device, args):
     it costs steps x leapfrog passes of the decoder with gradients per chain."""
     model, cfg, data = load_run(run_dir, device, args.data_dir)
     with default_threads(cfg.arch, device):
-        return evaluated_run(evaluate, run_dir, device, args, model, cfg, data)
-
-
-def evaluated_run(evaluate, run_dir, device, args, model, cfg, data):
-    data = first_test_points(data, args.test_size).to(device)
-    ais = evaluate.AIS(args.ais_steps, args.ais_chains, args.ais_leapfrog, args.ais_points,
-                       args.ais_inflate)
-    max_batch = args.max_batch or eval_rows(device, data.x_dim)
-    torch.manual_seed(EVAL_SEED)       # the same draws for the same run and flags
-    with contextlib.nullcontext() if args.tf32 else full_precision_math():
-        results = evaluate.test_metrics(model, data, args.nll_samples, args.knn_train,
-                                        max_batch, with_posterior_stats=True, ais=ais)
-    results.update(test_size=len(data.x_test),
-                   knn_train_size=len(data.x_train[:args.knn_train]))
-    write_json(os.path.join(run_dir, "eval.json"), {**results,
-                                                    "environment": environment(device)})
-    print(f"{run_dir}:\n{evaluate.format_results(results)}", flush=True)
-    figures = evaluate.run_figures(model, data, run_title(cfg))
-    if os.path.exists(os.path.join(run_dir, "log.csv")):
-        figures["training.png"] = evaluate.training_figure(os.path.join(run_dir, "log.csv"),
-                                                           run_title(cfg))
+        data = first_test_points(data, args.test_size).to(device)
+        ais = evaluate.AIS(args.ais_steps, args.ais_chains, args.ais_leapfrog,
+                           args.ais_points, args.ais_inflate)
+        max_batch = args.max_batch or eval_rows(device, data.x_dim)
+        torch.manual_seed(EVAL_SEED)       # the same draws for the same run and flags
+        with contextlib.nullcontext() if args.tf32 else full_precision_math():
+            results = evaluate.test_metrics(model, data, args.nll_samples, args.knn_train,
+                                            max_batch, with_posterior_stats=True, ais=ais)
+        results.update(test_size=len(data.x_test),
+                       knn_train_size=len(data.x_train[:args.knn_train]))
+        write_json(os.path.join(run_dir, "eval.json"),
+                   {**results, "environment": environment(device)})
+        print(f"{run_dir}:\n{evaluate.format_results(results)}", flush=True)
+        title, log = run_title(cfg), os.path.join(run_dir, "log.csv")
+        figures = evaluate.run_figures(model, data, title)
+        if os.path.exists(log):
+            figures["training.png"] = evaluate.training_figure(log, title)
     for name, png in figures.items():
         if png is not None:
             write_bytes(os.path.join(run_dir, name), png)

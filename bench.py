@@ -19,6 +19,10 @@ measured in this run, on this machine, except the one labelled as the authors' c
                the ratio of their FLOPs
     scaling    step time against batch size (convhvae, vamp, vae, fast)
     nll        test images/s of the IWAE NLL at S = 5000 (convhvae, vamp), plain and fast
+    threads    (CPU) one epoch of the toy MLP (toy2d, MIM, hidden 50) and one fast step of
+               the convHVAE + VampPrior MIM at batch 128, each with 1 thread and with all
+               cores, beside the count the command line takes where OMP_NUM_THREADS is
+               unset (mim.default_threads) and that count's time over the faster one's
     ksg        ksg_mi against a per-point loop (one tree query per point, as NPEET and
                the authors' code do) on the same data, N = 1k, 10k, 100k, d = 2+2, 20+20
 
@@ -41,6 +45,7 @@ from scipy.spatial import cKDTree
 from scipy.special import digamma
 from torch.utils.flop_counter import FlopCounterMode
 
+import datasets
 import evaluate
 import mim
 
@@ -48,8 +53,7 @@ BATCH = 128
 IMAGE = (1, 28, 28)
 X_DIM = math.prod(IMAGE)
 # The authors' code (seraphlabs-ca/MIM), batch 128, convHVAE: images/s of one training
-# step, measured for issue 5 on another machine (a 2-core AMD EPYC, torch 2.13), not in
-# this run; their NLL took 33 s per image there. x_authors divides by these.
+# step, measured once on another machine (a 2-core AMD EPYC, torch 2.13), not in this run; their NLL took 33 s per image there. x_authors divides by these.
 AUTHORS_IMAGES_PER_S = {("vae", "vamp"): 55, ("amim", "vamp"): 55, ("mim", "vamp"): 27,
                         ("vae", "normal"): 110}
 AUTHORS_NLL_S_PER_IMAGE = 33.0
@@ -207,6 +211,53 @@ def nll_row(device, peaks, images, plain_s):
     return row
 
 
+def all_cores():
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def seconds_with_threads(fn, threads, warmup, repeats):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return median_seconds(fn, torch.device("cpu"), warmup, repeats)
+    finally:
+        torch.set_num_threads(before)
+
+
+def toy_epoch():
+    """One epoch of `python mim.py`'s model and objective on toy2d, as a callable."""
+    data = datasets.load_dataset("toy2d")
+    torch.manual_seed(0)
+    model = mim.build_model(mim.ModelSpec(x_dim=data.x_dim), x_init=data.x_train)
+    spec = mim.TrainSpec()
+    opt = mim.optimizer(model, spec)
+    return functools.partial(mim.train_epoch, model, mim.mim_loss, opt, data.x_train, spec,
+                             epoch=spec.warmup + 1)
+
+
+def thread_rows(warmup, repeats):
+    """1 thread against all cores for the MLP and an image model, and the default's cost:
+    the rule in mim.default_threads should pick the faster count (or one within noise)."""
+    cores = all_cores()
+    x = torch.bernoulli(torch.full((BATCH, X_DIM), 0.3))
+    image_step = step_function(image_model("convhvae", "vamp", torch.device("cpu")), "mim",
+                               False, x)
+    rows = []
+    for arch, what, fn in (("mlp", "toy2d MIM epoch, hidden 50", toy_epoch()),
+                           ("convhvae", "convHVAE + VampPrior MIM step, batch 128",
+                            image_step)):
+        one = seconds_with_threads(fn, 1, warmup, repeats)
+        full = seconds_with_threads(fn, cores, warmup, repeats)
+        with mim.default_threads(arch, torch.device("cpu")):
+            default = torch.get_num_threads()
+        chosen = one if default == 1 else full if default == cores else float("nan")
+        rows.append({"what": what, "s_1_thread": one, f"s_{cores}_threads": full,
+                     "speed_up_all": one / full, "default_threads": default,
+                     "default_over_best": chosen / min(one, full)})
+    return rows
+
+
 def mim_vs_vae(rows):
     """Per setting: MIM's step time over the VAE's, beside the ratio of their FLOPs; equal
     ratios mean MIM's extra work runs as efficiently as the VAE's."""
@@ -348,6 +399,10 @@ def main(argv=None):
     print_table("scaling", report["scaling"])
     report["nll"] = [nll_row(device, report["peak"], nll_images, plain_nll)]
     print_table("nll", report["nll"])
+    if device.type == "cpu" and all_cores() > 1:
+        report["threads"] = thread_rows(warmup, repeats)
+        print_table("threads (seconds; default_threads: what mim.py takes where "
+                    "OMP_NUM_THREADS is unset)", report["threads"])
     sizes = (1_000, 10_000) if args.quick else (1_000, 10_000, 100_000)
     report["ksg"] = [ksg_row(n, d, loop_points=10_000) for d in (2, 20) for n in sizes]
     print_table("ksg (seconds)", report["ksg"])

@@ -15,10 +15,10 @@
     consistency_1d         App. F.2: do the marginals of encoder and decoder match the priors?
     test_metrics           the metrics of one trained model on the test split
 
-Figures (Fig. 1, 5, 7-8, 12 and summaries over seeds) come back as PNG file contents:
-this file writes nothing. It does not import mim.py either: it uses a model through its
-interface (q_z_given_x, p_x_given_z, p_z(), anchor_z, q_x, z_dim, latent_groups), and
-mim.py's command line runs it on trained runs:
+Figures (Fig. 1, 5, 7-8, 12, training curves and summaries over seeds) come back as
+file contents (PNG, PDF or SVG): this file writes nothing. It does not import mim.py
+either: it uses a model through its interface (q_z_given_x, p_x_given_z, p_z(), anchor_z,
+q_x, z_dim, latent_groups), and mim.py's command line runs it on trained runs:
 
     python mim.py evaluate RUN_DIR [RUN_DIR ...] [--nll-samples S] [--ais-steps T] ...
     python mim.py evaluate --summary DIR [--x hidden]
@@ -749,10 +749,15 @@ def pyplot():
     return plt
 
 
-def png_bytes(fig, dpi=120):
-    """The figure as PNG file contents; the figure is closed."""
+FIGURE_DPI = 120       # pixels per inch of a PNG; image grids and Fig. 1 use MOSAIC_DPI
+MOSAIC_DPI = 150
+
+
+def figure_bytes(fig, fmt="png"):
+    """The figure as the contents of a file of format fmt (png, pdf, svg: any that
+    matplotlib writes), at the figure's own dpi; the figure is closed."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.savefig(buffer, format=fmt)
     pyplot().close(fig)
     return buffer.getvalue()
 
@@ -775,7 +780,7 @@ def plot_summary(varying, table, metrics, x_key, columns=4, title="", n_seeds=""
     log_x = (all(isinstance(v, (int, float)) and v > 0 for v in xs)
              and max(xs) >= LOG_AXIS_RATIO * min(xs))
     rows = math.ceil(len(metrics) / columns)
-    fig, axes = plt.subplots(rows, min(columns, len(metrics)), squeeze=False,
+    fig, axes = plt.subplots(rows, min(columns, len(metrics)), squeeze=False, dpi=FIGURE_DPI,
                              figsize=(4 * min(columns, len(metrics)), 3.4 * rows))
     for ax, m in zip(axes.flat, metrics):
         for name, points in series.items():
@@ -799,9 +804,10 @@ def plot_summary(varying, table, metrics, x_key, columns=4, title="", n_seeds=""
     return fig
 
 
-def summary(runs, x_key=None):
+def summary(runs, x_key=None, fmt="png"):
     """The markdown table of mean and std over seeds of runs (load_runs) and, where x_key
-    varies between them, a PNG of every metric against it (else None)."""
+    varies between them, a figure (file contents of format fmt) of every metric against
+    it (else None)."""
     varying, table = summarize(runs)
     metrics = [m for m in METRICS if m in runs[0][1]] + sorted(
         m for m in runs[0][1] if m.startswith(("ks_", AU_PREFIX)))
@@ -819,9 +825,9 @@ def summary(runs, x_key=None):
     seeds = sorted({row[m][2] for row in table.values() for m in row})
     n_seeds = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
     with pyplot().rc_context({"font.size": FIGURE_FONT}):
-        png = png_bytes(plot_summary(varying, table, plotted, x_key, title=title,
-                                     n_seeds=n_seeds))
-    return text, png
+        figure = figure_bytes(plot_summary(varying, table, plotted, x_key, title=title,
+                                           n_seeds=n_seeds), fmt)
+    return text, figure
 
 
 # ----------------------------------------------------------------------------------------
@@ -841,7 +847,7 @@ def plot_toy2d(model, data, title, n_points=300):
     grid = torch.linspace(-2, 2, 200)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
     density = data.anchor.log_prob(torch.stack([gx, gy], -1).view(-1, 2)).exp().view(200, 200)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.2, 8.4))
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.2, 8.4), dpi=MOSAIC_DPI)
     top.contour(gx, gy, density, levels=6, colors="k", linewidths=0.6)
     top.plot([], [], "k", lw=0.6, label="level sets of P(x)")
     top.scatter(xhat[:, 0], xhat[:, 1], s=3, c="r",
@@ -860,7 +866,7 @@ def plot_toy2d(model, data, title, n_points=300):
                xlabel="$z_1$", ylabel="$z_2$")
     bottom.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    return png_bytes(fig, dpi=150)
+    return fig
 
 
 @torch.no_grad()
@@ -878,7 +884,8 @@ def plot_consistency_1d(model, data, title, n=50_000):
         rows.append(("priors", model.p_x_given_z(model.p_z().sample((n,))).sample(),
                      model.q_z_given_x(model.q_x().sample((n,))).sample(),
                      model.q_x().log_prob(v).exp(), model.p_z().log_prob(v).exp(), "rb"))
-    fig, axes = plt.subplots(2, len(rows), figsize=(4.6 * len(rows), 6.4), squeeze=False)
+    fig, axes = plt.subplots(2, len(rows), figsize=(4.6 * len(rows), 6.4), squeeze=False,
+                             dpi=FIGURE_DPI)
     names = {("anchored", "x"): ("decoder marginal of z ~ P(z)", "anchor P(x)"),
              ("anchored", "z"): ("encoder marginal of x ~ P(x)", "anchor P(z)"),
              ("priors", "x"): ("decoder marginal of z ~ p(z)", "prior q(x)"),
@@ -895,7 +902,7 @@ def plot_consistency_1d(model, data, title, n=50_000):
             ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(f"{title}: marginals, {n} samples each")
     fig.tight_layout()
-    return png_bytes(fig, dpi=120)
+    return fig
 
 
 TSNE_POINTS = 2000      # test codes in tsne.png: t-SNE costs O(N log N) and 2,000 points
@@ -921,12 +928,12 @@ def plot_tsne(z, y, title, n_points=TSNE_POINTS, seed=TSNE_SEED):
     with threadpool_limits(limits=1, user_api="openmp"):
         xy = TSNE(n_components=2, perplexity=perplexity, init="pca",
                   random_state=seed).fit_transform(z)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=FIGURE_DPI)
     for label in np.unique(y):
         ax.scatter(*xy[y == label].T, s=2, color=plt.cm.tab10(int(label) % 10), label=str(label))
     ax.legend(markerscale=4, fontsize=7, loc="best")
     ax.set(title=f"{title}: t-SNE of {len(z)} test codes", xticks=[], yticks=[])
-    return png_bytes(fig)
+    return fig
 
 
 def image_mosaic(rows, image_shape, pad=1):
@@ -947,11 +954,11 @@ def plot_mosaic(rows, image_shape, title):
     grid = image_mosaic(rows, image_shape)
     height, width = grid.shape[:2]
     fig, ax = plt.subplots(figsize=(INCHES_PER_PIXEL * width,
-                                    INCHES_PER_PIXEL * height + TITLE_INCHES))
+                                    INCHES_PER_PIXEL * height + TITLE_INCHES), dpi=MOSAIC_DPI)
     ax.imshow(np.clip(grid, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set(title=title, xticks=[], yticks=[])
     fig.tight_layout()
-    return png_bytes(fig, dpi=150)
+    return fig
 
 
 def decoded_images(p_x_given_z):
@@ -989,9 +996,9 @@ TRAINING_PANELS = (
 )
 
 
-def training_figure(log_csv, title):
-    """training.png from a run's log.csv (None if it has no rows): each panel of
-    TRAINING_PANELS that the log has, against the epoch."""
+def training_figure(log_csv, title, fmt="png"):
+    """training.png (or .pdf, .svg: fmt) from a run's log.csv, as file contents (None if
+    it has no rows): each panel of TRAINING_PANELS that the log has, against the epoch."""
     with open(log_csv) as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -1006,7 +1013,7 @@ def training_figure(log_csv, title):
     epochs = [int(r["epoch"]) for r in rows]
     with plt.rc_context({"font.size": FIGURE_FONT}):
         fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8),
-                                 squeeze=False)
+                                 squeeze=False, dpi=FIGURE_DPI)
         for ax, (name, unit, lines) in zip(axes.flat, panels):
             for key, label in lines.items():
                 ax.plot(epochs, [float(r[key]) if r[key] else np.nan for r in rows],
@@ -1015,24 +1022,25 @@ def training_figure(log_csv, title):
             ax.legend(fontsize=9)
         fig.suptitle(f"{title}: training curves")
         fig.tight_layout()
-        return png_bytes(fig)
+        return figure_bytes(fig, fmt)
 
 
-def run_figures(model, data, title):
-    """The figures of one trained model, {file name: PNG contents}: Fig. 1 for 2-D toy
-    models, Fig. 12 for 1-D ones, otherwise a t-SNE of the test codes (Fig. 7-8) and,
-    for images, grids of reconstructions (Fig. 5) and samples."""
+def run_figures(model, data, title, fmt="png"):
+    """The figures of one trained model, {file name: contents of format fmt}: Fig. 1 for
+    2-D toy models, Fig. 12 for 1-D ones, otherwise a t-SNE of the test codes (Fig. 7-8)
+    and, for images, grids of reconstructions (Fig. 5) and samples."""
     model.eval()
     one_level = len(model.latent_groups) == 1
     if data.x_dim == 2 and one_level and model.z_dim == 2:
-        return {"fig1.png": plot_toy2d(model.cpu(), data.to("cpu"), title)}
-    if data.x_dim == 1 and one_level and model.z_dim == 1:
-        return {"consistency.png": plot_consistency_1d(model.cpu(), data.to("cpu"), title)}
-    x = data.x_test[:TSNE_POINTS]
-    figures = {"tsne.png": plot_tsne(encode(model, x).cpu(), data.y_test[:TSNE_POINTS].cpu(),
+        figures = {"fig1": plot_toy2d(model.cpu(), data.to("cpu"), title)}
+    elif data.x_dim == 1 and one_level and model.z_dim == 1:
+        figures = {"consistency": plot_consistency_1d(model.cpu(), data.to("cpu"), title)}
+    else:
+        x = data.x_test[:TSNE_POINTS]
+        figures = {"tsne": plot_tsne(encode(model, x).cpu(), data.y_test[:TSNE_POINTS].cpu(),
                                      title)}
-    if data.image_shape is not None:
-        figures["reconstructions.png"] = plot_reconstructions(model, x[:RECON_COLUMNS],
+        if data.image_shape is not None:
+            figures["reconstructions"] = plot_reconstructions(model, x[:RECON_COLUMNS],
                                                               data.image_shape, title)
-        figures["samples.png"] = plot_samples(model, data.image_shape, title)
-    return figures
+            figures["samples"] = plot_samples(model, data.image_shape, title)
+    return {f"{name}.{fmt}": figure_bytes(fig, fmt) for name, fig in figures.items()}

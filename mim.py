@@ -1695,9 +1695,10 @@ class UsageError(Exception):
 
 # What a finished run adds to its folder after training (then the evaluate command), removed
 # when --overwrite replaces the run; config.json, log.csv and last.pt are rewritten.
-RUN_OUTPUTS = ("best.pt", "results.json", "eval.json", "gradient_noise.json", "fig1.png",
-               "consistency.png", "tsne.png", "reconstructions.png", "samples.png",
-               "training.png")
+FIGURE_FORMATS = ("png", "pdf", "svg")    # mim.py evaluate --format
+RUN_OUTPUTS = ("best.pt", "results.json", "eval.json", "gradient_noise.json",
+               *(f"{name}.{fmt}" for name in ("fig1", "consistency", "tsne", "reconstructions",
+                                              "samples", "training") for fmt in FIGURE_FORMATS))
 
 
 RUN_FILE_STEMS = {name.split(".")[0] for name in ("config.json", "log.csv", "last.pt",
@@ -2565,12 +2566,13 @@ def evaluate_run(evaluate, run_dir, device, args):
                    {**results, "environment": environment(device)})
         print(f"{run_dir}:\n{evaluate.format_results(results)}", flush=True)
         title, log = run_title(cfg), os.path.join(run_dir, "log.csv")
-        figures = evaluate.run_figures(model, data, title)
+        figures = evaluate.run_figures(model, data, title, args.format)
         if os.path.exists(log):
-            figures["training.png"] = evaluate.training_figure(log, title)
-    for name, png in figures.items():
-        if png is not None:
-            write_bytes(os.path.join(run_dir, name), png)
+            figures[f"training.{args.format}"] = evaluate.training_figure(log, title,
+                                                                          args.format)
+    for name, contents in figures.items():
+        if contents is not None:
+            write_bytes(os.path.join(run_dir, name), contents)
     return results
 
 
@@ -2594,12 +2596,13 @@ def gradient_noise_run(run_dir, device, repeats):
     return table
 
 
-def write_summary(evaluate, folder, x_key):
-    """DIR/summary.md (and summary.png when x_key varies) over DIR/*/results.json."""
-    text, png = evaluate.summary(evaluate.load_runs(folder), x_key)
+def write_summary(evaluate, folder, x_key, fmt="png"):
+    """DIR/summary.md (and summary.png, .pdf or .svg when x_key varies) over
+    DIR/*/results.json."""
+    text, figure = evaluate.summary(evaluate.load_runs(folder), x_key, fmt)
     write_text(os.path.join(folder, "summary.md"), text)
-    if png is not None:
-        write_bytes(os.path.join(folder, "summary.png"), png)
+    if figure is not None:
+        write_bytes(os.path.join(folder, f"summary.{fmt}"), figure)
     return text
 
 
@@ -2642,6 +2645,8 @@ def evaluate_parser(evaluate):
     parser.add_argument("--summary", metavar="DIR",
                         help="write DIR/summary.md (and .png) over DIR/*/results.json")
     parser.add_argument("--x", default="hidden", help="x-axis of the summary plot")
+    parser.add_argument("--format", choices=FIGURE_FORMATS, default=FIGURE_FORMATS[0],
+                        help="file format of every figure (default: %(default)s)")
     parser.add_argument("--gradient-noise", action="store_true",
                         help="instead of the metrics: signal and noise of each estimator of "
                              "the binary decoder samples' gradient, on each run's best.pt "
@@ -2678,7 +2683,7 @@ def evaluate_main(argv):
             else:
                 evaluate_run(evaluate, run_dir, device, args)
         if args.summary:
-            print(write_summary(evaluate, args.summary, args.x))
+            print(write_summary(evaluate, args.summary, args.x, args.format))
     except (UsageError, ValueError, OSError, KeyError) as e:
         print(f"mim.py evaluate: error: {e}", file=sys.stderr)
         sys.exit(2)

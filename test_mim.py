@@ -1979,9 +1979,23 @@ def test_run_figures_draw_the_image_figures(monkeypatch):
     assert sorted(figures) == ["reconstructions.png", "samples.png", "tsne.png"]
     for png in figures.values():
         assert png[:4] == b"\x89PNG"
-    monkeypatch.setattr(evaluate, "plot_tsne", lambda *args: b"")   # t-SNE costs seconds
+    monkeypatch.setattr(evaluate, "plot_tsne",            # t-SNE costs seconds
+                        lambda *args: evaluate.pyplot().figure())
     no_images = types.SimpleNamespace(**{**vars(data), "image_shape": None})   # as PCA data
     assert list(evaluate.run_figures(model, no_images, "MIM h=20")) == ["tsne.png"]
+
+
+@pytest.mark.parametrize("fmt,magic", [("pdf", b"%PDF"), ("svg", b"<?xml")])
+def test_figures_come_in_the_format_asked_for(fmt, magic, tmp_path):
+    """--format: every figure kind as a PDF or SVG file, named with its extension."""
+    model, data = tiny_binary_model(z_dim=4, x_dim=784), fake_image_data(n=60)
+    figures = evaluate.run_figures(model, data, "MIM", fmt)
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,train_loss,val_loss\n1,5.0,4.0\n2,4.0,3.5\n")
+    figures[f"training.{fmt}"] = evaluate.training_figure(log, "MIM", fmt)
+    assert sorted(figures) == [f"{n}.{fmt}" for n in ("reconstructions", "samples", "training",
+                                                       "tsne")]
+    assert all(contents.startswith(magic) for contents in figures.values())
 
 
 # ----------------------------------------------------------------------------------------
@@ -2455,6 +2469,12 @@ def test_evaluate_cli_plots_a_trained_run(trained_run):
     assert proc.returncode == 0, proc.stderr
     for png in ("fig1.png", "training.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "mim.py"), "evaluate", str(out),
+                           "--nll-samples", "10", "--format", "svg"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for svg in ("fig1.svg", "training.svg"):
+        assert (out / svg).read_bytes().startswith(b"<?xml")
 
 
 def test_training_figure_draws_a_panel_per_logged_quantity(tmp_path, monkeypatch):
@@ -2464,7 +2484,7 @@ def test_training_figure_draws_a_panel_per_logged_quantity(tmp_path, monkeypatch
     log.write_text("epoch,train_loss,val_loss,val_mi_batch,val_au_z1,val_au_z2,val_knn5_mean\n"
                    "1,5.0,4.0,0.1,3,0,0.5\n2,4.0,3.5,0.2,4,1,0.6\n")
     drawn = []
-    monkeypatch.setattr(evaluate, "png_bytes", lambda fig: drawn.append(
+    monkeypatch.setattr(evaluate, "figure_bytes", lambda fig, fmt: drawn.append(
         [(ax.get_title(), ax.get_ylabel(), [l.get_label() for l in ax.get_lines()])
          for ax in fig.axes]) or b"png")
     assert evaluate.training_figure(log, "MIM") == b"png"

@@ -30,6 +30,7 @@ import io
 import json
 import math
 import os
+import textwrap
 from typing import Optional
 
 import numpy as np
@@ -61,7 +62,7 @@ AU_PREFIX = "test_au_"          # test_au_<latent group>: number of active units
 # Forward passes are chunked so that no tensor of x-sized values holds more than
 # EVAL_MAX_VALUES floats (2 MiB): 668 images of 784 pixels, whose decoder activations
 # (128 maps of 28x28 per image) take 256 MiB. Smaller passes are not slower, larger ones
-# are (README, Performance). Low-dimensional x keeps the older caps.
+# are (RESULTS.md, Performance). Low-dimensional x keeps the older caps.
 EVAL_MAX_VALUES = 2 ** 19
 ENCODE_BATCH = 10_000           # points per encoder pass on low-dimensional x
 IWAE_MAX_CODES = 2 ** 20        # codes per decoder pass on low-dimensional x
@@ -84,7 +85,7 @@ KSG_CHUNK_VALUES = 2 ** 22      # pairwise distances per chunk of the brute-forc
 KSG_COUNT_LEAF = 64             # points per leaf of the trees that count marginal
                                 # neighbours: their balls hold many points, and whole
                                 # leaves count faster than deeper trees (scipy's default
-                                # is 16; README, Performance)
+                                # is 16; RESULTS.md, Performance)
 
 
 def ksg_counts_ties(x, k):
@@ -367,7 +368,7 @@ def iwae_nll(model, x, num_samples, max_batch=None):
 # ----------------------------------------------------------------------------------------
 
 AIS_STEPS = 1000                # intermediate distributions of the tight NLL (ais_nll):
-                                # the value the README's numbers use; --ais-steps asks
+                                # the value RESULTS.md's numbers use; --ais-steps asks
 AIS_CHAINS = 16                 # independent chains per test point (as Wu et al. 2017)
 AIS_LEAPFROG = 10               # leapfrog steps per HMC transition (as Wu et al. 2017)
 AIS_STEP_SIZE = 0.05            # initial leapfrog step size, adapted per chain ...
@@ -763,6 +764,13 @@ def figure_bytes(fig, fmt="png"):
 
 
 FIGURE_FONT = 11       # points: readable when a panel fills a third of a slide
+CHAR_WIDTH = 0.6       # a character's average width in ems, to wrap titles to a figure
+
+
+def fit_title(text, inches, points=FIGURE_FONT + 1):
+    """text broken into lines that fit a figure `inches` wide at a font of `points`."""
+    return textwrap.fill(text, max(int(inches * 72 / (CHAR_WIDTH * points)), 20),
+                         break_on_hyphens=False)
 LOG_AXIS_RATIO = 10     # numbers on x spanning this factor or more get a log axis
 
 
@@ -852,8 +860,8 @@ def plot_toy2d(model, data, title, n_points=300):
     top.plot([], [], "k", lw=0.6, label="level sets of P(x)")
     top.scatter(xhat[:, 0], xhat[:, 1], s=3, c="r",
                 label=f"reconstructions of {len(x)} test points")
-    top.set(title=f"{title}\ndata space", xlim=(-2, 2), ylim=(-2, 2), aspect="equal",
-            xlabel="$x_1$", ylabel="$x_2$")
+    top.set(title=fit_title(f"{title}: data space", 4.2), xlim=(-2, 2), ylim=(-2, 2),
+            aspect="equal", xlabel="$x_1$", ylabel="$x_2$")
     top.legend(loc="upper left", fontsize=8)
     loc, scale = (t.cpu() for t in (q_z_given_x.mean, q_z_given_x.stddev))
     for (mx, my), (sx, sy) in zip(loc.tolist(), scale.tolist()):
@@ -900,7 +908,7 @@ def plot_consistency_1d(model, data, title, n=50_000):
                     label=exact)
             ax.set(title=f"{name}: {var}", xlim=(-6, 6), xlabel=var, ylabel="density")
             ax.legend(fontsize=8, loc="upper left")
-    fig.suptitle(f"{title}: marginals, {n} samples each")
+    fig.suptitle(fit_title(f"{title}: marginals, {n:,} samples each", 4.6 * len(rows)))
     fig.tight_layout()
     return fig
 
@@ -932,7 +940,8 @@ def plot_tsne(z, y, title, n_points=TSNE_POINTS, seed=TSNE_SEED):
     for label in np.unique(y):
         ax.scatter(*xy[y == label].T, s=2, color=plt.cm.tab10(int(label) % 10), label=str(label))
     ax.legend(markerscale=4, fontsize=7, loc="best")
-    ax.set(title=f"{title}: t-SNE of {len(z)} test codes", xticks=[], yticks=[])
+    ax.set(title=fit_title(f"{title}: t-SNE of {len(z):,} test codes", 5), xticks=[],
+           yticks=[])
     return fig
 
 
@@ -956,7 +965,7 @@ def plot_mosaic(rows, image_shape, title):
     fig, ax = plt.subplots(figsize=(INCHES_PER_PIXEL * width,
                                     INCHES_PER_PIXEL * height + TITLE_INCHES), dpi=MOSAIC_DPI)
     ax.imshow(np.clip(grid, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set(title=title, xticks=[], yticks=[])
+    ax.set(title=fit_title(title, INCHES_PER_PIXEL * width), xticks=[], yticks=[])
     fig.tight_layout()
     return fig
 
@@ -994,6 +1003,7 @@ TRAINING_PANELS = (
     ("active units, validation", "units", {"val_au_": ""}),
     ("5-NN accuracy, encoder means", "fraction", {"val_knn5_mean": "validation"}),
 )
+PANEL_LIMITS = {"units": {"bottom": 0}, "fraction": {"bottom": 0, "top": 1}}   # by unit
 
 
 def training_figure(log_csv, title, fmt="png"):
@@ -1010,6 +1020,7 @@ def training_figure(log_csv, title, fmt="png"):
         if lines:
             panels.append((name, unit, lines))
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
     epochs = [int(r["epoch"]) for r in rows]
     with plt.rc_context({"font.size": FIGURE_FONT}):
         fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8),
@@ -1019,6 +1030,10 @@ def training_figure(log_csv, title, fmt="png"):
                 ax.plot(epochs, [float(r[key]) if r[key] else np.nan for r in rows],
                         marker=".", label=label)
             ax.set(title=name, xlabel="epoch", ylabel=unit)
+            ax.set_ylim(**PANEL_LIMITS.get(unit, {}))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if unit == "units":
+                ax.yaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(fontsize=9)
         fig.suptitle(f"{title}: training curves")
         fig.tight_layout()

@@ -315,8 +315,8 @@ def default_prior_components(prior):
 # 3. Samples from M_S and the model log-densities on them (Sec. 4, Algorithms 1 and 2)
 # ----------------------------------------------------------------------------------------
 
-DRAWS_PER_CODE = 4       # images per code of discrete x (README, "Gradient of binary
-                         # decoder samples", measures 2, 4 and 8)
+DRAWS_PER_CODE = 4       # images per code of discrete x (RESULTS.md, "Images: making
+                         # MIM and A-MIM learn ...", measures 2, 4 and 8)
 
 
 @dataclass(frozen=True)
@@ -339,8 +339,8 @@ def log_prior(p_z, z, w=FULL):
     """The warm-up's weighted log p(z), (B,): w.prior times log p(z) of one level; of a
     two-level prior p(z2) p(z1|z2), w.prior * w.top_prior times log p(z2) and log p(z1|z2)
     at full weight. Keeping log p(z1|z2) is what makes z2 carry information early on: with
-    it weighted too, z2 stayed unused and z1 collapsed (README, "Images: making MIM and
-    A-MIM learn informative codes")."""
+    it weighted too, z2 stayed unused and z1 collapsed (RESULTS.md, "Images: making MIM
+    and A-MIM learn informative codes")."""
     if not isinstance(p_z, TwoLevel):
         return w.prior * p_z.log_prob(z)
     z1, z2 = z[..., :p_z.z1_dim], z[..., p_z.z1_dim:]
@@ -566,7 +566,7 @@ class DecoderSampling:
                `score_function_surrogate`:
                "loo-code": `draws` images x per code z, each with the mean of the other
                images of its code as baseline (the default, chosen by measurement:
-               README, "Gradient of binary decoder samples");
+               RESULTS.md, "Images: making MIM and A-MIM learn informative codes");
                "loo-batch": one image per code, baseline the mean over the batch;
                "authors": the authors' image code: codes from p(z) by
                reparameterization (authors_codes, whatever the anchor), the decoder's
@@ -627,8 +627,8 @@ def authors_codes(model, n, p_z):
     return torch.cat([p_z.conditional(z_top).rsample(), z_top], dim=-1)
 
 
-# The gradient noise of each estimator, measured on a model (README, "Gradient of binary
-# decoder samples")
+# The gradient noise of each estimator, measured on a model (RESULTS.md, "Images: making
+# MIM and A-MIM learn informative codes")
 
 GRADIENT_REPEATS = 30           # independent gradient estimates per estimator
 GRADIENT_SEED = 0
@@ -698,8 +698,8 @@ def warmup_weights(mode, progress, warmup):
              gradient; `paper` rescales it, which Adam ignores. The VAE's KL weight
              rises linearly from 0 over the whole warm-up, as in Tomczak & Welling:
              with the delay, the unweighted KL grew to 10^4 nats and z2 collapsed
-             when the weight arrived (README, "Images: making MIM and A-MIM learn
-             informative codes").
+             when the weight arrived (RESULTS.md, "Images: making MIM and A-MIM
+             learn informative codes").
     authors: the authors' code -- the weight on log q(z|x) + log q(x) steps up per epoch
              as beta = min(1, epoch / warmup) (here scaled to 1/2, as in Eq. 8), decoder
              samples join only once it is full, and in their image code (two-level
@@ -1569,7 +1569,7 @@ def reuse_freed_memory():
 
     glibc gives every large allocation (above 128 KiB, a threshold that grows to 32 MiB)
     its own mapping and returns it to the system on free, so each step's activations are
-    fresh pages and every 4 KiB of them costs a page fault when first written (README,
+    fresh pages and every 4 KiB of them costs a page fault when first written (RESULTS.md,
     Performance, measures what that costs). Serving all allocations from the heap and
     never trimming it keeps those pages. It changes the whole process for good, so it is
     not part of speed_up: call it once, where the process is yours. Returns
@@ -1841,10 +1841,10 @@ def run_model(state, path, device="cpu"):
 # ----------------------------------------------------------------------------------------
 
 PCA_STD_FLOOR = 0.1      # pca_fashion_mnist: with 1e-4, MIM's decoder std sat at the floor
-                         # for z ~ P(z) and its loss exploded (README, "Fig. 3: 20-D PCA
-                         # Fashion-MNIST")
+                         # for z ~ P(z) and its loss exploded (RESULTS.md, "Fig. 3: 20-D
+                         # PCA Fashion-MNIST")
 IMAGE_Z_DIM = 40         # z1 and z2 of the two-level models (Tomczak & Welling 2018)
-IMAGE_WARMUP = 5         # warm-up epochs of the image architectures (README, "Images:
+IMAGE_WARMUP = 5         # warm-up epochs of the image architectures (RESULTS.md, "Images:
                          # making MIM and A-MIM learn informative codes")
 IMAGE_WARMUP_MODE = "prior"   # ... and their warm-up (see warmup_weights)
 
@@ -2048,8 +2048,8 @@ def as_flags(message):
 # with its defaults, as their README runs it); --loss picks the row of their table: mim on
 # convhvae is their convhvae_2level-smim, amim their -amim, vae their VAE. Their early
 # stopping ends a run after 50 epochs without improvement counted from the warm-up's end
-# ("e > 50"), which is patience 51 here. README, "Where this implementation departs from
-# the authors' code", says what differs still.
+# ("e > 50"), which is patience 51 here. README and RESULTS.md, "Departures from the
+# authors' code", say what differs still.
 PRESETS = {"authors": {"warmup_mode": "authors", "warmup": 100, "epochs": 2000,
                        "patience": 51, "best_in_warmup": True, "lr": 5e-4,
                        "batch_size": 100, "optimizer": "normgrad", "init": "he",
@@ -2195,7 +2195,7 @@ def command_line_device(name):
 
 # CPU feature flags (Linux /proc/cpuinfo) of native bfloat16 arithmetic: x86 AVX512_BF16
 # and AMX, ARM's BF16. Without them torch emulates bfloat16, many times slower than float32
-# (README, Command line, --amp, gives the measurement).
+# (RESULTS.md, "The options in detail", --amp, gives the measurement).
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 CUDA_BF16_CAPABILITY = (8, 0)   # Ampere (A100) and later compute bfloat16 natively
 
@@ -2524,9 +2524,20 @@ def first_test_points(data, n):
     return dataclasses.replace(data, x_test=data.x_test[:n], y_test=data.y_test[:n])
 
 
-def run_title(cfg):
+def run_title(cfg, epochs=None):
+    """The figures' title: objective, data, network, seed and, where known, epochs run."""
     arch = f"MLP, {cfg.hidden} hidden" if cfg.arch == "mlp" else cfg.arch
-    return f"{cfg.loss.upper()}, {cfg.data}, {arch}, seed {cfg.seed}"
+    trained = "" if epochs is None else f", {epochs} epochs"
+    return f"{cfg.loss.upper()}, {cfg.data}, {arch}, seed {cfg.seed}{trained}"
+
+
+def logged_epochs(log_csv):
+    """The epochs a run's log.csv records (None where there is no log)."""
+    try:
+        with open(log_csv) as f:
+            return max(sum(1 for _ in f) - 1, 0)
+    except FileNotFoundError:
+        return None
 
 
 def load_run(run_dir, device, data_dir=None):
@@ -2565,7 +2576,8 @@ def evaluate_run(evaluate, run_dir, device, args):
         write_json(os.path.join(run_dir, "eval.json"),
                    {**results, "environment": environment(device)})
         print(f"{run_dir}:\n{evaluate.format_results(results)}", flush=True)
-        title, log = run_title(cfg), os.path.join(run_dir, "log.csv")
+        log = os.path.join(run_dir, "log.csv")
+        title = run_title(cfg, logged_epochs(log))
         figures = evaluate.run_figures(model, data, title, args.format)
         if os.path.exists(log):
             figures[f"training.{args.format}"] = evaluate.training_figure(log, title,
@@ -2624,7 +2636,7 @@ def evaluate_parser(evaluate):
     parser.add_argument("--ais-inflate", type=float, default=evaluate.AIS_INFLATE,
                         help="AIS starts from the encoder with its std times this "
                              "(default: %(default)s; 1 suits calibrated encoders in many "
-                             "dimensions: README, \"A tight NLL for sharp encoders\")")
+                             "dimensions: RESULTS.md, \"A tight NLL for sharp encoders\")")
     parser.add_argument("--ais-points", type=int, default=None,
                         help="run AIS on the first N test points only (default: all)")
     parser.add_argument("--test-size", type=int, default=None,

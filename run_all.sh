@@ -20,7 +20,7 @@
 #   ./run_all.sh           the paper's protocol: 10 seeds; toy widths 5-500; images with
 #                          100 warm-up epochs, early stopping and S = 5000 importance samples,
 #                          which is meant for a GPU (many days on a CPU; about 55 hours
-#                          on one GPU by the README's FLOP estimate, not measured)
+#                          on one GPU by RESULTS.md's FLOP estimate, not measured)
 #   ./run_all.sh --quick   the reduced protocol for two CPU cores: 3 seeds and widths 5, 20,
 #                          500 on the toys and in collapse/, S = 100 (26 min 49 s before
 #                          collapse/ was added, whose 21 runs took 27 min more on one busy
@@ -229,7 +229,7 @@ if [[ -z $image_models ]]; then
     done
   done
 fi
-# The tight NLL (AIS from the encoder itself, see the README) on seed 1's first test images.
+# The tight NLL (AIS from the encoder itself, see RESULTS.md) on seed 1's first test images.
 ais="--ais-steps 300 --ais-chains 4 --ais-leapfrog 2 --ais-points 10 --ais-inflate 1"
 image() {  # image OUT MIM_FLAGS...: train, then evaluate on the test images
   local out=$1

@@ -1176,7 +1176,7 @@ def test_comparison_objectives_have_finite_gradients_and_report_the_elbo(loss, a
     value, stats = loss_fn(model, x, mim.FULL)
     value.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    assert stats["loss"] == pytest.approx(stats["rec"] + stats["kl"], rel=1e-5)
+    assert float(stats["loss"]) == pytest.approx(float(stats["rec"] + stats["kl"]), rel=1e-5)
     bound = stats.get("mi_dual", stats.get("infonce"))
     assert math.isfinite(bound) and (loss == "infomax" or bound <= math.log(16) + 1e-6)
 
@@ -1189,8 +1189,8 @@ def test_infomax_dv_bound_and_weights_reach_the_objective():
         torch.manual_seed(3)
         values[alpha] = mim.infomax_loss(model, x, mim.FULL, alpha=alpha, bound="dv")
     (l0, s0), (l2, s2) = values[0.0], values[2.0]
-    assert l0.item() == pytest.approx(s0["rec"] + s0["kl"], rel=1e-5)
-    assert l2.item() == pytest.approx(l0.item() - 2.0 * s2["mi_dual"], rel=1e-5)
+    assert l0.item() == pytest.approx(float(s0["rec"] + s0["kl"]), rel=1e-5)
+    assert l2.item() == pytest.approx(l0.item() - 2.0 * float(s2["mi_dual"]), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1983,6 +1983,15 @@ def test_run_figures_draw_the_image_figures(monkeypatch):
                         lambda *args: evaluate.pyplot().figure())
     no_images = types.SimpleNamespace(**{**vars(data), "image_shape": None})   # as PCA data
     assert list(evaluate.run_figures(model, no_images, "MIM h=20")) == ["tsne.png"]
+
+
+def test_figure_titles_name_objective_data_seed_and_epochs(tmp_path):
+    cfg = mim.Config(loss="vae", data="toy2d", hidden=20, seed=3)
+    log = tmp_path / "log.csv"
+    log.write_text("epoch,train_loss\n1,5.0\n2,4.0\n3,3.0\n")
+    assert mim.logged_epochs(log) == 3 and mim.logged_epochs(tmp_path / "none.csv") is None
+    assert mim.run_title(cfg, 3) == "VAE, toy2d, MLP, 20 hidden, seed 3, 3 epochs"
+    assert mim.run_title(cfg) == "VAE, toy2d, MLP, 20 hidden, seed 3"
 
 
 @pytest.mark.parametrize("fmt,magic", [("pdf", b"%PDF"), ("svg", b"<?xml")])

@@ -22,7 +22,7 @@ Images (Sec. 5.2), 28x28 grey levels flattened to 784 columns (`image_shape` (1,
 
 Validation is the LAST n_val training images, n_val = min(10,000, n_train // 6) for the
 IDX data sets: the official 60,000 give 50,000 / 10,000 as in the authors' code, and a
-subset such as the 8,000 images of /work/shared/data/mnist-subset gives 6,667 / 1,333.
+training file of 8,000 images gives 6,667 / 1,333.
 Omniglot's training images are first shuffled by `seed`, as the authors' code does, and
 n_val = min(1,345, n_train // 6). The test files are the test split.
 
@@ -45,6 +45,7 @@ import http.client
 import math
 import os
 import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -70,6 +71,7 @@ OMNIGLOT_VALIDATION = 1_345              # load_omniglot(n_validation=1345) of t
 EVAL_BINARIZATION_SEED = 777             # the authors seed numpy with 777 before
                                          # binarizing validation and test once
 PCA_DIM = 20                             # Sec. 5.1: 20 components of Fashion-MNIST
+IDX_CLASSES = 10                         # MNIST and Fashion-MNIST label 0-9
 
 
 @dataclass
@@ -227,12 +229,27 @@ def download_folder(name):
 
 
 def locate(folder, file):
-    """The path of `file` in `folder`, also accepted without its .gz; None if absent."""
+    """The path of `file` in `folder`, also accepted without its .gz; None if absent.
+    An entry of that name that is not a regular file (a folder, a FIFO, a dangling link)
+    is refused, in one line, before any download."""
     for candidate in dict.fromkeys((file, file.removesuffix(".gz"))):
         path = os.path.join(folder, candidate)
         if os.path.isfile(path):
             return path
+        if os.path.lexists(path):
+            raise OSError(f"{path} is {not_a_file(path)}, not a data file; remove it or "
+                          "rename it")
     return None
+
+
+def not_a_file(path):
+    """What `path`, an existing entry that is not a regular file, is instead."""
+    if not os.path.exists(path):
+        return "a broken symbolic link"
+    mode = os.stat(path).st_mode
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def find_files(name, data_dir=None):
@@ -244,17 +261,32 @@ def find_files(name, data_dir=None):
         if all(paths):
             return dict(zip(source.files, paths))
     target = download_folder(name)
+    created = missing_folders(target)
     try:
         for file in source.files:
             if not os.path.isfile(os.path.join(target, file)):
                 fetch(source, file, os.path.join(target, file))
     except OSError as err:
+        for folder in created:                    # leave no empty folder behind
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
         urls = ", ".join(source.mirrors[0] + file for file in source.files)
         raise OSError(
             f"{name} files not found in {', '.join(dict.fromkeys(folders))} and the "
             f"download failed ({one_line(err)}); get {urls}{source.hint}, put them in one "
             f"of those folders or pass its path as data_dir (--data-dir)") from None
     return {file: os.path.join(target, file) for file in source.files}
+
+
+def missing_folders(path):
+    """The folders a makedirs of `path` would create, deepest first."""
+    missing = []
+    while path and not os.path.lexists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
 
 
 def one_line(err):
@@ -356,8 +388,22 @@ def read_chardata(path):
         if key not in mat or mat[key].ndim != 2 or mat[key].shape[0] != PIXELS:
             raise ValueError(f"{path}: needs '{key}' of shape (784, N), the layout of "
                              "Burda et al.'s chardata.mat")
+        check_grey_levels(mat[key], f"{path}: '{key}'")
     return (omniglot_images(mat["data"]), omniglot_labels(mat, "", path),
             omniglot_images(mat["testdata"]), omniglot_labels(mat, "test", path))
+
+
+def check_grey_levels(images, what):
+    """Refuse, in one line naming `what`, images that are none, or whose values are not
+    finite grey levels in [0, 1] (the range Bernoulli decoders and binarization need)."""
+    if images.size == 0:
+        raise ValueError(f"{what} holds no images; get the file again")
+    if not np.isfinite(images).all():
+        raise ValueError(f"{what} holds NaN or infinite values; get the file again")
+    low, high = float(images.min()), float(images.max())
+    if low < 0 or high > 1:
+        raise ValueError(f"{what} holds values from {low:g} to {high:g}, not grey levels in "
+                         "[0, 1]; get the file again")
 
 
 def omniglot_images(columns):
@@ -375,7 +421,11 @@ def omniglot_labels(mat, prefix, path):
     if prefix + "target" in mat and mat[prefix + "target"].shape[1:] == (n,):
         return mat[prefix + "target"].argmax(axis=0).astype(np.int64)
     if prefix + "targetchar" in mat and mat[prefix + "targetchar"].size == n:
-        return mat[prefix + "targetchar"].reshape(n).astype(np.int64) - 1
+        labels = mat[prefix + "targetchar"].reshape(n).astype(np.int64) - 1
+        if labels.min(initial=0) < 0:
+            raise ValueError(f"{path}: '{prefix}targetchar' holds {labels.min() + 1}; "
+                             "character indices start at 1; get the file again")
+        return labels
     raise ValueError(f"{path}: no labels for '{prefix}data' (expected '{prefix}target' "
                      f"or '{prefix}targetchar' with {n} entries)")
 
@@ -390,12 +440,17 @@ def validation_size(n_train, cap=MAX_VALIDATION):
 
 def idx_split(paths, prefix):
     """Grey levels (N, 784) float32 in [0, 1] and labels (N,) int64 of one IDX split."""
-    image_path = paths[f"{prefix}-images-idx3-ubyte.gz"]
-    images = read_idx(image_path)
-    labels = read_idx(paths[f"{prefix}-labels-idx1-ubyte.gz"])
+    image_path, label_path = (paths[f"{prefix}-{kind}-idx{d}-ubyte.gz"]
+                              for kind, d in (("images", 3), ("labels", 1)))
+    images, labels = read_idx(image_path), read_idx(label_path)
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
         raise ValueError(f"{image_path} and its labels hold shapes {images.shape} and "
                          f"{labels.shape}, not (N, 28, 28) and (N,); get both files again")
+    if len(images) == 0:
+        raise ValueError(f"{image_path} holds no images; get the file again")
+    if labels.max() >= IDX_CLASSES:
+        raise ValueError(f"{label_path} holds label {labels.max()}; its classes are 0-"
+                         f"{IDX_CLASSES - 1}; get the file again")
     return images.reshape(len(images), PIXELS) / np.float32(255), labels.astype(np.int64)
 
 
@@ -453,6 +508,9 @@ def principal_components(x, k):
     mean = centred.mean(axis=0)
     centred -= mean
     eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred)    # ascending
+    if not eigenvalues.sum() > 0:
+        raise ValueError("the training images are all alike (no variance), so they have no "
+                         "principal components; use the real training file")
     top = eigenvectors[:, ::-1][:, :k].T
     top *= np.sign(top[np.arange(k), np.abs(top).argmax(axis=1)])[:, None]
     ratio = eigenvalues[::-1][:k].sum() / eigenvalues.sum()

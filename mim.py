@@ -2371,8 +2371,9 @@ def check_same_data(saved, now, path):
                          f"{saved['sizes']}); pass --data-dir with the run's data files")
 
 
-def fitting_data(data, cfg):
-    """data with --train-size applied, refused in one line where it cannot be trained on."""
+def fitting_data(data, cfg, min_train):
+    """data with --train-size applied, refused in one line where it cannot be trained on
+    or has fewer than min_train training points (what the 5-NN diagnostics need)."""
     n = len(data.x_train)
     if cfg.train_size is not None and cfg.train_size > n:
         raise UsageError(f"--train-size {cfg.train_size} exceeds the {n} training points; "
@@ -2381,6 +2382,11 @@ def fitting_data(data, cfg):
         data = dataclasses.replace(data, x_train=data.x_train[:cfg.train_size],
                                    y_train=data.y_train[:cfg.train_size])
         n = cfg.train_size
+    if n < min_train:
+        what = (f"--train-size {n}: too few training points" if cfg.train_size is not None
+                else f"{cfg.data} has {n} training points")
+        raise UsageError(f"{what}; the 5-NN of every epoch's diagnostics needs at least "
+                         f"{min_train}; train on more")
     if n < cfg.batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {n} training points; "
                          "lower it")
@@ -2393,7 +2399,7 @@ def fitting_data(data, cfg):
 def fit_and_test(cfg, resume, device):
     evaluate = sibling("evaluate")
     on_epoch = log_line if cfg.tensorboard is None else tensorboard_logger(cfg.tensorboard)
-    data = fitting_data(load_data(cfg), cfg).to(device)
+    data = fitting_data(load_data(cfg), cfg, evaluate.KNN_K).to(device)
     identity = data_identity(data)
     if resume is not None:
         check_same_data(resume["data"], identity, os.path.join(cfg.resume, "last.pt"))

@@ -2276,7 +2276,9 @@ def test_debian_folder_is_searched_for_fashion_mnist_only(isolated):
 
 
 def test_missing_data_with_failing_download_names_every_folder(isolated, monkeypatch):
+    """... and leaves no folder that the failed download made."""
     def offline(url, path, checksum):
+        os.makedirs(os.path.dirname(path), exist_ok=True)       # as download() does
         raise OSError(f"{url}: <urlopen error [Errno -3] no network>")
     monkeypatch.setattr(datasets, "download", offline)
     monkeypatch.setenv("MIM_DATA_DIR", str(isolated / "env"))
@@ -2290,6 +2292,7 @@ def test_missing_data_with_failing_download_names_every_folder(isolated, monkeyp
     assert "apt-get install dataset-fashion-mnist" in message
     assert "fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k" in message
     assert "--data-dir" in message
+    assert not (isolated / "env").exists()
 
 
 def test_download_goes_to_the_cache_and_tries_each_mirror(isolated, monkeypatch):
@@ -2921,6 +2924,24 @@ BAD_INPUTS = [
     ("mim.py", ["--data", "mnist", "--data-dir", "{tmp}/images", "--arch", "pixelhvae",
                 "--prior", "normal", "--estimator", "authors", "--batch-size", "10"],
      "images", "--estimator authors draws the decoder's mean image"),
+    ("mim.py", ["--data", "mnist", "--data-dir", "{tmp}/data"], "labels 200",
+     "holds label 200; its classes are 0-9"),
+    ("mim.py", ["--data", "mnist", "--data-dir", "{tmp}/data"], "no test images",
+     "t10k-images-idx3-ubyte.gz holds no images"),
+    ("mim.py", ["--data", "omniglot", "--data-dir", "{tmp}/data"], "chardata 0-255",
+     "holds values from 0 to 255, not grey levels in [0, 1]"),
+    ("mim.py", ["--data", "omniglot", "--data-dir", "{tmp}/data"], "chardata NaN",
+     "'data' holds NaN or infinite values"),
+    ("mim.py", ["--data", "mnist", "--data-dir", "{tmp}/data"], "entry folder",
+     "train-images-idx3-ubyte.gz is a folder, not a data file"),
+    ("mim.py", ["--data", "mnist", "--data-dir", "{tmp}/data"], "entry fifo",
+     "train-images-idx3-ubyte.gz is a FIFO, not a data file"),
+    ("mim.py", ["--data", "mnist", "--data-dir", "{tmp}/data"], "entry dangling",
+     "train-images-idx3-ubyte.gz is a broken symbolic link"),
+    ("mim.py", ["--data", "pca_fashion_mnist", "--data-dir", "{tmp}/data"], "alike images",
+     "the training images are all alike"),
+    ("mim.py", ["--train-size", "3", "--batch-size", "1"], None,
+     "--train-size 3: too few training points; the 5-NN"),
     ("mim.py", ["evaluate", "{tmp}/none"], None, "best.pt not found"),
     ("mim.py", ["evaluate", "{run}"], foreign_config, "another version"),
     ("mim.py", ["evaluate", "{run}", "--ais-inflate", "0"], "run", "--ais-inflate"),
@@ -2955,6 +2976,31 @@ def prepare_case(tmp, prepare, finished):
     elif prepare == "corrupt images":
         write_idx_set(tmp / "corrupt")
         (tmp / "corrupt" / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"junk"))
+    else:
+        prepare_data(tmp / "data", prepare)
+
+
+def prepare_data(folder, fault):
+    """A data folder whose files hold one fault of their values or kind."""
+    if fault.startswith("chardata"):
+        folder.mkdir()
+        write_chardata(folder / "chardata.mat")
+        mat = {k: v for k, v in scipy.io.loadmat(folder / "chardata.mat").items()
+               if not k.startswith("__")}                 # not MATLAB's header fields
+        mat["data"] = mat["data"] * 255 if fault == "chardata 0-255" else mat["data"]
+        mat["data"][3, 5] = np.nan if fault == "chardata NaN" else mat["data"][3, 5]
+        scipy.io.savemat(folder / "chardata.mat", mat)
+        return
+    write_idx_set(folder, n_test=0 if fault == "no test images" else 12)
+    images = folder / "train-images-idx3-ubyte.gz"
+    if fault == "labels 200":
+        write_idx(folder / "train-labels-idx1-ubyte.gz", np.full(60, 200, np.uint8), True)
+    elif fault == "alike images":
+        write_idx(images, np.full((60, 28, 28), 7, np.uint8), True)
+    elif fault.startswith("entry"):
+        images.unlink()
+        {"entry folder": images.mkdir, "entry fifo": lambda: os.mkfifo(images),
+         "entry dangling": lambda: images.symlink_to(folder / "gone")}[fault]()
 
 
 @pytest.mark.parametrize("script,args,prepare,needle", BAD_INPUTS,

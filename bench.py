@@ -36,7 +36,6 @@ import math
 import os
 import resource
 import statistics
-import sys
 import time
 
 import numpy as np
@@ -373,11 +372,14 @@ def main(argv=None):
     folder = os.path.dirname(os.path.abspath(args.out))   # checked before minutes of timing
     if os.path.isdir(args.out) or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
         parser.error(f"--out {args.out}: cannot write a file there; pass another path")
-    try:
-        device = mim.choose_device(args.device)
-    except mim.UsageError as e:
-        print(f"bench.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    def stopped(how):
+        return f"bench.py: stopped by {how}; {args.out} was not written: run it again"
+    with mim.error_boundary("bench.py", stopped, "pass another --out"):
+        bench(args, mim.choose_device(args.device))
+
+
+def bench(args, device):
+    """Every table, printed as it is measured, then all of them in args.out."""
     warmup, repeats = (2, 3) if args.quick else (2, 5)   # the heap settles over 2 steps
     report = machine(device)
     native = report["native_bf16"]
@@ -406,12 +408,7 @@ def main(argv=None):
     sizes = (1_000, 10_000) if args.quick else (1_000, 10_000, 100_000)
     report["ksg"] = [ksg_row(n, d, loop_points=10_000) for d in (2, 20) for n in sizes]
     print_table("ksg (seconds)", report["ksg"])
-    try:
-        mim.write_json(args.out, report)
-    except OSError as e:
-        print(f"bench.py: error: cannot write {args.out} ({e.strerror}); pass another --out",
-              file=sys.stderr)
-        sys.exit(2)
+    mim.write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ q_x, z_dim, latent_groups), and mim.py's command line runs it on trained runs:
 import csv
 import dataclasses
 import glob
+import hashlib
 import io
 import json
 import math
@@ -652,23 +653,93 @@ def consistency_1d(model, anchor, n=100_000):
 # Summaries over runs: mean and std over seeds
 # ----------------------------------------------------------------------------------------
 
+def file_digest(path):
+    """The SHA-256 of a file, in hex: which checkpoint an evaluation measured."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_record(run_dir):
+    """eval.json's record of the checkpoint it measured: file, epoch and SHA-256."""
+    path = os.path.join(run_dir, "best.pt")
+    epoch = torch.load(path, weights_only=True)["extra"].get("epoch")
+    return {"file": "best.pt", "epoch": epoch, "sha256": file_digest(path)}
+
+
+def is_stale(run_dir, evaluation):
+    """Whether eval.json measured another best.pt than the run's present one: by the
+    digest it records, or where it records none (older runs), by modification time."""
+    best, record = os.path.join(run_dir, "best.pt"), evaluation.get("checkpoint")
+    if not os.path.exists(best):
+        return False
+    if isinstance(record, dict) and "sha256" in record:
+        return record["sha256"] != file_digest(best)
+    return os.path.getmtime(best) > os.path.getmtime(os.path.join(run_dir, "eval.json"))
+
+
+def read_object(path, fix):
+    """The JSON object in path, else ValueError naming the file and `fix`."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path} not found; {fix}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object; {fix}")
+    for key, value in obj.items():
+        if key in METRICS or key.startswith("test_"):
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, float))):
+                raise ValueError(f"{path}: {key} is {value!r}, not a number; {fix}")
+    return obj
+
+
 def load_runs(folder):
-    """(config, metrics) of every DIR/*/results.json, updated by the run's eval.json;
-    metrics_from says which of the two files the metrics came from."""
-    runs = []
+    """(config, metrics) of every DIR/*/results.json, updated by the run's eval.json
+    unless that is stale (is_stale); metrics_from says where the metrics came from. A
+    file that cannot be read is refused, naming it."""
+    runs, configs = [], {}
     for path in sorted(glob.glob(os.path.join(folder, "*", "results.json"))):
         run_dir = os.path.dirname(path)
-        with open(os.path.join(run_dir, "config.json")) as f:
-            cfg = json.load(f)
-        with open(path) as f:
-            results = {**json.load(f), "metrics_from": "results.json"}
+        fix = (f"test the run again with mim.py --resume {run_dir}, or move {run_dir} out "
+               f"of {folder}")
+        cfg = read_object(os.path.join(run_dir, "config.json"), fix)
+        results = {**read_object(path, fix), "metrics_from": "results.json"}
         if os.path.exists(os.path.join(run_dir, "eval.json")):  # evaluate.py's metrics win
-            with open(os.path.join(run_dir, "eval.json")) as f:
-                results.update(json.load(f), metrics_from="eval.json, else results.json")
+            evaluation = read_object(os.path.join(run_dir, "eval.json"),
+                                     f"evaluate it again with mim.py evaluate {run_dir}")
+            if is_stale(run_dir, evaluation):
+                results["metrics_from"] = "results.json (eval.json stale: of an older best.pt)"
+            else:
+                results.update(evaluation, metrics_from="eval.json, else results.json")
         runs.append((cfg, results))
+        configs[os.path.join(run_dir, "config.json")] = cfg
     if not runs:
         raise ValueError(f"no */results.json under {folder}; train runs with mim.py --out first")
+    check_same_types(configs)
     return runs
+
+
+def check_same_types(configs):
+    """Refuse a setting written as a number in one config.json and as text in another
+    ({path: config}): the summary would group such runs apart or fail to order them."""
+    seen = {}
+    for path, cfg in configs.items():
+        for key, value in cfg.items():
+            if value is None or key in RUN_KEYS:
+                continue
+            kind = "number" if isinstance(value, (int, float)) and not isinstance(
+                value, bool) else type(value).__name__
+            first = seen.setdefault(key, (kind, value, path))
+            if first[0] != kind:
+                raise ValueError(f"{key} is {value!r} in {path} but {first[1]!r} in "
+                                 f"{first[2]}; write it the same way in both (as mim.py "
+                                 "wrote it)")
 
 
 # Settings that name a run or say where and how it ran, not what it is: a run resumed on
@@ -726,15 +797,18 @@ def measured_with(runs, varying):
 
 
 def summary_markdown(varying, table, metrics, how):
-    head = varying + [f"{describe(m)[0]} ({describe(m)[1]})" if describe(m)[0] else m
-                      for m in metrics] + ["measured with"]
+    head = varying + ["seeds"] + [f"{describe(m)[0]} ({describe(m)[1]})" if describe(m)[0]
+                                  else m for m in metrics] + ["measured with"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for key, row in table.items():
-        cells = [str(v) for v in key] + [
-            f"{number(row[m][0])} ± {number(row[m][1])}" if m in row else "" for m in metrics]
+        seeds = max((row[m][2] for m in row), default=0)
+        def cell(m):  # a metric that fewer seeds have says over how many
+            mean, std, n = row[m]
+            return f"{number(mean)} ± {number(std)}" + (f" ({n} seeds)" if n < seeds else "")
+        cells = [str(v) for v in key] + [str(seeds)] + [
+            cell(m) if m in row else "" for m in metrics]
         lines.append("| " + " | ".join(cells + [how[key]]) + " |")
-    n = sorted({row[m][2] for row in table.values() for m in row})
-    lines.append(f"\nmean ± std (ddof = 0) over {', '.join(map(str, n))} seeds")
+    lines.append("\nmean ± std (ddof = 0) over the seeds of each row")
     if any("MIXED" in text for text in how.values()):
         lines.append("MIXED: the seeds of that group were measured differently, so its "
                      "means mix estimators; evaluate them alike (mim.py evaluate RUN ... "

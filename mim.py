@@ -71,6 +71,7 @@ import ctypes
 import dataclasses
 import errno
 import functools
+import glob
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -1647,7 +1648,10 @@ def save_checkpoint(path, model, spec, **extra):
     file is whole or not there."""
     state = {"format": CHECKPOINT_FORMAT, "spec": dataclasses.asdict(spec),
              "model": model.state_dict(), "extra": extra}
-    atomic_write(path, lambda tmp: torch.save(to_cpu(state), tmp))
+    def write(tmp):  # through a Python file, so that a full disk raises OSError, as a
+        with open(tmp, "wb") as f:              # path would raise torch's RuntimeError
+            torch.save(to_cpu(state), f)
+    atomic_write(path, write)
 
 
 def read_checkpoint(path, device="cpu"):
@@ -1711,6 +1715,10 @@ def claim_folder(out, replace=False):
     another process holds, and one that holds a run unless `replace` (--resume or
     --overwrite). Returns (descriptor or None without flock, whether out was created)."""
     created = not os.path.isdir(out)
+    if os.path.lexists(out) and created:
+        kind = file_kind(out) or "a file"
+        raise UsageError(f"cannot use {out} as the run folder: it is {kind}; choose another "
+                         "--out")
     try:
         os.makedirs(out, exist_ok=True)
         if not os.access(out, os.W_OK | os.X_OK):
@@ -1726,24 +1734,80 @@ def claim_folder(out, replace=False):
         os.close(lock)
         raise UsageError(f"another process is writing {out}; wait for it to end or choose "
                          "another --out") from None
-    if not replace and any(os.path.exists(os.path.join(out, name))
-                           for name in ("config.json", "last.pt")):
+    problem = odd_run_file(out)
+    if problem is None and not replace and any(os.path.exists(os.path.join(out, name))
+                                               for name in ("config.json", "last.pt")):
+        problem = (f"{out} already holds a run; continue it with --resume {out}, replace it "
+                   "with --overwrite, or choose another --out")
+    if problem is not None:
         if lock is not None:
             os.close(lock)
-        raise UsageError(f"{out} already holds a run; continue it with --resume {out}, "
-                         "replace it with --overwrite, or choose another --out")
+        raise UsageError(problem)
     for name in os.listdir(out):  # temporary files of a writer killed by SIGKILL
         if name.endswith(".tmp") and name.split(".")[0] in RUN_FILE_STEMS:
             os.remove(os.path.join(out, name))
     return lock, created
 
 
+def file_kind(path):
+    """What is at path when it is not a regular file or nothing: 'a folder', 'a FIFO' ..."""
+    if not os.path.lexists(path) or os.path.isfile(path):
+        return None
+    if os.path.islink(path) and not os.path.exists(path):
+        return "a broken symbolic link (or a loop of links)"
+    return "a folder" if os.path.isdir(path) else "not a regular file"
+
+
+def odd_run_file(folder):
+    """One line naming the first file of a run that is not a regular file (a folder where
+    log.csv belongs), which a run would fail on half-way; None if there is none."""
+    for name in ("config.json", "log.csv", "last.pt", *RUN_OUTPUTS):
+        kind = file_kind(os.path.join(folder, name))
+        if kind is not None:
+            return (f"{os.path.join(folder, name)} is {kind}, not a file of the run; move it "
+                    "out of the folder and run again")
+    return None
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends (where POSIX signal masks exist)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def write_together(folder, files):
+    """Write {name: bytes} into folder all or none: each goes to a temporary file first,
+    and only when all are written are they renamed, with Ctrl-C and SIGTERM held back."""
+    temps = []
+    try:
+        for name, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=name + ".", suffix=".tmp")
+            temps.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o666 & ~current_umask())
+        with signals_held():
+            for tmp, name in zip(temps, files):
+                os.replace(tmp, os.path.join(folder, name))
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def json_bytes(obj):
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
 def write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-    atomic_write(path, write)
+    write_bytes(path, json_bytes(obj))
 
 
 def write_csv(path, rows):
@@ -1754,13 +1818,6 @@ def write_csv(path, rows):
             f.write(",".join(keys) + "\n")
             for row in rows:
                 f.write(",".join(format_value(row.get(k, "")) for k in keys) + "\n")
-    atomic_write(path, write)
-
-
-def write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
     atomic_write(path, write)
 
 
@@ -1777,7 +1834,8 @@ def format_value(v, spec=".6g"):
 
 def save_run_checkpoint(path, model, cfg, data_info, **training_state):
     """A checkpoint of a run: the model with its ModelSpec, and in extra the flags, the
-    data's shape and identity, and for last.pt the training state that --resume needs."""
+    data's shape and identity, and the epoch of best.pt's weights or, for last.pt, the
+    training state that --resume needs."""
     save_checkpoint(path, model, model_spec(cfg, data_info), config=dataclasses.asdict(cfg),
                     data=data_info, **training_state)
 
@@ -1799,6 +1857,10 @@ def read_run_checkpoint(path, device="cpu", keys=RUN_KEYS):
         raise UsageError(f"{path} is not a readable checkpoint ({type(e).__name__}); "
                          "train again") from None
     missing = keys - set(state["extra"])
+    if missing and RUN_KEYS <= set(state["extra"]):
+        raise UsageError(f"{path} holds a trained model without the training state that "
+                         "--resume needs (a copy of best.pt?); put the run's own last.pt "
+                         "back, or train again")
     if missing:
         raise UsageError(f"{path} is not a checkpoint written by mim.py's command line (it "
                          f"lacks {', '.join(sorted(missing))}); train again")
@@ -2035,6 +2097,49 @@ def built_model(cfg, info, x_init):
         raise UsageError(as_flags(str(e))) from None
 
 
+COPIES_PER_PARAMETER = 5   # in training: weights, gradients, Adam's two moments, best weights
+FLOAT_BYTES = 4
+AIS_BYTES_PER_STEP = 48    # the schedule's inverse temperature: a float in a Python list
+SIZE_FLAGS = ("hidden", "z_dim", "components", "prior_components")
+
+
+def memory_bytes(device):
+    """The memory of the device a run trains on: the GPU's, else the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_allocations(sizes, device):
+    """Refuse, in one line, the first flag whose value would need more memory at once
+    than the device has. sizes: {flag as typed: (value, bytes per unit of it)}, where
+    the bytes are a lower bound of what that flag allocates in one piece."""
+    have = memory_bytes(device)
+    for flag, (value, per_unit) in sizes.items():
+        if value and value * per_unit > have:
+            raise UsageError(f"{flag} {value} would hold about "
+                             f"{value * per_unit / 2 ** 30:.3g} GiB at once ({per_unit} bytes "
+                             f"each), more than the {have / 2 ** 30:.3g} GiB of {device.type} "
+                             f"memory here; choose a smaller {flag}")
+
+
+def check_fits_memory(cfg, info, device):
+    """Refuse, before anything is allocated, sizes whose network and optimizer state
+    alone exceed the device's memory: the network is built on the meta device to count."""
+    with torch.device("meta"):
+        model = built_model(cfg, info, x_init=None)
+    numbers = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    need, have = numbers * COPIES_PER_PARAMETER * FLOAT_BYTES, memory_bytes(device)
+    if need > have:
+        typical = Config(data=cfg.data, arch=cfg.arch, prior=cfg.prior, q_x=cfg.q_x)
+        flags = [f"--{n.replace('_', '-')} {getattr(cfg, n)}" for n in SIZE_FLAGS
+                 if getattr(cfg, n) != getattr(typical, n)] or ["the network"]
+        raise UsageError(f"{', '.join(flags)}: {numbers:.3g} parameters need about "
+                         f"{need / 2 ** 30:.3g} GiB to train (weights, gradients, Adam's "
+                         f"moments, best weights), more than the {have / 2 ** 30:.3g} GiB "
+                         f"of {device.type} memory here; choose smaller sizes")
+
+
 def as_flags(message):
     """A library message with the fields it names as flags: q_x='mog' -> --q-x mog."""
     def flag(m):
@@ -2070,7 +2175,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 # What --resume may change: the rest is the run's saved configuration.
 RESUME_OVERRIDES = frozenset({"device", "epochs", "patience", "lr", "data_dir", "deterministic",
-                              "tensorboard"})
+                              "tensorboard", "nll_samples"})
 
 
 def given_flags(parser, argv):
@@ -2128,6 +2233,9 @@ def check_values(parser, cfg):
                  "batch_size", "train_size", "patience"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             parser.error(f"{flag(name)} must be at least 1")
+    pixels = math.prod(sibling("datasets").IMAGE_SHAPE)
+    if cfg.pca_dim is not None and cfg.pca_dim > pixels:
+        parser.error(f"--pca-dim must be at most {pixels}, the pixels of an image")
     for name in ("seed", "data_seed"):
         if not 0 <= getattr(cfg, name) < SEED_LIMIT:
             parser.error(f"{flag(name)} must be between 0 and 2^63 - 1")
@@ -2257,10 +2365,39 @@ def resumed_config(cfg, overrides=("device",)):
     """The saved config and training state of the run in cfg.resume (from its last.pt),
     with the fields named in `overrides` taken from cfg (--resume DIR --lr 1e-4)."""
     path = os.path.join(cfg.resume, "last.pt")
+    problem = odd_run_file(cfg.resume) if os.path.isdir(cfg.resume) else None
+    if problem is not None:             # before anything is read: nothing is touched
+        raise UsageError(problem)
     state = read_run_checkpoint(path, keys=RUN_KEYS | RESUME_KEYS)
+    check_config_file(cfg.resume, state["extra"]["config"], overrides)
     saved = saved_config(state, path, resume=cfg.resume, out=cfg.resume,
                          **{k: getattr(cfg, k) for k in overrides})
     return saved, {**state["extra"], "model": state["model"]}
+
+
+def check_config_file(folder, saved, overrides=()):
+    """Refuse, in one line, a config.json edited by hand to settings that --resume would
+    not honour: it continues with the ones last.pt saved (and the `overrides` given now)
+    and rewrites config.json."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return
+    restore = f"put the value back, or delete {path}: --resume rewrites it from last.pt"
+    try:
+        with open(path) as f:
+            edited = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e}); {restore}") from None
+    if not isinstance(edited, dict):
+        raise UsageError(f"{path} holds no settings; {restore}")
+    for name, value in saved.items():
+        if name not in overrides and edited.get(name, value) != value:
+            flag = "--" + name.replace("_", "-")
+            how = (f"pass {flag} {edited[name]} with --resume instead, or "
+                   if name in RESUME_OVERRIDES else "")
+            raise UsageError(f"{path} sets {name} to {edited[name]!r} but the run was "
+                             f"trained with {value!r}; --resume takes its settings from "
+                             f"last.pt: {how}{restore}")
 
 
 def run(cfg, overrides=("device",)):
@@ -2406,6 +2543,10 @@ def fit_and_test(cfg, resume, device):
     if cfg.nll_samples is None:  # images: the IWAE NLL is the evaluate command's job
         cfg = dataclasses.replace(cfg, nll_samples=0 if data.image_shape else 1000)
     data_info = {**data_shape(data), **identity}
+    check_fits_memory(cfg, data_info, device)
+    check_allocations({"--nll-samples": (cfg.nll_samples, FLOAT_BYTES),    # log weights
+                       "--draws": (cfg.draws, cfg.batch_size * data.x_dim * FLOAT_BYTES)},
+                      device)
     torch.manual_seed(cfg.seed)
     model = speed_up(built_model(cfg, data_info, data.x_train), device)
     model = model.to(device)
@@ -2426,7 +2567,8 @@ def fit_and_test(cfg, resume, device):
                "best_epoch": best_epoch, "epochs": epochs,
                "train_seconds": sum(row["seconds"] for row in history)}
     if cfg.out:
-        save_run_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info)
+        save_run_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info,
+                            epoch=best_epoch)
         write_json(os.path.join(cfg.out, "results.json"), {**results, "environment": env})
     return results
 
@@ -2501,7 +2643,8 @@ def save_training_state(cfg, model, data_info, env):
             started = True
         write_csv(os.path.join(cfg.out, "log.csv"), state["progress"]["history"])
         if improved:
-            save_run_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info)
+            save_run_checkpoint(os.path.join(cfg.out, "best.pt"), model, cfg, data_info,
+                                epoch=state["progress"]["best_epoch"])
         save_run_checkpoint(os.path.join(cfg.out, "last.pt"), model, cfg, data_info, **state)
     return checkpoint
 
@@ -2551,9 +2694,14 @@ def load_run(run_dir, device, data_dir=None):
     and its data, whose test split must be the run's own. data_dir replaces the folder
     the run recorded."""
     path = os.path.join(run_dir, "best.pt")
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UsageError(f"{run_dir} is a file, not a run folder (the --out of a training)")
     if not os.path.exists(path):
-        raise UsageError(f"{run_dir}/best.pt not found; train with mim.py --out {run_dir} "
-                         "first")
+        raise UsageError(f"{path} not found; " + (
+            f"finish the run with mim.py --resume {run_dir}"
+            if os.path.exists(os.path.join(run_dir, "last.pt")) else
+            f"train with mim.py --out {run_dir} --overwrite" if os.path.isdir(run_dir) else
+            f"train with mim.py --out {run_dir} first"))
     state = read_run_checkpoint(path, device)
     model, cfg = run_model(state, path, device)
     if data_dir is not None:
@@ -2563,11 +2711,36 @@ def load_run(run_dir, device, data_dir=None):
     return speed_up(model, device), cfg, data
 
 
+@contextlib.contextmanager
+def evaluating(run_dir):
+    """Hold RUN_DIR's lock while evaluating it, as training holds it (claim_folder): an
+    evaluation never measures a checkpoint that training is still replacing."""
+    if fcntl is None or not os.path.isdir(run_dir):
+        yield
+        return
+    lock = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another process is training or evaluating {run_dir}; "
+                             "evaluate it once that process has ended") from None
+        problem = odd_run_file(run_dir)
+        if problem is not None:
+            raise UsageError(problem)
+        yield
+    finally:
+        os.close(lock)
+
+
 def evaluate_run(evaluate, run_dir, device, args):
     """The metrics of RUN_DIR/best.pt on its test split into RUN_DIR/eval.json, and its
     figures; returns the metrics. The tight NLL runs only when --ais-steps asks for it:
     it costs steps x leapfrog passes of the decoder with gradients per chain."""
     model, cfg, data = load_run(run_dir, device, args.data_dir)
+    check_allocations({"--nll-samples": (args.nll_samples, FLOAT_BYTES),
+                       "--ais-steps": (args.ais_steps, AIS_BYTES_PER_STEP),
+                       "--ais-chains": (args.ais_chains, data.x_dim * FLOAT_BYTES)}, device)
     with default_threads(cfg.arch, device):
         data = first_test_points(data, args.test_size).to(device)
         ais = evaluate.AIS(args.ais_steps, args.ais_chains, args.ais_leapfrog,
@@ -2579,18 +2752,18 @@ def evaluate_run(evaluate, run_dir, device, args):
                                             max_batch, with_posterior_stats=True, ais=ais)
         results.update(test_size=len(data.x_test),
                        knn_train_size=len(data.x_train[:args.knn_train]))
-        write_json(os.path.join(run_dir, "eval.json"),
-                   {**results, "environment": environment(device)})
-        print(f"{run_dir}:\n{evaluate.format_results(results)}", flush=True)
+        env = environment(device)                  # with the threads it ran with
         log = os.path.join(run_dir, "log.csv")
         title = run_title(cfg, logged_epochs(log))
         figures = evaluate.run_figures(model, data, title, args.format)
         if os.path.exists(log):
             figures[f"training.{args.format}"] = evaluate.training_figure(log, title,
                                                                           args.format)
-    for name, contents in figures.items():
-        if contents is not None:
-            write_bytes(os.path.join(run_dir, name), contents)
+    figures = {name: contents for name, contents in figures.items() if contents is not None}
+    record = {**results, "checkpoint": evaluate.checkpoint_record(run_dir),
+              "figures": sorted(figures), "environment": env}
+    write_together(run_dir, {**figures, "eval.json": json_bytes(record)})
+    print(f"{run_dir}:\n{evaluate.format_results(results)}", flush=True)
     return results
 
 
@@ -2618,9 +2791,15 @@ def write_summary(evaluate, folder, x_key, fmt="png"):
     """DIR/summary.md (and summary.png, .pdf or .svg when x_key varies) over
     DIR/*/results.json."""
     text, figure = evaluate.summary(evaluate.load_runs(folder), x_key, fmt)
-    write_text(os.path.join(folder, "summary.md"), text)
-    if figure is not None:
-        write_bytes(os.path.join(folder, f"summary.{fmt}"), figure)
+    unfinished = sorted(os.path.basename(os.path.dirname(p))
+                        for p in glob.glob(os.path.join(folder, "*", "config.json"))
+                        if not os.path.exists(os.path.join(os.path.dirname(p), "results.json")))
+    if unfinished:
+        text += (f"left out, without results.json (training still running or stopped): "
+                 f"{', '.join(unfinished)}; mim.py --resume {folder}/NAME finishes a stopped "
+                 "one\n")
+    write_together(folder, {"summary.md": text.encode("utf-8"),   # "±" whatever the locale
+                            **({f"summary.{fmt}": figure} if figure is not None else {})})
     return text
 
 
@@ -2681,11 +2860,53 @@ def check_evaluate_args(parser, args):
         parser.error("--nll-samples and --ais-steps must be at least 0")
     if args.ais_chains < 1 or args.ais_leapfrog < 1:
         parser.error("--ais-chains and --ais-leapfrog must be at least 1")
-    if not args.ais_inflate > 0:
-        parser.error("--ais-inflate must be above 0")
+    if not 0 < args.ais_inflate < math.inf:
+        parser.error("--ais-inflate must be a finite number above 0")
     for flag in ("test_size", "ais_points", "knn_train", "max_batch", "repeats"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+
+
+def nan_advice(folder):
+    """What to do after the loss became NaN: go on from a saved epoch where there is one."""
+    if folder and os.path.exists(os.path.join(folder, "last.pt")):
+        return ("go on from the last finished epoch with a lower rate (mim.py --resume "
+                f"{folder} --lr LR), or train again with a higher --std-floor")
+    return "train again with a lower --lr or a higher --std-floor"
+
+
+BROKEN_PIPE_STATUS = 128 + 13   # as a shell reports a process ended by SIGPIPE
+
+
+@contextlib.contextmanager
+def error_boundary(prog, stopped, after_os_error, folder=None, usage=(UsageError,)):
+    """A command's foreseeable faults, each as one line on stderr: bad input (`usage`
+    types) and failed files exit 2, Ctrl-C 130, SIGTERM 143, with stopped(how) as the
+    line; a reader of stdout that went away (| head) ends it quietly, as Unix tools do.
+    Anything else is a bug of ours and keeps its traceback."""
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    if hasattr(sys.stdout, "reconfigure"):      # an ASCII terminal shows "±" as "?"
+        sys.stdout.reconfigure(errors="replace")
+    def fail(message, status=2):
+        print(message, file=sys.stderr)
+        sys.exit(status)
+    try:
+        yield
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        sys.exit(BROKEN_PIPE_STATUS)
+    except usage as e:
+        fail(f"{prog}: error: {e}")
+    except FloatingPointError as e:
+        fail(f"{prog}: error: {e}; {nan_advice(folder)}")
+    except OSError as e:  # the file system failed (a full disk, a lost mount)
+        fail(f"{prog}: error: {e}; {after_os_error}")
+    except KeyboardInterrupt:
+        fail(stopped("Ctrl-C"), 128 + signal.SIGINT)
+    except Terminated:
+        fail(stopped("SIGTERM"), 128 + signal.SIGTERM)
+    finally:  # main may be called in-process (tests): leave SIGTERM as it was
+        signal.signal(signal.SIGTERM, previous)
 
 
 def evaluate_main(argv):
@@ -2693,22 +2914,20 @@ def evaluate_main(argv):
     parser = evaluate_parser(evaluate)
     args = parser.parse_args(argv)
     check_evaluate_args(parser, args)
-    try:
+    def stopped(how):
+        return (f"mim.py evaluate: stopped by {how}; each run keeps the evaluation it had "
+                "before this command (or none): run the command again")
+    with error_boundary("mim.py evaluate", stopped, "free space or fix the path, then run "
+                        "the command again", usage=(UsageError, ValueError, KeyError)):
         device = command_line_device(args.device) if args.runs else None
         for run_dir in args.runs:
-            if args.gradient_noise:
-                gradient_noise_run(run_dir, device, args.repeats)
-            else:
-                evaluate_run(evaluate, run_dir, device, args)
+            with evaluating(run_dir):
+                if args.gradient_noise:
+                    gradient_noise_run(run_dir, device, args.repeats)
+                else:
+                    evaluate_run(evaluate, run_dir, device, args)
         if args.summary:
             print(write_summary(evaluate, args.summary, args.x, args.format))
-    except (UsageError, ValueError, OSError, KeyError) as e:
-        print(f"mim.py evaluate: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-NAN_ADVICE = ("go on from the last finished epoch with a lower rate (mim.py --resume DIR "
-              "--lr LR), or train again with a higher --std-floor")
 
 
 def main(argv=None):
@@ -2717,28 +2936,12 @@ def main(argv=None):
     if argv[:1] == ["evaluate"]:
         return evaluate_main(argv[1:])
     cfg, overrides = parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
+    folder = cfg.resume or cfg.out
+    with error_boundary("mim.py", functools.partial(stopped_message, folder=folder),
+                        "free space or fix the path, then --resume the run if an epoch "
+                        "was saved", folder):
         results = run(cfg, overrides | {"device"})
-    except UsageError as e:
-        print(f"mim.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as e:
-        print(f"mim.py: error: {e}; {NAN_ADVICE}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:  # the file system failed under a run (a full disk, a lost mount)
-        print(f"mim.py: error: {e}; free space or fix the path, then --resume the run if "
-              "an epoch was saved", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(stopped_message("Ctrl-C", cfg.resume or cfg.out), file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
-    except Terminated:
-        print(stopped_message("SIGTERM", cfg.resume or cfg.out), file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)
-    finally:  # main may be called in-process (tests): leave SIGTERM as it was
-        signal.signal(signal.SIGTERM, previous)
-    print(sibling("evaluate").format_results(results))
+        print(sibling("evaluate").format_results(results))
 
 
 if __name__ == "__main__":

@@ -2776,13 +2776,23 @@ def test_resume_goes_on_after_a_nan_with_a_lower_lr(tmp_path, monkeypatch, capsy
                   "--out", str(out)])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "validation loss became nan in epoch 3" in err
-    assert "mim.py --resume DIR --lr LR" in err
+    assert f"mim.py --resume {out} --lr LR" in err
     monkeypatch.setattr(mim, "validate", real)
     mim.main(["--resume", str(out), "--lr", "1e-4"])
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
     assert [float(r["lr"]) for r in rows] == [1e-3, 1e-3, 1e-4, 1e-4, 1e-4]
     assert json.loads((out / "config.json").read_text())["lr"] == 1e-4
+
+
+def test_a_nan_in_the_first_epoch_advises_training_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(mim, "validate", lambda *args: {"loss": math.nan})
+    with pytest.raises(SystemExit) as exit_info:
+        mim.main(["--epochs", "3", "--nll-samples", "0", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "in epoch 1" in err[0]
+    assert err[0].endswith("train again with a lower --lr or a higher --std-floor")
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
@@ -2857,6 +2867,30 @@ def foreign_config(run):
         state = torch.load(ckpt, weights_only=True)
         state["extra"]["config"]["from_the_future"] = 1
         torch.save(state, ckpt)
+
+
+def edit_config(text=None, **changes):
+    """config.json edited by hand: settings changed, or its text replaced."""
+    def prepare(run):
+        cfg = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(text if text is not None
+                                         else json.dumps({**cfg, **changes}))
+    return prepare
+
+
+def odd_file(name, kind):
+    """One of a run's files replaced by a folder, a FIFO or a dangling symbolic link."""
+    def prepare(run):
+        path = run / name
+        if path.exists():
+            path.unlink()
+        {"folder": path.mkdir, "fifo": lambda: os.mkfifo(path),
+         "dangling": lambda: path.symlink_to(run / "gone")}[kind]()
+    return prepare
+
+
+def removed(name):
+    return lambda run: (run / name).unlink()
 
 
 def wider_weights(state):
@@ -2946,6 +2980,73 @@ BAD_INPUTS = [
     ("mim.py", ["evaluate", "{run}"], foreign_config, "another version"),
     ("mim.py", ["evaluate", "{run}", "--ais-inflate", "0"], "run", "--ais-inflate"),
     ("mim.py", ["evaluate", "{run}", "--nll-samples", "-1"], "run", "--nll-samples"),
+    ("mim.py", ["--hidden", "1000000000"], None, "--hidden 1000000000: 1.4e+10 parameters"),
+    ("mim.py", ["--prior", "mog", "--prior-components", "1000000000"], None,
+     "--prior-components 1000000000: 5e+09 parameters need about"),
+    ("mim.py", ["--nll-samples", "1000000000000000000", "--out", "{tmp}/new"], None,
+     "--nll-samples 1000000000000000000 would hold about"),
+    ("mim.py", ["--draws", "1000000000000", "--out", "{tmp}/new"], None,
+     "--draws 1000000000000 would hold about"),
+    ("mim.py", ["--out", "{tmp}/loop"], "link loop", "a broken symbolic link (or a loop"),
+    ("mim.py", ["--out", "{tmp}/dangling"], "dangling link", "it is a broken symbolic link"),
+    ("mim.py", ["--resume", "{run}", "--epochs", "3"], odd_file("log.csv", "folder"),
+     "log.csv is a folder, not a file of the run"),
+    ("mim.py", ["--resume", "{run}", "--epochs", "3"], odd_file("results.json", "fifo"),
+     "results.json is not a regular file"),
+    ("mim.py", ["--resume", "{run}", "--epochs", "3"], odd_file("last.pt", "folder"),
+     "last.pt is a folder, not a file of the run"),
+    ("mim.py", ["--out", "{run}", "--overwrite"], odd_file("eval.json", "folder"),
+     "eval.json is a folder, not a file of the run"),
+    ("mim.py", ["--out", "{run}", "--overwrite"], odd_file("best.pt", "dangling"),
+     "best.pt is a broken symbolic link"),
+    ("mim.py", ["--resume", "{run}", "--epochs", "3"], edit_config(lr=0.01),
+     "sets lr to 0.01 but the run was trained with 0.001; --resume takes its settings from "
+     "last.pt: pass --lr 0.01 with --resume instead"),
+    ("mim.py", ["--resume", "{run}", "--epochs", "3"], edit_config(hidden=16),
+     "sets hidden to 16 but the run was trained with 8; --resume takes its settings from "
+     "last.pt: put the value back"),
+    ("mim.py", ["--resume", "{run}", "--epochs", "3"], edit_config(text="{"),
+     "config.json is not valid JSON"),
+    ("mim.py", ["--resume", "{run}", "--epochs", "3"], edit_config(text="[]"),
+     "config.json holds no settings"),
+    ("mim.py", ["evaluate", "{run}", "--nll-samples", "1000000000000000000"], "run",
+     "--nll-samples 1000000000000000000 would hold about"),
+    ("mim.py", ["evaluate", "{run}", "--ais-steps", "1000000000000"], "run",
+     "--ais-steps 1000000000000 would hold about"),
+    ("mim.py", ["evaluate", "{run}", "--ais-steps", "10", "--ais-chains", "1000000000000"],
+     "run", "--ais-chains 1000000000000 would hold about"),
+    ("mim.py", ["evaluate", "{run}", "--ais-inflate", "1e309"], "run",
+     "--ais-inflate must be a finite number above 0"),
+    ("mim.py", ["evaluate", "{run}", "--ais-chains", "0"], "run", "--ais-chains"),
+    ("mim.py", ["evaluate", "{run}", "--test-size", "0"], "run", "--test-size must be at least 1"),
+    ("mim.py", ["evaluate", "{run}", "--max-batch", "0"], "run", "--max-batch must be at least 1"),
+    ("mim.py", ["evaluate", "{run}", "--format", "gif"], "run", "--format"),
+    ("mim.py", ["evaluate"], None, "give run directories to evaluate, or --summary DIR"),
+    ("mim.py", ["evaluate", "{run}"], removed("best.pt"),
+     "best.pt not found; finish the run with mim.py --resume"),
+    ("mim.py", ["evaluate", "{run}/log.csv"], "run", "log.csv is a file, not a run folder"),
+    ("mim.py", ["evaluate", "{run}"], odd_file("eval.json", "folder"),
+     "eval.json is a folder, not a file of the run"),
+    ("mim.py", ["evaluate", "--summary", "{tmp}/runs"], "summary list",
+     "results.json holds a JSON list, not an object; test the run again with mim.py --resume"),
+    ("mim.py", ["evaluate", "--summary", "{tmp}/runs"], "summary not json",
+     "results.json is not valid JSON"),
+    ("mim.py", ["evaluate", "--summary", "{tmp}/runs"], "summary text metric",
+     "eval.json: test_nll is 'low', not a number; evaluate it again with mim.py evaluate"),
+    ("mim.py", ["evaluate", "--summary", "{tmp}/runs"], "summary bool metric",
+     "results.json: test_rmse is True, not a number"),
+    ("mim.py", ["evaluate", "--summary", "{tmp}/runs"], "summary text setting",
+     "hidden is '8' in"),
+    ("mim.py", ["evaluate", "--summary", "{tmp}/runs"], "summary no config",
+     "config.json not found"),
+    ("mim.py", ["evaluate", "--summary", "{tmp}/runs"], "summary empty",
+     "no */results.json under"),
+    ("mim.py", ["--resume", "{run}"], lambda run: shutil.copy(run / "best.pt", run / "last.pt"),
+     "last.pt holds a trained model without the training state that --resume needs"),
+    ("mim.py", ["--data", "pca_fashion_mnist", "--pca-dim", "1000"], None,
+     "--pca-dim must be at most 784"),
+    ("mim.py", ["--resume", "{run}", "--nll-samples", "1000000000000000000"], "run",
+     "--nll-samples 1000000000000000000 would hold about"),
     ("bench.py", ["--out", "{tmp}/file/bench.json"], "file", "cannot write a file there"),
     ("bench.py", ["--out", "{run}"], "run", "cannot write a file there"),
     ("bench.py", ["--device", "tpu"], None, "--device"),
@@ -2969,6 +3070,13 @@ def prepare_case(tmp, prepare, finished):
             prepare(tmp / "run")
     elif prepare == "file":
         (tmp / "file").write_text("not a folder")
+    elif prepare == "link loop":
+        (tmp / "loop").symlink_to(tmp / "loop2")
+        (tmp / "loop2").symlink_to(tmp / "loop")
+    elif prepare == "dangling link":
+        (tmp / "dangling").symlink_to(tmp / "gone")
+    elif prepare.startswith("summary"):
+        prepare_summary(tmp / "runs", prepare, finished)
     elif prepare == "five images":
         write_idx_set(tmp / "five", n_train=5)
     elif prepare == "images":
@@ -2978,6 +3086,30 @@ def prepare_case(tmp, prepare, finished):
         (tmp / "corrupt" / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"junk"))
     else:
         prepare_data(tmp / "data", prepare)
+
+
+def prepare_summary(folder, fault, finished):
+    """Two seeds of a finished run under folder, one of whose files holds a fault."""
+    folder.mkdir()
+    if fault == "summary empty":
+        return
+    for seed in (1, 2):
+        shutil.copytree(finished, folder / f"s{seed}")
+        edit_config(seed=seed)(folder / f"s{seed}")
+    run = folder / "s2"
+    if fault == "summary list":
+        (run / "results.json").write_text("[]")
+    elif fault == "summary not json":
+        (run / "results.json").write_text('{"test_rmse": 0.5')
+    elif fault == "summary text metric":
+        (run / "eval.json").write_text(json.dumps({"test_nll": "low"}))
+    elif fault == "summary bool metric":
+        results = json.loads((run / "results.json").read_text())
+        (run / "results.json").write_text(json.dumps({**results, "test_rmse": True}))
+    elif fault == "summary text setting":
+        edit_config(hidden="8")(run)
+    elif fault == "summary no config":
+        (run / "config.json").unlink()
 
 
 def prepare_data(folder, fault):
@@ -3017,6 +3149,162 @@ def test_bad_input_gets_one_line_and_exit_2_and_changes_nothing(
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1 and needle in lines[0], lines
     assert contents() == before                  # no file changed, none and no folder added
+
+
+def test_evaluate_waits_for_training_and_records_the_checkpoint_it_measured(tmp_path):
+    """Evaluated while it trains: refused in one line; evaluated after: eval.json names
+    the final best.pt by epoch and digest, and a summary takes it; an eval.json of another
+    best.pt is stale, and the summary falls back to results.json and says so."""
+    flags = ["--data", "mnist", "--data-dir", str(image_folder(tmp_path, 1200)),
+             "--arch", "mlp", "--hidden", "16", "--z-dim", "3", "--batch-size", "8",
+             "--epochs", "60", "--patience", "60", "--warmup", "1", "--nll-samples", "0"]
+    out = tmp_path / "runs" / "run"
+    training = start_mim(*flags, "--out", str(out))
+    while not (out / "last.pt").exists() and training.poll() is None:
+        time.sleep(0.05)
+    during = run_script("mim.py", "evaluate", str(out), "--nll-samples", "0")
+    assert training.poll() is None, "training ended before the evaluation was tried"
+    assert during.returncode == 2 and during.stderr.strip() == (
+        f"mim.py evaluate: error: another process is training or evaluating {out}; "
+        "evaluate it once that process has ended")
+    assert not (out / "eval.json").exists()
+    assert training.wait(timeout=300) == 0
+    after = run_script("mim.py", "evaluate", str(out), "--nll-samples", "0")
+    assert after.returncode == 0, after.stderr
+    record = json.loads((out / "eval.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    digest = hashlib.sha256((out / "best.pt").read_bytes()).hexdigest()
+    assert record["checkpoint"] == {"file": "best.pt", "epoch": results["best_epoch"],
+                                    "sha256": digest}
+    assert record["figures"] == sorted(p.name for p in out.glob("*.png"))
+    assert "training.png" in record["figures"]
+    assert evaluate.load_runs(tmp_path / "runs")[0][1]["metrics_from"] == (
+        "eval.json, else results.json")
+    (out / "eval.json").write_text(json.dumps({**record, "test_knn5_acc": 9.0, "checkpoint": {
+        **record["checkpoint"], "sha256": "0" * 64}}))
+    (cfg, metrics), = evaluate.load_runs(tmp_path / "runs")
+    assert metrics["metrics_from"] == "results.json (eval.json stale: of an older best.pt)"
+    assert metrics["test_knn5_acc"] == results["test_knn5_acc"] != 9.0
+
+
+def test_the_fixes_that_the_messages_give_work(tmp_path, finished_toy_run):
+    """Each refusal below names a fix; following it, the command succeeds."""
+    def refused_then_fixed(prepare, args, fix):
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(finished_toy_run, run)
+        prepare(run)
+        args = [a.format(run=run) for a in args]
+        proc = run_script("mim.py", *args)
+        assert proc.returncode == 2, proc.stderr
+        fixed = fix(run, args, proc.stderr)
+        proc = run_script("mim.py", *fixed)
+        assert proc.returncode == 0, proc.stderr
+
+    resume = ["--resume", "{run}", "--epochs", "3"]
+    refused_then_fixed(edit_config(lr=0.01), resume,     # "pass --lr 0.01 with --resume"
+                       lambda run, args, err: args + ["--lr", "0.01"])
+    refused_then_fixed(edit_config(text="{"), resume,    # "... or delete config.json"
+                       lambda run, args, err: (run / "config.json").unlink() or args)
+    def move_out(run, args, err):                                # "move it out"
+        (run / "log.csv").rename(tmp_path / "moved")
+        return args
+    refused_then_fixed(odd_file("log.csv", "folder"), resume, move_out)
+    def finish_then_evaluate(run, args, err):
+        assert f"finish the run with mim.py --resume {run}" in err
+        assert run_script("mim.py", "--resume", str(run)).returncode == 0
+        return args
+    refused_then_fixed(removed("best.pt"), ["evaluate", "{run}", "--nll-samples", "0"],
+                       finish_then_evaluate)
+
+
+def test_resume_may_change_the_nll_samples_of_the_final_test(tmp_path, finished_toy_run):
+    run = tmp_path / "run"
+    shutil.copytree(finished_toy_run, run)
+    proc = run_cli("--resume", str(run), "--nll-samples", "7")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "results.json").read_text())["nll_samples"] == 7
+
+
+@pytest.mark.parametrize("sig,how", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+@pytest.mark.parametrize("stage", ["run_figures", "test_metrics"])
+def test_a_signal_during_evaluate_keeps_the_earlier_evaluation(
+        tmp_path, finished_toy_run, monkeypatch, capsys, sig, how, stage):
+    run = tmp_path / "run"
+    shutil.copytree(finished_toy_run, run)
+    mim.main(["evaluate", str(run), "--nll-samples", "0"])
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+    real = getattr(evaluate, stage)
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), sig)             # delivered as it would be from a terminal
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, stage, signalled)
+    with pytest.raises(SystemExit) as exit_info:
+        mim.main(["evaluate", str(run), "--nll-samples", "3"])
+    assert exit_info.value.code == 128 + sig
+    assert capsys.readouterr().err.strip() == (
+        f"mim.py evaluate: stopped by {how}; each run keeps the evaluation it had before "
+        "this command (or none): run the command again")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_a_closed_pipe_ends_the_commands_quietly(tmp_path, finished_toy_run):
+    """python mim.py evaluate RUN | head -c0: the reader went away; exit 141, no words."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_toy_run, run)
+    for args in (["evaluate", str(run), "--nll-samples", "0"],
+                 ["--epochs", "2", "--hidden", "8", "--nll-samples", "0"]):
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mim.py"), *args],
+                                cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=300) == 141 and err == "", err
+    assert json.loads((run / "eval.json").read_text())["checkpoint"]["file"] == "best.pt"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 1 MiB (tmpfs; needs root), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                             capture_output=True, text=True) if os.geteuid() == 0 else None
+    if mounted is None or mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def fill(disk, leave):
+    """Fill the disk up to `leave` bytes free, with one file."""
+    free = shutil.disk_usage(disk).free
+    (disk / "filler").write_bytes(b"\0" * max(free - leave, 0))
+
+
+def test_a_real_full_disk_ends_training_and_evaluate_in_one_line(small_disk,
+                                                                 finished_toy_run):
+    fill(small_disk, 12 * 1024)           # room for config.json and log.csv, not last.pt
+    out = small_disk / "run"
+    proc = run_cli("--epochs", "2", "--warmup", "1", "--hidden", "8", "--nll-samples", "0",
+                   "--out", str(out))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "No space left on device" in lines[0] and "free space" in lines[0]
+    assert not [p for p in out.glob("*") if p.suffix == ".tmp" or p.name == "last.pt"]
+    shutil.rmtree(out, ignore_errors=True)
+    (small_disk / "filler").unlink()
+    shutil.copytree(finished_toy_run, out)
+    fill(small_disk, 16 * 1024)            # room for eval.json, not for the figures
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = run_script("mim.py", "evaluate", str(out), "--nll-samples", "0")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "No space left on device" in lines[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before   # all or nothing
+    (small_disk / "filler").unlink()
+    assert run_script("mim.py", "evaluate", str(out), "--nll-samples", "0").returncode == 0
+    assert (out / "eval.json").exists() and (out / "fig1.png").exists()
 
 
 def test_checkpoints_record_their_data_and_refuse_another_test_split(tmp_path):

@@ -721,24 +721,30 @@ def load_runs(folder):
         configs[os.path.join(run_dir, "config.json")] = cfg
     if not runs:
         raise ValueError(f"no */results.json under {folder}; train runs with mim.py --out first")
-    check_same_types(configs)
+    check_comparable(configs)
     return runs
 
 
-def check_same_types(configs):
-    """Refuse a setting written as a number in one config.json and as text in another
-    ({path: config}): the summary would group such runs apart or fail to order them."""
-    seen = {}
+def check_comparable(configs):
+    """Refuse a setting that one config.json lacks and another has, or writes as a number
+    in one and as text in another ({path: config}): the summary would group such runs
+    apart or fail to order them."""
+    seen, first = {}, next(iter(configs))
     for path, cfg in configs.items():
+        for a, b in ((path, first), (first, path)):
+            lacking = sorted(set(configs[b]) - set(configs[a]) - set(RUN_KEYS))
+            if lacking:
+                raise ValueError(f"{a} lacks {lacking[0]}, which {b} sets; write it as mim.py "
+                                 f"would, or move {os.path.dirname(a)} out of the summary")
         for key, value in cfg.items():
             if value is None or key in RUN_KEYS:
                 continue
             kind = "number" if isinstance(value, (int, float)) and not isinstance(
                 value, bool) else type(value).__name__
-            first = seen.setdefault(key, (kind, value, path))
-            if first[0] != kind:
-                raise ValueError(f"{key} is {value!r} in {path} but {first[1]!r} in "
-                                 f"{first[2]}; write it the same way in both (as mim.py "
+            earlier = seen.setdefault(key, (kind, value, path))
+            if earlier[0] != kind:
+                raise ValueError(f"{key} is {value!r} in {path} but {earlier[1]!r} in "
+                                 f"{earlier[2]}; write it the same way in both (as mim.py "
                                  "wrote it)")
 
 

@@ -3037,6 +3037,8 @@ BAD_INPUTS = [
      "results.json: test_rmse is True, not a number"),
     ("mim.py", ["evaluate", "--summary", "{tmp}/runs"], "summary text setting",
      "hidden is '8' in"),
+    ("mim.py", ["evaluate", "--summary", "{tmp}/runs", "--x", "hidden"],
+     "summary missing setting", "s2/config.json lacks hidden, which"),
     ("mim.py", ["evaluate", "--summary", "{tmp}/runs"], "summary no config",
      "config.json not found"),
     ("mim.py", ["evaluate", "--summary", "{tmp}/runs"], "summary empty",
@@ -3108,6 +3110,10 @@ def prepare_summary(folder, fault, finished):
         (run / "results.json").write_text(json.dumps({**results, "test_rmse": True}))
     elif fault == "summary text setting":
         edit_config(hidden="8")(run)
+    elif fault == "summary missing setting":
+        cfg = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({k: v for k, v in cfg.items()
+                                                     if k != "hidden"}))
     elif fault == "summary no config":
         (run / "config.json").unlink()
 

@@ -32,12 +32,24 @@
 #                          images with S = 100, and seed 1 also by AIS on 10 of them
 #                          (README, "Reproducing the experiments", for the time it takes)
 #
-# Finished runs (those with results.json) are skipped and interrupted ones resumed, so an
-# interrupted call can be rerun.
-# JOBS=N sets how many runs go side by side, each on one thread (default: the number of
-# cores). DATA_DIR=PATH is passed to the MNIST runs as --data-dir (offline:
-# ../shared/data/mnist, the official split); it is not passed to Fashion-MNIST runs, whose
-# IDX files have the same names and would be read from it.
+#   ./run_all.sh --list [--quick]    the protocol's jobs, one command per line, for any
+#                          runner (xargs -P, GNU parallel, a scheduler): every training,
+#                          then every evaluation; each skips finished work and resumes
+#                          interrupted work, so a list can be rerun
+#   ./run_all.sh --slurm [--quick] [--submit]   results/slurm/: the unfinished jobs as
+#                          sbatch arrays, with submit.sh (resources at its top) to submit
+#                          them and a summary job after them (--submit runs it)
+#   ./run_all.sh --status [--quick]  each experiment's jobs by state: finished, running,
+#                          interrupted or missing
+#   ./run_all.sh --summaries         results/*/summary.md of every experiment with runs
+#
+# JOBS=N sets how many jobs go side by side (default: the number of cores, which they
+# share as threads); with --device cuda, N jobs per GPU, each on one GPU in turn.
+# --device DEVICE is passed to every job. DATA_DIR=PATH is passed to the MNIST runs as
+# --data-dir (a folder holding the official MNIST IDX files); it is not passed to
+# Fashion-MNIST runs, whose IDX files have the same names and would be read from it.
+# ONLY=REGEX keeps the jobs whose command matches it; RUN_ALL_TINY=1 shrinks every job to
+# seconds (the tests' protocol).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -141,113 +153,276 @@ print(text, end="")
 PY
 }
 
-case "${1:-}" in
-  --gpu-check) gpu_check; exit ;;
-  --quick) seeds="1 2 3"; widths="5 20 500"; nll=100
-           pca_seeds="1"; pca_dims="2 10 20"
-           image_runs="mnist:1 fashion_mnist:1 mnist:2 mnist:3"; image_nll=100
-           image_flags="--train-size 5000 --epochs 10 --amp"
-           image_eval="--test-size 500"
-           image_models="convhvae:vamp:mim convhvae:vamp:vae pixelhvae:vamp:amim
-                         pixelhvae:vamp:vae" ;;
-  "") seeds="1 2 3 4 5 6 7 8 9 10"; widths="5 20 50 100 200 300 400 500"; nll=1000
-      pca_seeds=$seeds; pca_dims="2 4 6 8 10 12 14 16 18 20"
-      image_runs=$(for s in $seeds; do echo mnist:$s fashion_mnist:$s omniglot:$s; done)
-      image_nll=5000; image_flags="--epochs 2000 --warmup 100"; image_eval=""
-      image_models="" ;;
-  *) echo "run_all.sh: error: unknown option '$1' (use --quick, --gpu-check, or nothing for the full run)" >&2
-     exit 2 ;;
-esac
-jobs=${JOBS:-$(nproc)}
-data_dir=${DATA_DIR:+--data-dir $DATA_DIR}
+# ---------------------------------------------------------------------------------------
+# The protocol as a list of jobs. Each job is one line, `run_all.sh --job OUT FLAGS...
+# [--evaluate FLAGS...]`: train OUT with mim.py's FLAGS unless it has finished (resumed
+# where it stopped), then, for an evaluation job, evaluate it unless eval.json is newer
+# than best.pt. The jobs of one run take the lock OUT.lock in turn, so its training job and
+# its evaluation job never both work on it, in whatever order a runner starts them.
+# ---------------------------------------------------------------------------------------
 
-train() {  # train OUT_DIR MIM_FLAGS...: one run, skipped if it has finished before and
-           # resumed from its last finished epoch if it was interrupted
-  local out=$1; shift
-  [[ -f $out/results.json ]] && return 0
-  mkdir -p "$(dirname "$out")"
-  if [[ -f $out/last.pt ]]; then set -- --resume "$out"; else set -- "$@" --out "$out"; fi
-  if ! python mim.py "$@" >> "$out.log" 2>&1; then
-    echo "run_all.sh: $out failed; see $out.log" >&2
-    return 1
+job() {
+  local out=$1 train=() evaluation=() evaluating=0; shift
+  for arg in "$@"; do
+    if [[ $arg == --evaluate ]]; then evaluating=1
+    elif ((evaluating)); then evaluation+=("$arg")
+    else train+=("$arg"); fi
+  done
+  if [[ -n ${RUN_ALL_SLOT:-} && ${RUN_ALL_GPUS:-0} -gt 0 ]]; then  # xargs' slot: one GPU each
+    export CUDA_VISIBLE_DEVICES=$((RUN_ALL_SLOT % RUN_ALL_GPUS))
   fi
-  echo "done: $out"
-}
-export -f train
-
-{
-  for seed in $seeds; do
-    for h in $widths; do
-      for loss in mim vae; do
-        for mode in paper authors; do
-          echo "results/fig2-$mode/$loss-h$h-s$seed --data toy2d --hidden $h --loss $loss" \
-               "--warmup-mode $mode --seed $seed --nll-samples $nll"
-        done
-      done
+  mkdir -p "$(dirname "$out")"
+  exec 9>> "$out.lock"
+  flock 9
+  if [[ ! -f $out/results.json ]]; then
+    local device=() flag
+    for flag in "${!train[@]}"; do    # a resumed run keeps its flags, but not its device
+      [[ ${train[$flag]} == --device ]] && device=(--device "${train[$((flag + 1))]}")
     done
+    if [[ -f $out/last.pt ]]; then set -- --resume "$out" "${device[@]}"
+    else set -- "${train[@]}" --out "$out"; fi
+    python mim.py "$@" >> "$out.log" 2>&1 \
+      || { echo "run_all.sh: training $out failed; see $out.log" >&2; return 1; }
+    echo "trained: $out"
+  fi
+  if ((evaluating)) && [[ ! $out/eval.json -nt $out/best.pt ]]; then
+    python mim.py evaluate "$out" "${evaluation[@]}" > "$out.eval.log" 2>&1 \
+      || { echo "run_all.sh: evaluating $out failed; see $out.eval.log" >&2; return 1; }
+    echo "evaluated: $out"
+  fi
+}
+
+protocol() {  # settings of the full or the --quick protocol, as variables
+  if ((quick)); then
+    seeds="1 2 3"; widths="5 20 500"; nll=100; pca_seeds="1"; pca_dims="2 10 20"
+    image_runs="mnist:1 fashion_mnist:1 mnist:2 mnist:3"; image_nll=100
+    image_flags="--train-size 5000 --epochs 10 --amp"; image_eval="--test-size 500"
+    image_models="convhvae:vamp:mim convhvae:vamp:vae pixelhvae:vamp:amim pixelhvae:vamp:vae"
+  else
+    seeds="1 2 3 4 5 6 7 8 9 10"; widths="5 20 50 100 200 300 400 500"; nll=1000
+    pca_seeds=$seeds; pca_dims="2 4 6 8 10 12 14 16 18 20"
+    image_runs=$(for s in $seeds; do echo mnist:$s fashion_mnist:$s omniglot:$s; done)
+    image_nll=5000; image_flags="--epochs 2000 --warmup 100"; image_eval=""
+    image_models=""
+    for arch_loss in convhvae:mim convhvae:vae pixelhvae:amim pixelhvae:vae; do
+      for prior in normal vamp; do image_models+=" ${arch_loss%:*}:$prior:${arch_loss#*:}"; done
+    done
+  fi
+  if [[ -n ${RUN_ALL_TINY:-} ]]; then   # the tests' protocol: seconds per job
+    tiny_train="--epochs 1 --warmup 1 --patience 1 --train-size 300"; tiny_eval="--test-size 50"
+    nll=5; image_nll=5; image_flags="$image_flags --train-size 300 --epochs 1 --warmup 1"
+  fi
+}
+
+records() {  # every job as OUT|TRAIN FLAGS|EVALUATE FLAGS (empty: no evaluation job)
+  local seed h loss mode z run data dir model arch prior eval
+  for seed in $seeds; do
+    for h in $widths; do for loss in mim vae; do for mode in paper authors; do
+      eval=""; [[ $seed == 1 && " 5 20 500 " == *" $h "* ]] && eval="--nll-samples $nll"
+      echo "results/fig2-$mode/$loss-h$h-s$seed|--data toy2d --hidden $h --loss $loss" \
+           "--warmup-mode $mode --seed $seed --nll-samples $nll|$eval"
+    done; done; done
     for loss in mim ce; do
-      echo "results/f2/$loss-s$seed --data toy1d --z-dim 1 --hidden 10 --activation silu" \
-           "--prior mog --q-x mog --loss $loss --patience 20 --seed $seed --nll-samples $nll"
+      eval=""; [[ $seed == 1 ]] && eval="--nll-samples $nll"
+      echo "results/f2/$loss-s$seed|--data toy1d --z-dim 1 --hidden 10 --activation silu" \
+           "--prior mog --q-x mog --loss $loss --patience 20 --seed $seed --nll-samples" \
+           "$nll|$eval"
     done
   done
-  for seed in $seeds; do
+  for seed in $seeds; do  # eval.json adds active units, the ELBO's KL and the minibatch MI
     for loss in vae mim amim infomax critic-self critic-nn critic-hybrid; do
-      echo "results/collapse/$loss-s$seed --data toy20d --z-dim 20 --hidden 50 --loss $loss" \
-           "--seed $seed --nll-samples $nll"
+      echo "results/collapse/$loss-s$seed|--data toy20d --z-dim 20 --hidden 50 --loss" \
+           "$loss --seed $seed --nll-samples $nll|--nll-samples $nll"
     done
   done
-  for seed in $pca_seeds; do
-    for z in $pca_dims; do
-      for loss in mim vae; do
-        echo "results/fig3/$loss-z$z-s$seed --data pca_fashion_mnist --z-dim $z --hidden 50" \
-             "--loss $loss --seed $seed --nll-samples $nll"
-      done
+  for seed in $pca_seeds; do for z in $pca_dims; do for loss in mim vae; do
+    echo "results/fig3/$loss-z$z-s$seed|--data pca_fashion_mnist --z-dim $z --hidden 50" \
+         "--loss $loss --seed $seed --nll-samples $nll|"
+  done; done; done
+  # Sec. 5.2: MIM (convHVAE) and A-MIM (PixelHVAE, whose sampling is too slow for MIM's
+  # decoder samples) against the VAE with the same network, each prior; the tight NLL (AIS
+  # from the encoder itself, see RESULTS.md) on seed 1's first test images.
+  local ais="--ais-steps 300 --ais-chains 4 --ais-leapfrog 2 --ais-points 10 --ais-inflate 1"
+  for run in $image_runs; do
+    IFS=: read -r data seed <<< "$run"
+    [[ $data == mnist ]] && dir=$data_dir || dir=""   # DATA_DIR holds MNIST's files only
+    for model in $image_models; do
+      IFS=: read -r arch prior loss <<< "$model"
+      echo "results/images/$data-$arch-$prior-$loss-s$seed|--data $data --arch $arch" \
+           "--prior $prior --loss $loss --seed $seed $image_flags $dir|--nll-samples" \
+           "$image_nll $image_eval $([[ $seed == 1 ]] && echo "$ais")"
     done
   done
-} | OMP_NUM_THREADS=1 xargs -P "$jobs" -L 1 bash -c 'train "$@"' train  # small networks:
-                                                   # separate processes beat threads
-
-for mode in paper authors; do
-  python mim.py evaluate --summary "results/fig2-$mode" --x hidden
-  python mim.py evaluate results/fig2-$mode/{mim,vae}-h{5,20,500}-s1 --nll-samples "$nll"
-done
-python mim.py evaluate --summary results/f2
-python mim.py evaluate results/f2/{mim,ce}-s1 --nll-samples "$nll"
-python mim.py evaluate --summary results/fig3 --x z_dim
-# eval.json adds active units, the ELBO's KL term and the minibatch MI to each run
-for run in results/collapse/*-s*/; do
-  [[ -f $run/eval.json ]] || python mim.py evaluate "$run" --nll-samples "$nll" > "${run%/}.eval.log"
-done
-python mim.py evaluate --summary results/collapse --x loss
-
-# Sec. 5.2: MIM (convHVAE) and A-MIM (PixelHVAE, whose sampling is too slow for MIM's
-# decoder samples) against the VAE with the same network, each prior (arch:prior:loss).
-if [[ -z $image_models ]]; then
-  for arch_loss in convhvae:mim convhvae:vae pixelhvae:amim pixelhvae:vae; do
-    for prior in normal vamp; do
-      image_models+=" ${arch_loss%:*}:$prior:${arch_loss#*:}"
-    done
-  done
-fi
-# The tight NLL (AIS from the encoder itself, see RESULTS.md) on seed 1's first test images.
-ais="--ais-steps 300 --ais-chains 4 --ais-leapfrog 2 --ais-points 10 --ais-inflate 1"
-image() {  # image OUT MIM_FLAGS...: train, then evaluate on the test images
-  local out=$1
-  train "$@" || return 1
-  [[ -f $out/eval.json ]] && return 0
-  [[ $out == *-s1 ]] || ais=""
-  python mim.py evaluate "$out" --nll-samples "$image_nll" $image_eval $ais > "$out.eval.log" 2>&1 \
-    || echo "run_all.sh: evaluating $out failed; see $out.eval.log" >&2
 }
-export -f image; export image_nll image_eval ais
-for run in $image_runs; do
-  IFS=: read -r data seed <<< "$run"
-  [[ $data == mnist ]] && dir=$data_dir || dir=""   # DATA_DIR holds MNIST's files only
-  for model in $image_models; do
-    IFS=: read -r arch prior loss <<< "$model"
-    echo "results/images/$data-$arch-$prior-$loss-s$seed --data $data --arch $arch" \
-         "--prior $prior --loss $loss --seed $seed $image_flags $dir"
+
+job_lines() {  # the protocol's jobs as commands: every training, then every evaluation
+  local out train evaluation extra=${device:+--device $device} self
+  self=$(printf %q "$PWD/run_all.sh")
+  records | grep -E -- "${ONLY:-.}" | while IFS='|' read -r out train evaluation; do
+    echo "$self --job $out $train ${tiny_train:-} $extra"
+  done | sed -E 's/ +/ /g; s/ $//'
+  records | grep -E -- "${ONLY:-.}" | while IFS='|' read -r out train evaluation; do
+    [[ -n $evaluation ]] || continue
+    echo "$self --job $out $train ${tiny_train:-} $extra --evaluate $evaluation" \
+         "${tiny_eval:-} $extra"
+  done | sed -E 's/ +/ /g; s/ $//'
+}
+
+summaries() {  # summary.md (and .png) of every experiment that has finished runs
+  local exp x
+  for exp in fig2-paper:hidden fig2-authors:hidden f2: fig3:z_dim collapse:loss images:; do
+    IFS=: read -r exp x <<< "$exp"
+    compgen -G "results/$exp/*/results.json" > /dev/null || continue
+    python mim.py evaluate --summary "results/$exp" ${x:+--x $x} > /dev/null
+    echo "summary: results/$exp/summary.md"
   done
-done | OMP_NUM_THREADS=1 xargs -P "$jobs" -L 1 bash -c 'image "$@"' image
-python mim.py evaluate --summary results/images
-echo "tables: results/*/summary.md; figures: results/*/summary.png and the run folders"
+}
+
+job_state() {  # job_state LINE: finished, running, interrupted or missing
+  local out kind=training
+  read -r _ _ out _ <<< "$1"
+  [[ $1 == *" --evaluate "* ]] && kind=evaluation
+  if [[ $kind == training && -f $out/results.json ]] ||
+     [[ $kind == evaluation && $out/eval.json -nt $out/best.pt ]]; then echo finished
+  elif [[ -e $out.lock ]] && ! flock -n "$out.lock" true; then echo running
+  elif [[ -e $out ]]; then echo interrupted
+  else echo missing; fi
+}
+
+status() {  # how many jobs of each experiment and kind are in each state
+  echo "experiment     job         state        jobs"
+  job_lines | while read -r line; do
+    local out kind=training
+    read -r _ _ out _ <<< "$line"
+    [[ $line == *" --evaluate "* ]] && kind=evaluation
+    echo "$(basename "$(dirname "$out")") $kind $(job_state "$line")"
+  done | sort | uniq -c | awk '{printf "%-14s %-11s %-12s %d\n", $2, $3, $4, $1}'
+}
+
+slurm() {  # results/slurm/: the unfinished jobs as sbatch arrays, then a summary job
+  local dir=results/slurm name line
+  mkdir -p "$dir/logs"
+  rm -f "$dir"/*.jobs
+  job_lines | while read -r line; do
+    [[ $(job_state "$line") == finished ]] && continue
+    name=cpu; [[ $line == *" --job results/images/"* ]] && name=gpu
+    [[ $line == *" --evaluate "* ]] && name+=-evaluate || name+=-train
+    echo "$line" >> "$dir/$name.jobs"
+  done
+  write_task "$dir/task.sbatch"
+  write_submit "$dir/submit.sh"
+  echo "run_all.sh: jobs not finished: $(cat "$dir"/*.jobs 2> /dev/null | wc -l), in $dir/*.jobs;" \
+       "submit them with $dir/submit.sh (edit its resources first)"
+  if ((submit)); then bash "$dir/submit.sh"; fi
+}
+
+write_task() {  # the script of one array task: line SLURM_ARRAY_TASK_ID of a .jobs file
+  cat > "$1" <<TASK
+#!/usr/bin/env bash
+# One task of an array that results/slurm/submit.sh submits: runs line
+# \$SLURM_ARRAY_TASK_ID of the .jobs file given as its argument.
+set -euo pipefail
+cd $(printf %q "$PWD")
+eval "\$(sed -n "\${SLURM_ARRAY_TASK_ID}p" "\$1")"
+TASK
+}
+
+write_submit() {  # the submission script, its resources as variables at its top
+  cat > "$1" <<SUBMIT
+#!/usr/bin/env bash
+# Submits results/slurm/*.jobs as sbatch arrays (training, then evaluation once the
+# training array has ended) and a summary job once all have ended. Written by
+# run_all.sh --slurm, which lists only the jobs not yet finished: after failures, run it
+# again and submit what it writes. Edit the resources below to fit your cluster.
+set -euo pipefail
+cd $(printf %q "$PWD")
+# MLP jobs on the toys and Fashion-MNIST PCA: one core; measured about 10 s (toy2d) to
+# 2 min (toy20d, 20-D latent) per run on a CPU core
+CPU_SBATCH=\${CPU_SBATCH:-"--cpus-per-task=1 --mem=2G --time=01:00:00"}
+# image jobs: one GPU; about 14 min per run of the full protocol by RESULTS.md's FLOP
+# estimate at an assumed 100 TFLOP/s (not measured), up to 2,000 epochs with early stopping
+GPU_SBATCH=\${GPU_SBATCH:-"--gres=gpu:1 --cpus-per-task=4 --mem=16G --time=08:00:00"}
+SUMMARY_SBATCH=\${SUMMARY_SBATCH:-"--cpus-per-task=1 --mem=2G --time=00:30:00"}
+EXTRA_SBATCH=\${EXTRA_SBATCH:-}     # for example --partition=... --account=...
+dir=results/slurm ended=""
+submit() {  # submit NAME RESOURCES [DEPENDENCY]: one array over dir/NAME.jobs
+  local n; n=\$(wc -l < "\$dir/\$1.jobs")
+  sbatch --parsable --job-name="mim-\$1" --array=1-"\$n" \$2 \$EXTRA_SBATCH \\
+    --output="\$dir/logs/%x-%A_%a.out" \${3:+--dependency=afterany:\$3} \\
+    "\$dir/task.sbatch" "\$dir/\$1.jobs"
+}
+for kind in cpu gpu; do
+  resources=CPU_SBATCH; [[ \$kind == gpu ]] && resources=GPU_SBATCH
+  train=""
+  if [[ -s \$dir/\$kind-train.jobs ]]; then
+    train=\$(submit "\$kind-train" "\${!resources}"); ended+=":\$train"
+    echo "submitted \$kind-train: job \$train"
+  fi
+  if [[ -s \$dir/\$kind-evaluate.jobs ]]; then
+    id=\$(submit "\$kind-evaluate" "\${!resources}" "\$train"); ended+=":\$id"
+    echo "submitted \$kind-evaluate: job \$id"
+  fi
+done
+id=\$(sbatch --parsable --job-name=mim-summaries \$SUMMARY_SBATCH \$EXTRA_SBATCH \\
+  --output="\$dir/logs/%x-%j.out" \${ended:+--dependency=afterany\$ended} \\
+  --wrap="./run_all.sh --summaries")
+echo "submitted summaries: job \$id"
+SUBMIT
+}
+
+check_device() {  # refuse in one line before any job starts
+  [[ -z $device ]] && return 0
+  RUN_ALL_GPUS=$(python - "$device" <<'PY'
+import sys, torch, mim
+try:
+    mim.choose_device(sys.argv[1])
+except mim.UsageError as e:
+    print(f"run_all.sh: error: {e}", file=sys.stderr)
+    sys.exit(2)
+print(torch.cuda.device_count() if sys.argv[1] != "cpu" else 0)
+PY
+) || exit 2
+  export RUN_ALL_GPUS
+}
+
+run_locally() {  # JOBS jobs at a time: per GPU with --device cuda, else over the cores
+  local cores parallel threads
+  cores=$(nproc)
+  if [[ ${RUN_ALL_GPUS:-0} -gt 0 ]]; then
+    parallel=$(( ${JOBS:-1} * RUN_ALL_GPUS )); threads=$(( cores / parallel ))
+  else
+    parallel=${JOBS:-$cores}; threads=$(( cores / parallel ))
+  fi
+  job_lines | OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 )) \
+    xargs -d '\n' -P "$parallel" --process-slot-var=RUN_ALL_SLOT -n 1 bash -c 'eval "$1"' job
+  summaries
+}
+
+quick=0 action=run device="" submit=0
+while (($#)); do
+  case $1 in
+    --gpu-check) gpu_check; exit ;;
+    --job) shift; job "$@"; exit ;;
+    --quick) quick=1 ;;
+    --list|--status|--summaries|--slurm) action=${1#--} ;;
+    --submit) submit=1 ;;
+    --device) device=${2:-}; shift
+              [[ $device =~ ^(cpu|cuda|auto)$ ]] || {
+                echo "run_all.sh: error: --device takes cpu, cuda or auto, not '$device'" >&2
+                exit 2; } ;;
+    *) echo "run_all.sh: error: unknown option '$1' (use --quick, --list, --status," \
+            "--summaries, --slurm [--submit], --device DEVICE, --gpu-check)" >&2
+       exit 2 ;;
+  esac
+  shift
+done
+data_dir=${DATA_DIR:+--data-dir $DATA_DIR}
+protocol
+case $action in
+  list) check_device; job_lines ;;
+  status) status ;;
+  summaries) summaries ;;
+  slurm) check_device; slurm ;;
+  run) check_device; run_locally
+       echo "tables: results/*/summary.md; figures: results/*/summary.png and the run folders" ;;
+esac

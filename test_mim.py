@@ -32,6 +32,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -2588,6 +2589,154 @@ def test_gpu_check_without_a_gpu_refuses_in_one_line_before_anything_starts(tmp_
     proc = gpu_check(tmp_path, GPU_CHECK_DEVICE="cuda")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "no CUDA device" in proc.stderr and not (tmp_path / "out").exists()
+
+
+# run_all.sh as a job list: for any runner (xargs, a scheduler), each job idempotent.
+# The tiny protocol: --quick with RUN_ALL_TINY (seconds per job) and only App. F.2's runs.
+TINY_F2 = {"RUN_ALL_TINY": "1", "ONLY": "results/f2/"}
+
+
+def project_copy(tmp_path):
+    """The project's files in a folder of their own, so that results/ lands there."""
+    for name in ("mim.py", "datasets.py", "evaluate.py", "run_all.sh"):
+        shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    return tmp_path
+
+
+def run_all(folder, *args, **env):
+    return subprocess.run(["bash", str(folder / "run_all.sh"), *args], cwd=folder,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_run_all_lists_its_jobs_and_a_second_pass_does_no_work(tmp_path):
+    """--list --quick: the 85 runs and 51 evaluations of the reduced protocol, one command
+    per line; the tiny App. F.2 part run twice through xargs: all work the first time,
+    none the second; --status counts the jobs by state."""
+    folder = project_copy(tmp_path)
+    listed = run_all(folder, "--list", "--quick", RUN_ALL_TINY="")
+    lines = listed.stdout.splitlines()
+    runs = 3 * 3 * 2 * 2 + 3 * 2 + 3 * 7 + 3 * 2 + 4 * 4     # fig2 x 2 modes, f2, collapse,
+    evaluations = 2 * 3 * 2 + 2 + 3 * 7 + 4 * 4               # fig3, images; then their evals
+    assert listed.returncode == 0 and len(lines) == runs + evaluations == 136
+    assert sum(" --evaluate " in line for line in lines) == evaluations
+    assert len(set(lines)) == len(lines) and all(" --job results/" in l for l in lines)
+    jobs = run_all(folder, "--list", "--quick", **TINY_F2).stdout
+    first = subprocess.run(["xargs", "-d", "\\n", "-P", "2", "-n", "1", "bash", "-c",
+                            'eval "$1"', "job"], input=jobs, cwd=folder, capture_output=True,
+                           text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert first.returncode == 0, first.stderr
+    assert sorted(first.stdout.split()) == sorted(
+        ["trained:"] * 6 + ["evaluated:"] * 2 + [f"results/f2/{loss}-s{seed}" for loss in
+                                                ("mim", "ce") for seed in (1, 2, 3)] +
+        ["results/f2/mim-s1", "results/f2/ce-s1"])
+    again = subprocess.run(["bash", "-c", jobs], cwd=folder, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout == ""
+    status = run_all(folder, "--status", "--quick", **TINY_F2).stdout.splitlines()
+    assert [line.split() for line in status[1:]] == [["f2", "evaluation", "finished", "2"],
+                                                     ["f2", "training", "finished", "6"]]
+
+
+def test_run_all_with_cuda_and_no_gpu_refuses_before_any_job(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    folder = project_copy(tmp_path)
+    for args in (["--quick", "--device", "cuda"], ["--list", "--device", "cuda"],
+                 ["--slurm", "--device", "cuda"]):
+        proc = run_all(folder, *args)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "no CUDA device" in proc.stderr and not (folder / "results").exists()
+
+
+SLURM_DAEMONS = ("munged", "slurmctld", "slurmd")
+SLURM_CLIENTS = ("sbatch", "squeue", "sinfo")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A one-node SLURM cluster on this machine: munged, slurmctld and slurmd started
+    here on free ports, stopped afterwards. Yields the environment its clients need."""
+    sbin = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    missing = [b for b in SLURM_DAEMONS + SLURM_CLIENTS if not shutil.which(b, path=sbin)]
+    if missing:
+        pytest.skip(f"SLURM is not installed ({', '.join(missing)} missing; Debian: "
+                    "apt-get install slurm-wlm munge)")
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmd needs root")
+    folder = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "PATH": sbin, "SLURM_CONF": str(folder / "slurm.conf")}
+    node = socket.gethostname().split(".")[0]
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 ** 20 // 2
+    settings = {"ClusterName": "mimtest", "SlurmctldHost": "localhost", "SlurmUser": "root",
+                "SlurmctldPort": free_port(), "SlurmdPort": free_port(),
+                "StateSaveLocation": folder, "SlurmdSpoolDir": folder / "spool",
+                "SlurmctldPidFile": folder / "ctld.pid", "SlurmdPidFile": folder / "d.pid",
+                "SlurmctldLogFile": folder / "ctld.log", "SlurmdLogFile": folder / "d.log",
+                "ProctrackType": "proctrack/linuxproc", "TaskPlugin": "task/none",
+                "SelectType": "select/cons_tres", "SelectTypeParameters": "CR_Core",
+                "AccountingStorageType": "accounting_storage/none", "MinJobAge": 3600,
+                "ReturnToService": 2}
+    (folder / "slurm.conf").write_text(
+        "".join(f"{k}={v}\n" for k, v in settings.items()) +
+        f"NodeName={node} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory={memory}\n"
+        f"PartitionName=test Nodes={node} Default=YES MaxTime=INFINITE State=UP\n")
+    if subprocess.run("munge -n | unmunge", shell=True, env=env,
+                      capture_output=True).returncode != 0:
+        os.makedirs("/run/munge", exist_ok=True)
+        shutil.chown("/run/munge", "munge", "munge")
+        subprocess.run(["runuser", "-u", "munge", "--", "munged"], env=env, check=True)
+    for daemon in ("slurmctld", "slurmd"):
+        subprocess.run([daemon, "-f", str(folder / "slurm.conf")], env=env, check=True)
+    try:
+        deadline = time.time() + 60
+        while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%t"], env=env,
+                                           capture_output=True, text=True).stdout:
+            assert time.time() < deadline, (folder / "ctld.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield env
+    finally:
+        for pid_file in ("d.pid", "ctld.pid"):
+            if (folder / pid_file).exists():
+                os.kill(int((folder / pid_file).read_text()), signal.SIGTERM)
+
+
+def wait_for_queue(env, timeout=600):
+    deadline = time.time() + timeout
+    while subprocess.run(["squeue", "-h"], env=env, capture_output=True, text=True).stdout:
+        assert time.time() < deadline, "SLURM jobs did not end"
+        time.sleep(1)
+
+
+def test_run_all_on_a_real_slurm_cluster_resubmits_only_what_is_unfinished(slurm, tmp_path):
+    """--slurm --submit: the tiny App. F.2 protocol as sbatch arrays on a real slurmctld,
+    every task finished and the summary written by the dependent job; then one run's
+    folder deleted, and the re-submission runs exactly that one job again."""
+    folder = project_copy(tmp_path)
+    env = {**slurm, **TINY_F2}
+    proc = run_all(folder, "--slurm", "--quick", "--submit", **env)
+    assert proc.returncode == 0 and "jobs not finished: 8," in proc.stdout, proc.stderr
+    wait_for_queue(env)
+    f2 = folder / "results" / "f2"
+    assert len(list(f2.glob("*/results.json"))) == 6 and len(list(f2.glob("*/eval.json"))) == 2
+    assert (f2 / "summary.md").exists()
+    logs = folder / "results" / "slurm" / "logs"
+    assert len(list(logs.glob("mim-cpu-train-*_*.out"))) == 6
+    shutil.rmtree(f2 / "ce-s2")
+    (f2 / "summary.md").unlink()
+    proc = run_all(folder, "--slurm", "--quick", "--submit", **env)
+    assert proc.returncode == 0 and "jobs not finished: 1," in proc.stdout, proc.stderr
+    jobs = (folder / "results" / "slurm" / "cpu-train.jobs").read_text().splitlines()
+    assert len(jobs) == 1 and " --job results/f2/ce-s2 " in jobs[0]
+    wait_for_queue(env)
+    assert (f2 / "ce-s2" / "results.json").exists() and (f2 / "summary.md").exists()
+    status = run_all(folder, "--status", "--quick", **env).stdout
+    assert "missing" not in status and "interrupted" not in status
 
 
 def run_script(script, *args):

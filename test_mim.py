@@ -2637,6 +2637,26 @@ def test_run_all_lists_its_jobs_and_a_second_pass_does_no_work(tmp_path):
                                                      ["f2", "training", "finished", "6"]]
 
 
+def test_run_all_jobs_take_their_gpu_by_slot_and_resume_on_their_device(tmp_path):
+    """A job in xargs' slot 3 of a node with 2 GPUs runs on GPU 1; an interrupted run is
+    resumed with only its device passed again. python is a stub that records its call."""
+    folder = project_copy(tmp_path)
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "python").write_text('#!/bin/sh\necho "$CUDA_VISIBLE_DEVICES $*" >> calls\n')
+    (stub / "python").chmod(0o755)
+    env = {"PATH": f"{stub}{os.pathsep}{os.environ['PATH']}", "RUN_ALL_SLOT": "3",
+           "RUN_ALL_GPUS": "2"}
+    job = ["--job", "results/toy/run", "--data", "toy2d", "--device", "cuda"]
+    assert run_all(folder, *job, **env).stdout == "trained: results/toy/run\n"
+    (folder / "results" / "toy" / "run").mkdir()
+    (folder / "results" / "toy" / "run" / "last.pt").write_bytes(b"")
+    run_all(folder, *job, **env)
+    assert (folder / "calls").read_text().splitlines() == [
+        "1 mim.py --data toy2d --device cuda --out results/toy/run",
+        "1 mim.py --resume results/toy/run --device cuda"]
+
+
 def test_run_all_with_cuda_and_no_gpu_refuses_before_any_job(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")

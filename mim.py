@@ -2918,7 +2918,7 @@ def evaluate_main(argv):
         return (f"mim.py evaluate: stopped by {how}; each run keeps the evaluation it had "
                 "before this command (or none): run the command again")
     with error_boundary("mim.py evaluate", stopped, "free space or fix the path, then run "
-                        "the command again", usage=(UsageError, ValueError, KeyError)):
+                        "the command again", usage=(UsageError, ValueError)):
         device = command_line_device(args.device) if args.runs else None
         for run_dir in args.runs:
             with evaluating(run_dir):

@@ -655,18 +655,16 @@ def consistency_1d(model, anchor, n=100_000):
 
 def file_digest(path):
     """The SHA-256 of a file, in hex: which checkpoint an evaluation measured."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def checkpoint_record(run_dir):
     """eval.json's record of the checkpoint it measured: file, epoch and SHA-256."""
-    path = os.path.join(run_dir, "best.pt")
-    epoch = torch.load(path, weights_only=True)["extra"].get("epoch")
-    return {"file": "best.pt", "epoch": epoch, "sha256": file_digest(path)}
+    with open(os.path.join(run_dir, "best.pt"), "rb") as f:
+        contents = f.read()                                # read once for both
+    epoch = torch.load(io.BytesIO(contents), weights_only=True)["extra"].get("epoch")
+    return {"file": "best.pt", "epoch": epoch, "sha256": hashlib.sha256(contents).hexdigest()}
 
 
 def is_stale(run_dir, evaluation):

@@ -1723,17 +1723,11 @@ def claim_folder(out, replace=False):
         os.makedirs(out, exist_ok=True)
         if not os.access(out, os.W_OK | os.X_OK):
             raise PermissionError(errno.EACCES, "not writable")
-        lock = os.open(out, os.O_RDONLY) if fcntl else None
+        lock = locked(out, f"another process is writing {out}; wait for it to end or "
+                           "choose another --out")
     except OSError as e:
         raise UsageError(f"cannot use {out} as the run folder ({e.strerror}); choose another "
                          "--out") from None
-    try:
-        if lock is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock)
-        raise UsageError(f"another process is writing {out}; wait for it to end or choose "
-                         "another --out") from None
     problem = odd_run_file(out)
     if problem is None and not replace and any(os.path.exists(os.path.join(out, name))
                                                for name in ("config.json", "last.pt")):
@@ -1747,6 +1741,20 @@ def claim_folder(out, replace=False):
         if name.endswith(".tmp") and name.split(".")[0] in RUN_FILE_STEMS:
             os.remove(os.path.join(out, name))
     return lock, created
+
+
+def locked(folder, busy):
+    """A descriptor holding folder's POSIX flock until it is closed (None where there is
+    no flock); UsageError(busy) if another process holds it."""
+    if fcntl is None:
+        return None
+    lock = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        raise UsageError(busy) from None
+    return lock
 
 
 def file_kind(path):
@@ -1822,10 +1830,7 @@ def write_csv(path, rows):
 
 
 def write_bytes(path, data):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    atomic_write(path, write)
+    write_together(os.path.dirname(os.path.abspath(path)), {os.path.basename(path): data})
 
 
 def format_value(v, spec=".6g"):
@@ -2715,22 +2720,19 @@ def load_run(run_dir, device, data_dir=None):
 def evaluating(run_dir):
     """Hold RUN_DIR's lock while evaluating it, as training holds it (claim_folder): an
     evaluation never measures a checkpoint that training is still replacing."""
-    if fcntl is None or not os.path.isdir(run_dir):
+    if not os.path.isdir(run_dir):      # load_run says what is wrong with it
         yield
         return
-    lock = os.open(run_dir, os.O_RDONLY)
+    lock = locked(run_dir, f"another process is training or evaluating {run_dir}; "
+                           "evaluate it once that process has ended")
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"another process is training or evaluating {run_dir}; "
-                             "evaluate it once that process has ended") from None
         problem = odd_run_file(run_dir)
         if problem is not None:
             raise UsageError(problem)
         yield
     finally:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
 
 
 def evaluate_run(evaluate, run_dir, device, args):

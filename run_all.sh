@@ -256,16 +256,16 @@ records() {  # every job as OUT|TRAIN FLAGS|EVALUATE FLAGS (empty: no evaluation
 }
 
 job_lines() {  # the protocol's jobs as commands: every training, then every evaluation
-  local out train evaluation extra=${device:+--device $device} self
+  local out train evaluation extra=${device:+--device $device} self evaluations=""
   self=$(printf %q "$PWD/run_all.sh")
-  records | grep -E -- "${ONLY:-.}" | while IFS='|' read -r out train evaluation; do
-    echo "$self --job $out $train ${tiny_train:-} $extra"
-  done | sed -E 's/ +/ /g; s/ $//'
-  records | grep -E -- "${ONLY:-.}" | while IFS='|' read -r out train evaluation; do
-    [[ -n $evaluation ]] || continue
-    echo "$self --job $out $train ${tiny_train:-} $extra --evaluate $evaluation" \
-         "${tiny_eval:-} $extra"
-  done | sed -E 's/ +/ /g; s/ $//'
+  {
+    while IFS='|' read -r out train evaluation; do
+      echo "$self --job $out $train ${tiny_train:-} $extra"
+      [[ -z $evaluation ]] || evaluations+="$self --job $out $train ${tiny_train:-} $extra \
+--evaluate $evaluation ${tiny_eval:-} $extra"$'\n'
+    done < <(records | grep -E -- "${ONLY:-.}")
+    printf %s "$evaluations"        # after every training
+  } | sed -E 's/ +/ /g; s/ $//'
 }
 
 summaries() {  # summary.md (and .png) of every experiment that has finished runs
@@ -278,36 +278,36 @@ summaries() {  # summary.md (and .png) of every experiment that has finished run
   done
 }
 
-job_state() {  # job_state LINE: finished, running, interrupted or missing
-  local out kind=training
+job_state() {  # job_state LINE: its run folder, its kind (training or evaluation) and
+               # its state (finished, running, interrupted or missing)
+  local out kind=training state=missing
   read -r _ _ out _ <<< "$1"
   [[ $1 == *" --evaluate "* ]] && kind=evaluation
   if [[ $kind == training && -f $out/results.json ]] ||
-     [[ $kind == evaluation && $out/eval.json -nt $out/best.pt ]]; then echo finished
-  elif [[ -e $out.lock ]] && ! flock -n "$out.lock" true; then echo running
-  elif [[ -e $out ]]; then echo interrupted
-  else echo missing; fi
+     [[ $kind == evaluation && $out/eval.json -nt $out/best.pt ]]; then state=finished
+  elif [[ -e $out.lock ]] && ! flock -n "$out.lock" true; then state=running
+  elif [[ -e $out ]]; then state=interrupted; fi
+  echo "$out $kind $state"
 }
 
 status() {  # how many jobs of each experiment and kind are in each state
   echo "experiment     job         state        jobs"
   job_lines | while read -r line; do
-    local out kind=training
-    read -r _ _ out _ <<< "$line"
-    [[ $line == *" --evaluate "* ]] && kind=evaluation
-    echo "$(basename "$(dirname "$out")") $kind $(job_state "$line")"
+    read -r out kind state <<< "$(job_state "$line")"
+    echo "$(basename "$(dirname "$out")") $kind $state"
   done | sort | uniq -c | awk '{printf "%-14s %-11s %-12s %d\n", $2, $3, $4, $1}'
 }
 
 slurm() {  # results/slurm/: the unfinished jobs as sbatch arrays, then a summary job
-  local dir=results/slurm name line
+  local dir=results/slurm line out kind state where
   mkdir -p "$dir/logs"
   rm -f "$dir"/*.jobs
   job_lines | while read -r line; do
-    [[ $(job_state "$line") == finished ]] && continue
-    name=cpu; [[ $line == *" --job results/images/"* ]] && name=gpu
-    [[ $line == *" --evaluate "* ]] && name+=-evaluate || name+=-train
-    echo "$line" >> "$dir/$name.jobs"
+    read -r out kind state <<< "$(job_state "$line")"
+    [[ $state == finished ]] && continue
+    where=cpu; [[ $out == results/images/* ]] && where=gpu
+    [[ $kind == evaluation ]] && kind=evaluate || kind=train
+    echo "$line" >> "$dir/$where-$kind.jobs"
   done
   write_task "$dir/task.sbatch"
   write_submit "$dir/submit.sh"

@@ -2409,11 +2409,11 @@ def run(cfg, overrides=("device",)):
     """Train (or resume, with the fields in `overrides` taken from cfg) and evaluate as
     `cfg` says, in the folder cfg.out if given; returns the results dict."""
     device = command_line_device(cfg.device)
-    if cfg.deterministic:
-        deterministic_algorithms()
     if cfg.data_dir:  # recorded absolute, so that evaluating and resuming work from anywhere
         cfg = dataclasses.replace(cfg, data_dir=os.path.abspath(cfg.data_dir))
     cfg, resume = resumed_config(cfg, overrides) if cfg.resume else (cfg, None)
+    if cfg.deterministic:  # after resumed_config: a resumed run keeps its own setting
+        deterministic_algorithms()
     cfg = checked_amp(cfg, device)
     with default_threads(cfg.arch, device):
         if not cfg.out:
@@ -2548,15 +2548,18 @@ def fit_and_test(cfg, resume, device):
     if cfg.nll_samples is None:  # images: the IWAE NLL is the evaluate command's job
         cfg = dataclasses.replace(cfg, nll_samples=0 if data.image_shape else 1000)
     data_info = {**data_shape(data), **identity}
-    check_fits_memory(cfg, data_info, device)
+    mixture = cfg.prior != "normal"   # log p(z) of a mixture holds (B, K, Z) at once
     check_allocations({"--nll-samples": (cfg.nll_samples, FLOAT_BYTES),    # log weights
-                       "--draws": (cfg.draws, cfg.batch_size * data.x_dim * FLOAT_BYTES)},
+                       "--draws": (cfg.draws, cfg.batch_size * data.x_dim * FLOAT_BYTES),
+                       "--prior-components": (mixture and cfg.prior_components,
+                                              cfg.batch_size * cfg.z_dim * FLOAT_BYTES)},
                       device)
+    check_fits_memory(cfg, data_info, device)
     torch.manual_seed(cfg.seed)
-    model = speed_up(built_model(cfg, data_info, data.x_train), device)
-    model = model.to(device)
-    if resume is not None:
+    model = built_model(cfg, data_info, data.x_train)
+    if resume is not None:  # before speed_up, whose layout must not depend on the file's
         load_weights(model, resume["model"], os.path.join(cfg.resume, "last.pt"))
+    model = speed_up(model, device).to(device)
     env = environment(device)
     checkpoint = save_training_state(cfg, model, data_info, env) if cfg.out else None
 
@@ -2883,8 +2886,9 @@ BROKEN_PIPE_STATUS = 128 + 13   # as a shell reports a process ended by SIGPIPE
 @contextlib.contextmanager
 def error_boundary(prog, stopped, after_os_error, folder=None, usage=(UsageError,)):
     """A command's foreseeable faults, each as one line on stderr: bad input (`usage`
-    types) and failed files exit 2, Ctrl-C 130, SIGTERM 143, with stopped(how) as the
-    line; a reader of stdout that went away (| head) ends it quietly, as Unix tools do.
+    types), failed files and a GPU out of memory exit 2, Ctrl-C 130, SIGTERM 143, with
+    stopped(how) as the line; a reader of stdout that went away (| head) ends it quietly,
+    as Unix tools do.
     Anything else is a bug of ours and keeps its traceback."""
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     if hasattr(sys.stdout, "reconfigure"):      # an ASCII terminal shows "±" as "?"
@@ -2901,6 +2905,10 @@ def error_boundary(prog, stopped, after_os_error, folder=None, usage=(UsageError
         fail(f"{prog}: error: {e}")
     except FloatingPointError as e:
         fail(f"{prog}: error: {e}; {nan_advice(folder)}")
+    except torch.cuda.OutOfMemoryError as e:  # sizes that the checks up front cannot foresee
+        what = ". ".join(str(e).split(". ")[:2])       # "CUDA out of memory. Tried to ..."
+        fail(f"{prog}: error: {what}; choose a smaller --batch-size or "
+             "smaller sizes, or run on the CPU (--device cpu)")
     except OSError as e:  # the file system failed (a full disk, a lost mount)
         fail(f"{prog}: error: {e}; {after_os_error}")
     except KeyboardInterrupt:

@@ -60,8 +60,10 @@ cd "$(dirname "$0")"
 # IWAE NLL with GPU_CHECK_NLL samples); the S = GPU_CHECK_TIMING_S NLL of
 # GPU_CHECK_TIMING_POINTS digits timed with TF32 allowed and in full float32; a run and its
 # resume compared bit for bit under --deterministic; then the test suite (GPU_CHECK_TESTS=0
-# skips it), whose command-line tests train on the GPU through --device auto. The variables
-# below size it; the test suite runs it on the CPU with a tiny budget.
+# skips it; one test per core where pytest-xdist is installed), whose command-line tests
+# train on the GPU through --device auto. The variables below size it; the test suite runs
+# it on the CPU with a tiny budget. On an H200 the check took 332 s without the tests, and
+# the tests 261 s on 10 cores (RESULTS.md).
 gpu_check() {
   local device=${GPU_CHECK_DEVICE:-cuda} out=${GPU_CHECK_OUT:-results/gpu-check}
   local epochs=${GPU_CHECK_EPOCHS:-5} warmup=${GPU_CHECK_WARMUP:-2}
@@ -118,7 +120,11 @@ PY
     || fail "the resume check" "$out/straight.log and $out/resumed.log" || return
   local tests="not run (GPU_CHECK_TESTS=0)"
   if [[ ${GPU_CHECK_TESTS:-1} == 1 ]]; then
-    tests=$(python -m pytest -q -p no:cacheprovider 2>&1 | tail -1 || true)
+    if python -c "import xdist" 2> /dev/null; then   # pytest-xdist: one test per core
+      tests=$(OMP_NUM_THREADS=1 python -m pytest -q -p no:cacheprovider -n auto 2>&1 | tail -1 || true)
+    else
+      tests=$(python -m pytest -q -p no:cacheprovider 2>&1 | tail -1 || true)
+    fi
   fi
   python - "$out" "$device" "$tests" <<'PY'
 import json, os, sys, torch, mim
@@ -339,9 +345,9 @@ cd $(printf %q "$PWD")
 # MLP jobs on the toys and Fashion-MNIST PCA: one core; measured about 10 s (toy2d) to
 # 2 min (toy20d, 20-D latent) per run on a CPU core
 CPU_SBATCH=\${CPU_SBATCH:-"--cpus-per-task=1 --mem=2G --time=01:00:00"}
-# image jobs: one GPU; about 14 min per run of the full protocol by RESULTS.md's FLOP
-# estimate at an assumed 100 TFLOP/s (not measured), up to 2,000 epochs with early stopping
-GPU_SBATCH=\${GPU_SBATCH:-"--gres=gpu:1 --cpus-per-task=4 --mem=16G --time=08:00:00"}
+# image jobs: one GPU; a convHVAE MIM step of 128 took 38 ms on an H200 (RESULTS.md), so
+# about 2.5 h to epoch 500 and 10 h to the cap of 2,000; a job cut by --time resumes
+GPU_SBATCH=\${GPU_SBATCH:-"--gres=gpu:1 --cpus-per-task=4 --mem=16G --time=12:00:00"}
 SUMMARY_SBATCH=\${SUMMARY_SBATCH:-"--cpus-per-task=1 --mem=2G --time=00:30:00"}
 EXTRA_SBATCH=\${EXTRA_SBATCH:-}     # for example --partition=... --account=...
 dir=results/slurm ended=""

@@ -1521,10 +1521,9 @@ def build_model(spec, x_init=None):
 
 class ImageGradient(torch.autograd.Function):
     """conv2d(v, weight, bias) of one-channel images v, stride 1, whose gradient for v is
-    computed as a matrix product and a fold. On our CPU oneDNN's input gradient for one
-    input channel took 181 ms for the VampPrior's 500 pseudo-inputs at the 7x7 first layer
-    (14 GFLOP/s); this takes 65 ms, and a convHVAE + VampPrior step 8% less time. The
-    weight and bias gradients are the library's."""
+    computed as a matrix product and a fold: on our CPUs, faster than oneDNN's kernel for
+    one input channel (RESULTS.md, Performance). The weight and bias gradients are the
+    library's."""
 
     @staticmethod
     def forward(ctx, v, weight, bias, padding):

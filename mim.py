@@ -2547,10 +2547,10 @@ def fit_and_test(cfg, resume, device):
     if cfg.nll_samples is None:  # images: the IWAE NLL is the evaluate command's job
         cfg = dataclasses.replace(cfg, nll_samples=0 if data.image_shape else 1000)
     data_info = {**data_shape(data), **identity}
-    mixture = cfg.prior != "normal"   # log p(z) of a mixture holds (B, K, Z) at once
+    components = cfg.prior_components if cfg.prior != "normal" else 0
     check_allocations({"--nll-samples": (cfg.nll_samples, FLOAT_BYTES),    # log weights
                        "--draws": (cfg.draws, cfg.batch_size * data.x_dim * FLOAT_BYTES),
-                       "--prior-components": (mixture and cfg.prior_components,
+                       "--prior-components": (components,  # a mixture's log p(z): (B, K, Z)
                                               cfg.batch_size * cfg.z_dim * FLOAT_BYTES)},
                       device)
     check_fits_memory(cfg, data_info, device)
@@ -2887,8 +2887,7 @@ def error_boundary(prog, stopped, after_os_error, folder=None, usage=(UsageError
     """A command's foreseeable faults, each as one line on stderr: bad input (`usage`
     types), failed files and a GPU out of memory exit 2, Ctrl-C 130, SIGTERM 143, with
     stopped(how) as the line; a reader of stdout that went away (| head) ends it quietly,
-    as Unix tools do.
-    Anything else is a bug of ours and keeps its traceback."""
+    as Unix tools do. Anything else is a bug of ours and keeps its traceback."""
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     if hasattr(sys.stdout, "reconfigure"):      # an ASCII terminal shows "±" as "?"
         sys.stdout.reconfigure(errors="replace")

@@ -19,8 +19,8 @@
 #
 #   ./run_all.sh           the paper's protocol: 10 seeds; toy widths 5-500; images with
 #                          100 warm-up epochs, early stopping and S = 5000 importance samples,
-#                          which is meant for a GPU (many days on a CPU; about 55 hours
-#                          on one GPU by RESULTS.md's FLOP estimate, not measured)
+#                          which is meant for a GPU (many days on a CPU; about 12 days
+#                          of one H200 by RESULTS.md's estimate at rates measured there)
 #   ./run_all.sh --quick   the reduced protocol for two CPU cores: 3 seeds and widths 5, 20,
 #                          500 on the toys and in collapse/, S = 100 (26 min 49 s before
 #                          collapse/ was added, whose 21 runs took 27 min more on one busy
@@ -120,11 +120,12 @@ PY
     || fail "the resume check" "$out/straight.log and $out/resumed.log" || return
   local tests="not run (GPU_CHECK_TESTS=0)"
   if [[ ${GPU_CHECK_TESTS:-1} == 1 ]]; then
+    local env=() parallel=()
     if python -c "import xdist" 2> /dev/null; then   # pytest-xdist: one test per core
-      tests=$(OMP_NUM_THREADS=1 python -m pytest -q -p no:cacheprovider -n auto 2>&1 | tail -1 || true)
-    else
-      tests=$(python -m pytest -q -p no:cacheprovider 2>&1 | tail -1 || true)
+      env=(OMP_NUM_THREADS=1) parallel=(-n auto)
     fi
+    tests=$(env "${env[@]}" python -m pytest -q -p no:cacheprovider "${parallel[@]}" 2>&1 \
+            | tail -1 || true)
   fi
   python - "$out" "$device" "$tests" <<'PY'
 import json, os, sys, torch, mim

@@ -2756,6 +2756,7 @@ def slurm(tmp_path_factory):
                 "ProctrackType": "proctrack/linuxproc", "TaskPlugin": "task/none",
                 "SelectType": "select/cons_tres", "SelectTypeParameters": "CR_Core",
                 "AccountingStorageType": "accounting_storage/none", "MinJobAge": 3600,
+                "JobCompType": "jobcomp/filetxt", "JobCompLoc": folder / "jobcomp.log",
                 "ReturnToService": 2}
     (folder / "slurm.conf").write_text(
         "".join(f"{k}={v}\n" for k, v in settings.items()) +
@@ -2788,10 +2789,21 @@ def wait_for_queue(env, timeout=600):
         time.sleep(1)
 
 
+def ended_jobs(env):
+    """The scheduler's own record of the jobs that have ended, in the order they ended, read
+    by sacct from the job completion log: (job name, state) per job or array task."""
+    proc = subprocess.run(["sacct", "--completion", "--noheader", "--parsable2",
+                           "--format", "JobID,JobName,State,ExitCode"], env=env,
+                          capture_output=True, text=True, check=True)
+    print(proc.stdout)
+    return [tuple(line.split("|")[1:3]) for line in proc.stdout.splitlines()]
+
+
 def test_run_all_on_a_real_slurm_cluster_resubmits_only_what_is_unfinished(slurm, tmp_path):
     """--slurm --submit: the tiny App. F.2 protocol as sbatch arrays on a real slurmctld,
-    every task finished and the summary written by the dependent job; then one run's
-    folder deleted, and the re-submission runs exactly that one job again."""
+    every task COMPLETED in the scheduler's record and the summary written by the
+    dependent job, which ended last; then one run's folder deleted, and the re-submission
+    runs exactly that one job again, then the summary."""
     folder = project_copy(tmp_path)
     env = {**slurm, **TINY_F2}
     proc = run_all(folder, "--slurm", "--quick", "--submit", **env)
@@ -2802,6 +2814,11 @@ def test_run_all_on_a_real_slurm_cluster_resubmits_only_what_is_unfinished(slurm
     assert (f2 / "summary.md").exists()
     logs = folder / "results" / "slurm" / "logs"
     assert len(list(logs.glob("mim-cpu-train-*_*.out"))) == 6
+    first = ended_jobs(env)
+    assert sorted(first) == sorted([("mim-cpu-train", "COMPLETED")] * 6 +
+                                   [("mim-cpu-evaluate", "COMPLETED")] * 2 +
+                                   [("mim-summaries", "COMPLETED")])
+    assert first[-1][0] == "mim-summaries"             # it waited for every other task
     shutil.rmtree(f2 / "ce-s2")
     (f2 / "summary.md").unlink()
     proc = run_all(folder, "--slurm", "--quick", "--submit", **env)
@@ -2810,6 +2827,8 @@ def test_run_all_on_a_real_slurm_cluster_resubmits_only_what_is_unfinished(slurm
     assert len(jobs) == 1 and " --job results/f2/ce-s2 " in jobs[0]
     wait_for_queue(env)
     assert (f2 / "ce-s2" / "results.json").exists() and (f2 / "summary.md").exists()
+    assert ended_jobs(env)[len(first):] == [("mim-cpu-train", "COMPLETED"),
+                                            ("mim-summaries", "COMPLETED")]
     status = run_all(folder, "--status", "--quick", **env).stdout
     assert "missing" not in status and "interrupted" not in status
 
@@ -3455,10 +3474,19 @@ def test_resume_may_change_the_nll_samples_of_the_final_test(tmp_path, finished_
     assert json.loads((run / "results.json").read_text())["nll_samples"] == 7
 
 
+@pytest.fixture
+def terminal_sigint():
+    """Ctrl-C as a terminal delivers it to this process, for the test's duration: under a
+    background shell job (see interactive_signals) SIGINT is ignored here too."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("sig,how", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
 @pytest.mark.parametrize("stage", ["run_figures", "test_metrics"])
 def test_a_signal_during_evaluate_keeps_the_earlier_evaluation(
-        tmp_path, finished_toy_run, monkeypatch, capsys, sig, how, stage):
+        tmp_path, finished_toy_run, monkeypatch, capsys, terminal_sigint, sig, how, stage):
     run = tmp_path / "run"
     shutil.copytree(finished_toy_run, run)
     mim.main(["evaluate", str(run), "--nll-samples", "0"])

@@ -849,6 +849,8 @@ def fit_title(text, inches, points=FIGURE_FONT + 1):
     """text broken into lines that fit a figure `inches` wide at a font of `points`."""
     return textwrap.fill(text, max(int(inches * 72 / (CHAR_WIDTH * points)), 20),
                          break_on_hyphens=False)
+
+
 LOG_AXIS_RATIO = 10     # numbers on x spanning this factor or more get a log axis
 
 
@@ -877,8 +879,10 @@ def plot_summary(varying, table, metrics, x_key, columns=4, title="", n_seeds=""
                         linestyle="none" if categories else "-")
             if categories:
                 ax.tick_params(axis="x", labelrotation=60)
-        if log_x:
-            ax.set_xscale("log")
+        if log_x:   # ticks at the values run: matplotlib's minor labels overlap
+            ax.set_xscale("log")                # on spans of one or two decades
+            ax.set_xticks(sorted(set(xs)), [f"{v:g}" for v in sorted(set(xs))])
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
         label, unit = describe(m)
         ax.set(title=label or m, xlabel=x_key, ylabel=unit)
     for ax in axes.flat[len(metrics):]:

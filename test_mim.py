@@ -1780,6 +1780,19 @@ def test_summary_names_where_metrics_came_from_and_marks_mixed_estimators(tmp_pa
     text, _ = evaluate.summary(evaluate.load_runs(tmp_path))
     assert "MIXED" not in text and "nll_samples 1000" in text
 
+
+def test_summary_plot_labels_its_log_axis_at_the_values_run():
+    """Widths 5 and 50 get a log axis labelled 5 and 50 only: matplotlib's own minor
+    labels (2x10^1, 3x10^1, 4x10^1) were drawn over each other."""
+    table = {(h,): {"test_mi_ksg": (1.0, 0.1, 2)} for h in (5, 50)}
+    fig = evaluate.plot_summary(["hidden"], table, ["test_mi_ksg"], "hidden")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["5", "50"]
+    assert [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()] == []
+
+
 def tiny_binary_model(z_dim=4, x_dim=16, seed=0):
     torch.manual_seed(seed)
     return mim.build_model(mim.ModelSpec(x_dim=x_dim, binary=True, z_dim=z_dim,

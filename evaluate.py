@@ -867,6 +867,7 @@ def plot_summary(varying, table, metrics, x_key, columns=4, title="", n_seeds=""
     xs = [key[xi] for key in table]
     log_x = (all(isinstance(v, (int, float)) and v > 0 for v in xs)
              and max(xs) >= LOG_AXIS_RATIO * min(xs))
+    ticks = sorted(set(xs)) if log_x else None
     rows = math.ceil(len(metrics) / columns)
     fig, axes = plt.subplots(rows, min(columns, len(metrics)), squeeze=False, dpi=FIGURE_DPI,
                              figsize=(4 * min(columns, len(metrics)), 3.4 * rows))
@@ -881,7 +882,7 @@ def plot_summary(varying, table, metrics, x_key, columns=4, title="", n_seeds=""
                 ax.tick_params(axis="x", labelrotation=60)
         if log_x:   # ticks at the values run: matplotlib's minor labels overlap
             ax.set_xscale("log")                # on spans of one or two decades
-            ax.set_xticks(sorted(set(xs)), [f"{v:g}" for v in sorted(set(xs))])
+            ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
             ax.xaxis.set_minor_formatter(plt.NullFormatter())
         label, unit = describe(m)
         ax.set(title=label or m, xlabel=x_key, ylabel=unit)

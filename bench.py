@@ -22,7 +22,7 @@ measured in this run, on this machine, except the one labelled as the authors' c
     threads    (CPU) one epoch of the toy MLP (toy2d, MIM, hidden 50) and one fast step of
                the convHVAE + VampPrior MIM at batch 128, each with 1 thread and with all
                cores, beside the count the command line takes where OMP_NUM_THREADS is
-               unset (mim.default_threads) and that count's time over the faster one's
+               unset (cli.default_threads) and that count's time over the faster one's
     ksg        ksg_mi against a per-point loop (one tree query per point, as NPEET and
                the authors' code do) on the same data, N = 1k, 10k, 100k, d = 2+2, 20+20
 
@@ -44,6 +44,7 @@ from scipy.spatial import cKDTree
 from scipy.special import digamma
 from torch.utils.flop_counter import FlopCounterMode
 
+import cli
 import datasets
 import evaluate
 import mim
@@ -140,10 +141,10 @@ def image_model(arch, prior, device, fast=True):
     torch.manual_seed(0)
     x_init = torch.bernoulli(torch.full((1000, X_DIM), 0.3))
     spec = mim.ModelSpec(x_dim=X_DIM, binary=True, image_shape=IMAGE, arch=arch,
-                         z_dim=mim.IMAGE_Z_DIM, prior=prior)
+                         z_dim=cli.IMAGE_Z_DIM, prior=prior)
     model = mim.build_model(spec, x_init)
     if fast and device.type == "cpu":
-        mim.reuse_freed_memory()          # for the rest of the process: it cannot be undone
+        cli.reuse_freed_memory()          # for the rest of the process: it cannot be undone
     return (mim.speed_up(model, device) if fast else model).to(device)
 
 
@@ -237,7 +238,7 @@ def toy_epoch():
 
 def thread_rows(warmup, repeats):
     """1 thread against all cores for the MLP and an image model, and the default's cost:
-    the rule in mim.default_threads should pick the faster count (or one within noise)."""
+    the rule in cli.default_threads should pick the faster count (or one within noise)."""
     cores = all_cores()
     x = torch.bernoulli(torch.full((BATCH, X_DIM), 0.3))
     image_step = step_function(image_model("convhvae", "vamp", torch.device("cpu")), "mim",
@@ -248,7 +249,7 @@ def thread_rows(warmup, repeats):
                             image_step)):
         one = seconds_with_threads(fn, 1, warmup, repeats)
         full = seconds_with_threads(fn, cores, warmup, repeats)
-        with mim.default_threads(arch, torch.device("cpu")):
+        with cli.default_threads(arch, torch.device("cpu")):
             default = torch.get_num_threads()
         chosen = one if default == 1 else full if default == cores else float("nan")
         rows.append({"what": what, "s_1_thread": one, f"s_{cores}_threads": full,
@@ -328,10 +329,8 @@ def print_table(title, rows):
 
 def machine(device):
     """What the timings ran on, printed too: without native bf16 the --amp rows are skipped."""
-    report = {"device": str(device), "torch": torch.__version__, "threads":
-              torch.get_num_threads(), "cpus": os.cpu_count(),
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "native_bf16": mim.native_bf16(device)}
+    report = {**cli.environment(device), "cpus": os.cpu_count(),
+              "native_bf16": cli.native_bf16(device)}
     print(f"CPU capability {report['cpu_capability']}, native bfloat16: "
           f"{report['native_bf16']}" + ("" if report["native_bf16"] else
                                         " (--amp rows skipped: emulated bf16 is no speed-up)"))
@@ -360,7 +359,7 @@ def train_rows(args, device, peaks, native, warmup, repeats, nll_images):
 
 
 def main(argv=None):
-    parser = mim.OneLineParser(prog="bench.py", description=__doc__.split("\n")[0])
+    parser = cli.OneLineParser(prog="bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="fewer timed steps, convhvae only, KSG up to N = 10k")
     parser.add_argument("--pixel-mim", action="store_true",
@@ -374,8 +373,8 @@ def main(argv=None):
         parser.error(f"--out {args.out}: cannot write a file there; pass another path")
     def stopped(how):
         return f"bench.py: stopped by {how}; {args.out} was not written: run it again"
-    with mim.error_boundary("bench.py", stopped, "pass another --out"):
-        bench(args, mim.choose_device(args.device))
+    with cli.error_boundary("bench.py", stopped, "pass another --out"):
+        bench(args, cli.choose_device(args.device))
 
 
 def bench(args, device):
@@ -408,7 +407,7 @@ def bench(args, device):
     sizes = (1_000, 10_000) if args.quick else (1_000, 10_000, 100_000)
     report["ksg"] = [ksg_row(n, d, loop_points=10_000) for d in (2, 20) for n in sizes]
     print_table("ksg (seconds)", report["ksg"])
-    mim.write_json(args.out, report)
+    cli.write_json(args.out, report)
 
 
 if __name__ == "__main__":

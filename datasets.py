@@ -55,7 +55,6 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
-import scipy.io
 import torch
 
 SPLIT_SIZES = (10_000, 10_000, 10_000)  # train, validation, test; Sec. 5.1 uses 10,000
@@ -379,6 +378,7 @@ def parse_idx(raw, path):
 def read_chardata(path):
     """Burda et al.'s chardata.mat as (x_train, y_train, x_test, y_test): images (N, 784)
     float32 in [0, 1], upright in row-major order, and alphabet labels int64."""
+    import scipy.io                # here, not above: 0.2 s at every start of the command line
     try:
         mat = scipy.io.loadmat(path)
     except Exception as err:         # scipy raises a variety of types on a broken file
@@ -558,3 +558,36 @@ def load_dataset(name, seed=0, sizes=SPLIT_SIZES, data_dir=None, pca_dim=PCA_DIM
     splits = [anchor.sample(n, rng) for n in sizes]
     (x_train, y_train), (x_val, y_val), (x_test, y_test) = splits
     return Dataset(name, x_train, y_train, x_val, y_val, x_test, y_test, anchor=anchor)
+
+
+# ----------------------------------------------------------------------------------------
+# A data set's fingerprint: what a checkpoint records of its data, so that evaluating or
+# resuming elsewhere can check it has the same
+# ----------------------------------------------------------------------------------------
+
+def data_shape(data):
+    """What a model needs to know of its data (x_dim, binary, image_shape)."""
+    return {"x_dim": data.x_dim, "binary": data.binary,
+            "image_shape": list(data.image_shape) if data.image_shape else None}
+
+
+def data_identity(data):
+    """The name, the split sizes and a SHA-256 of the test split."""
+    digest = hashlib.sha256()
+    for t in (data.x_test, data.y_test):
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return {"name": data.name, "sizes": [len(data.x_train), len(data.x_val), len(data.x_test)],
+            "test_sha256": digest.hexdigest()}
+
+
+def data_mismatch(saved, now, path):
+    """None where the identity `now` (data_identity) is the one `path` recorded, `saved`;
+    else one line saying what differs and what to do. Records from before these
+    identities (no test_sha256) are not checked."""
+    if "test_sha256" not in saved:
+        return None
+    if now["test_sha256"] != saved["test_sha256"] or now["name"] != saved["name"]:
+        return (f"the {now['name']} test split found here (sizes {now['sizes']}) is not the "
+                f"{saved['name']} one {path} was trained with (sizes {saved['sizes']}); pass "
+                "--data-dir with the run's data files")
+    return None

@@ -16,29 +16,25 @@
     test_metrics           the metrics of one trained model on the test split
 
 Figures (Fig. 1, 5, 7-8, 12, training curves and summaries over seeds) come back as
-file contents (PNG, PDF or SVG): this file writes nothing. It does not import mim.py
-either: it uses a model through its interface (q_z_given_x, p_x_given_z, p_z(), anchor_z,
-q_x, z_dim, latent_groups), and mim.py's command line runs it on trained runs:
+file contents (PNG, PDF or SVG): this file writes nothing and reads no run folder. It does
+not import mim.py either: it uses a model through its interface (q_z_given_x,
+p_x_given_z, p_z(), anchor_z, q_x, z_dim, latent_groups), and the command line (cli.py)
+runs it on trained runs:
 
     python mim.py evaluate RUN_DIR [RUN_DIR ...] [--nll-samples S] [--ais-steps T] ...
     python mim.py evaluate --summary DIR [--x hidden]
 """
 import csv
 import dataclasses
-import glob
-import hashlib
 import io
-import json
 import math
-import os
 import textwrap
 from typing import Optional
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
-from scipy.special import digamma
-from scipy.stats import kstest, norm
+# scipy, scikit-learn and matplotlib are imported in the functions that use them: scipy's
+# modules alone would add about 0.6 s to the start of every `python mim.py`, --help too
 
 
 METRICS = {  # results.json / eval.json key: (label, unit)
@@ -118,6 +114,7 @@ def ksg_mi(x, z, k=5):
                          f"points are max-norm distance 1 apart and KSG counts ties, not "
                          f"information; use continuous x (--data pca_fashion_mnist) or "
                          f"binary x of at most log2(N/k) dimensions")
+    from scipy.special import digamma
     counts = ksg_counts_tree if x.shape[1] + z.shape[1] <= KDTREE_MAX_DIM else ksg_counts_brute
     n_x1, n_z1 = counts(x, z, k)
     return float(digamma(k) + digamma(len(x)) - np.mean(digamma(n_x1) + digamma(n_z1)))
@@ -126,6 +123,7 @@ def ksg_mi(x, z, k=5):
 def ksg_counts_tree(x, z, k):
     """n_x(i) + 1 and n_z(i) + 1 (each point counts itself) by k-d trees, one query for
     all points: fast in low dimension, about N log N."""
+    from scipy.spatial import cKDTree
     joint = np.hstack([x, z])
     eps = cKDTree(joint).query(joint, k=k + 1, p=np.inf, workers=-1)[0][:, k]
     radius = np.nextafter(eps, 0)  # strictly inside eps; the count includes the point itself
@@ -610,6 +608,7 @@ def format_results(results):
 
 def cdf_1d(dist):
     """The CDF of a 1-D StandardNormal / MixtureOfGaussians distribution, as a numpy function."""
+    from scipy.stats import norm
     if isinstance(dist, torch.distributions.MixtureSameFamily):
         probs = dist.mixture_distribution.probs.detach().cpu().numpy()          # (K,)
         base = dist.component_distribution.base_dist
@@ -628,6 +627,7 @@ def consistency_1d(model, anchor, n=100_000):
       prior consistency    x of z ~ p(z), x ~ p(x|z)   vs q(x)   (explicit q(x) only)
                            z of x ~ q(x), z ~ q(z|x)   vs p(z)   (explicit q(x) only)
     """
+    from scipy.stats import kstest, norm
     device = next(model.parameters()).device
     rng = np.random.default_rng(0)
     P_x = anchor.sample(n, rng)[0].to(device)
@@ -650,175 +650,8 @@ def consistency_1d(model, anchor, n=100_000):
 
 
 # ----------------------------------------------------------------------------------------
-# Summaries over runs: mean and std over seeds
+# Figures: the contents of PNG, PDF or SVG files, never files
 # ----------------------------------------------------------------------------------------
-
-def file_digest(path):
-    """The SHA-256 of a file, in hex: which checkpoint an evaluation measured."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def checkpoint_record(run_dir):
-    """eval.json's record of the checkpoint it measured: file, epoch and SHA-256."""
-    with open(os.path.join(run_dir, "best.pt"), "rb") as f:
-        contents = f.read()                                # read once for both
-    epoch = torch.load(io.BytesIO(contents), weights_only=True)["extra"].get("epoch")
-    return {"file": "best.pt", "epoch": epoch, "sha256": hashlib.sha256(contents).hexdigest()}
-
-
-def is_stale(run_dir, evaluation):
-    """Whether eval.json measured another best.pt than the run's present one: by the
-    digest it records, or where it records none (older runs), by modification time."""
-    best, record = os.path.join(run_dir, "best.pt"), evaluation.get("checkpoint")
-    if not os.path.exists(best):
-        return False
-    if isinstance(record, dict) and "sha256" in record:
-        return record["sha256"] != file_digest(best)
-    return os.path.getmtime(best) > os.path.getmtime(os.path.join(run_dir, "eval.json"))
-
-
-def read_object(path, fix):
-    """The JSON object in path, else ValueError naming the file and `fix`."""
-    try:
-        with open(path) as f:
-            obj = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path} not found; {fix}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object; {fix}")
-    for key, value in obj.items():
-        if key in METRICS or key.startswith("test_"):
-            if value is not None and (isinstance(value, bool)
-                                      or not isinstance(value, (int, float))):
-                raise ValueError(f"{path}: {key} is {value!r}, not a number; {fix}")
-    return obj
-
-
-def load_runs(folder):
-    """(config, metrics) of every DIR/*/results.json, updated by the run's eval.json
-    unless that is stale (is_stale); metrics_from says where the metrics came from. A
-    file that cannot be read is refused, naming it."""
-    runs, configs = [], {}
-    for path in sorted(glob.glob(os.path.join(folder, "*", "results.json"))):
-        run_dir = os.path.dirname(path)
-        fix = (f"test the run again with mim.py --resume {run_dir}, or move {run_dir} out "
-               f"of {folder}")
-        cfg = read_object(os.path.join(run_dir, "config.json"), fix)
-        results = {**read_object(path, fix), "metrics_from": "results.json"}
-        if os.path.exists(os.path.join(run_dir, "eval.json")):  # evaluate.py's metrics win
-            evaluation = read_object(os.path.join(run_dir, "eval.json"),
-                                     f"evaluate it again with mim.py evaluate {run_dir}")
-            if is_stale(run_dir, evaluation):
-                results["metrics_from"] = "results.json (eval.json stale: of an older best.pt)"
-            else:
-                results.update(evaluation, metrics_from="eval.json, else results.json")
-        runs.append((cfg, results))
-        configs[os.path.join(run_dir, "config.json")] = cfg
-    if not runs:
-        raise ValueError(f"no */results.json under {folder}; train runs with mim.py --out first")
-    check_comparable(configs)
-    return runs
-
-
-def check_comparable(configs):
-    """Refuse a setting that one config.json lacks and another has, or writes as a number
-    in one and as text in another ({path: config}): the summary would group such runs
-    apart or fail to order them."""
-    seen, first = {}, next(iter(configs))
-    for path, cfg in configs.items():
-        for a, b in ((path, first), (first, path)):
-            lacking = sorted(set(configs[b]) - set(configs[a]) - set(RUN_KEYS))
-            if lacking:
-                raise ValueError(f"{a} lacks {lacking[0]}, which {b} sets; write it as mim.py "
-                                 f"would, or move {os.path.dirname(a)} out of the summary")
-        for key, value in cfg.items():
-            if value is None or key in RUN_KEYS:
-                continue
-            kind = "number" if isinstance(value, (int, float)) and not isinstance(
-                value, bool) else type(value).__name__
-            earlier = seen.setdefault(key, (kind, value, path))
-            if earlier[0] != kind:
-                raise ValueError(f"{key} is {value!r} in {path} but {earlier[1]!r} in "
-                                 f"{earlier[2]}; write it the same way in both (as mim.py "
-                                 "wrote it)")
-
-
-# Settings that name a run or say where and how it ran, not what it is: a run resumed on
-# another device belongs with its seeds.
-RUN_KEYS = ("seed", "out", "resume", "overwrite", "device", "deterministic", "environment",
-            "tensorboard")
-
-
-# How a run's metrics were measured, not metrics: seeds of one group that differ in them
-# average unlike numbers (an NLL of S = 50 with one of S = 1000), which the summary marks.
-MEASURED_WITH = ("metrics_from", "nll_samples", "test_size", "knn_train_size")
-
-
-def summarize(runs):
-    """Group runs by the config values that differ between them (RUN_KEYS aside).
-    Returns (group keys, {group: {metric: (mean, std, n)}})."""
-    varying = [k for k in runs[0][0] if k not in RUN_KEYS
-               and len({json.dumps(c.get(k)) for c, _ in runs}) > 1]
-    groups = {}
-    for cfg, res in runs:
-        groups.setdefault(tuple(cfg[k] for k in varying), []).append(res)
-    table = {}
-    def order(item):  # numbers by value, then everything else by name
-        return [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in item[0]]
-
-    for key, results in sorted(groups.items(), key=order):
-        metrics = dict.fromkeys(m for r in results for m in r
-                                if isinstance(r[m], (int, float)) and m not in MEASURED_WITH)
-        table[key] = {}
-        for m in metrics:  # over the runs that have m (AIS may have run on some only)
-            values = [r[m] for r in results if m in r]
-            table[key][m] = (float(np.mean(values)), float(np.std(values)), len(values))
-    return varying, table
-
-
-def number(v):
-    return f"{v:.3f}" if abs(v) < 1e4 else f"{v:.3g}"
-
-
-def measured_with(runs, varying):
-    """{group: text} saying how each group's metrics were measured (MEASURED_WITH), with
-    MIXED where its seeds differ."""
-    seen = {}
-    for cfg, res in runs:
-        group = seen.setdefault(tuple(cfg[k] for k in varying), {})
-        for k in MEASURED_WITH:
-            group.setdefault(k, set()).add(json.dumps(res.get(k)))
-    def text(name, values):
-        values = sorted(json.loads(v) for v in values if v != "null")
-        if len(values) > 1:
-            return f"{name} MIXED " + " / ".join(map(str, values))
-        return f"{name} {values[0]}" if values else None
-    return {key: "; ".join(filter(None, (text(k, v) for k, v in how.items())))
-            for key, how in seen.items()}
-
-
-def summary_markdown(varying, table, metrics, how):
-    head = varying + ["seeds"] + [f"{describe(m)[0]} ({describe(m)[1]})" if describe(m)[0]
-                                  else m for m in metrics] + ["measured with"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for key, row in table.items():
-        seeds = max((row[m][2] for m in row), default=0)
-        def cell(m):  # a metric that fewer seeds have says over how many
-            mean, std, n = row[m]
-            return f"{number(mean)} ± {number(std)}" + (f" ({n} seeds)" if n < seeds else "")
-        cells = [str(v) for v in key] + [str(seeds)] + [
-            cell(m) if m in row else "" for m in metrics]
-        lines.append("| " + " | ".join(cells + [how[key]]) + " |")
-    lines.append("\nmean ± std (ddof = 0) over the seeds of each row")
-    if any("MIXED" in text for text in how.values()):
-        lines.append("MIXED: the seeds of that group were measured differently, so its "
-                     "means mix estimators; evaluate them alike (mim.py evaluate RUN ... "
-                     "with the same flags for every seed)")
-    return "\n".join(lines) + "\n"
-
 
 def pyplot():
     """matplotlib.pyplot with the file-only Agg backend, imported when a figure is drawn."""
@@ -855,7 +688,8 @@ LOG_AXIS_RATIO = 10     # numbers on x spanning this factor or more get a log ax
 
 
 def plot_summary(varying, table, metrics, x_key, columns=4, title="", n_seeds=""):
-    """One panel per metric against x_key, one line per remaining group (Fig. 2 layout);
+    """The summary over seeds that cli.py computes, as a figure: one panel per metric
+    against x_key, one line per remaining group (Fig. 2 layout);
     categories on x (such as --x loss) get points with error bars and no lines; numbers
     spanning a decade or more a log axis."""
     plt = pyplot()
@@ -893,32 +727,6 @@ def plot_summary(varying, table, metrics, x_key, columns=4, title="", n_seeds=""
     fig.suptitle(f"{title}mean ± std over {n_seeds} seeds per point")
     fig.tight_layout()
     return fig
-
-
-def summary(runs, x_key=None, fmt="png"):
-    """The markdown table of mean and std over seeds of runs (load_runs) and, where x_key
-    varies between them, a figure (file contents of format fmt) of every metric against
-    it (else None)."""
-    varying, table = summarize(runs)
-    metrics = [m for m in METRICS if m in runs[0][1]] + sorted(
-        m for m in runs[0][1] if m.startswith(("ks_", AU_PREFIX)))
-    text = summary_markdown(varying, table, metrics, measured_with(runs, varying))
-    if x_key is None:
-        return text, None
-    if x_key not in varying:
-        varies = ", ".join(varying) or "nothing but the seed"
-        return text + (f"no plot: {x_key} does not vary between these groups (what varies: "
-                       f"{varies}; seeds are averaged within a group)\n"), None
-    plotted = [m for m in metrics if m != "test_mi_batch_cap"]   # a constant, log B
-    same = {k: v for k, v in runs[0][0].items() if k in ("data", "arch", "loss")
-            and k not in varying}
-    title = ", ".join(str(v) for v in same.values()) + (": " if same else "")
-    seeds = sorted({row[m][2] for row in table.values() for m in row})
-    n_seeds = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
-    with pyplot().rc_context({"font.size": FIGURE_FONT}):
-        figure = figure_bytes(plot_summary(varying, table, plotted, x_key, title=title,
-                                           n_seeds=n_seeds), fmt)
-    return text, figure
 
 
 # ----------------------------------------------------------------------------------------

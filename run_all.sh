@@ -52,6 +52,14 @@
 # seconds (the tests' protocol).
 set -euo pipefail
 cd "$(dirname "$0")"
+# The files of a run folder, as cli.py's part 1 names them (NAME = "file"), their one owner
+run_file() {
+  local name; name=$(sed -n "s/^$1 = \"\(.*\)\"$/\1/p" cli.py)
+  [[ -n $name ]] || { echo "run_all.sh: cli.py names no $1 file" >&2; exit 1; }
+  echo "$name"
+}
+results_file=$(run_file RESULTS) last_file=$(run_file LAST) best_file=$(run_file BEST)
+eval_file=$(run_file EVALUATION)
 
 # ./run_all.sh --gpu-check: what one GPU can tell in about 10 minutes, into results/gpu-check/
 # (gpu_check.md holds every number): the convHVAE + VampPrior MIM (defaults), the authors'
@@ -76,10 +84,10 @@ gpu_check() {
     echo "run_all.sh: $out exists; move it away or set GPU_CHECK_OUT" >&2; return 2
   fi
   python - "$device" <<'PY' || return 2   # refuse in one line before anything starts
-import sys, mim
+import sys, cli
 try:
-    mim.choose_device(sys.argv[1])
-except mim.UsageError as e:
+    cli.choose_device(sys.argv[1])
+except cli.UsageError as e:
     print(f"run_all.sh: --gpu-check: {e}", file=sys.stderr)
     sys.exit(2)
 PY
@@ -128,7 +136,7 @@ PY
             | tail -1 || true)
   fi
   python - "$out" "$device" "$tests" <<'PY'
-import json, os, sys, torch, mim
+import json, os, sys, torch, cli, mim
 out, device, tests = sys.argv[1:]
 lines = [f"# GPU check: {out}", "", f"torch {torch.__version__}, device {device}" +
          (f": {torch.cuda.get_device_name()} (compute capability "
@@ -137,8 +145,8 @@ lines = [f"# GPU check: {out}", "", f"torch {torch.__version__}, device {device}
          "", "| run | epochs | training (s) | 5-NN, encoder means | 5-NN, one code | "
          "NLL, IWAE (nats) | S | test digits |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
 for name in ("mim", "authors-mim", "vae"):
-    res = json.load(open(f"{out}/{name}/results.json"))
-    ev = json.load(open(f"{out}/{name}/eval.json"))
+    res = json.load(open(os.path.join(out, name, cli.RESULTS)))
+    ev = json.load(open(os.path.join(out, name, cli.EVALUATION)))
     lines.append(f"| {name} | {res['epochs']} | {res['train_seconds']:.1f} | "
                  f"{ev['test_knn5_acc_mean']:.4f} | {ev['test_knn5_acc']:.4f} | "
                  f"{ev['test_nll']:.2f} | {ev['nll_samples']} | {ev['test_size']} |")
@@ -146,11 +154,11 @@ lines += ["", "| NLL of the mim run | seconds | NLL (nats) | S | test digits |",
           "| --- | --- | --- | --- | --- |"]
 for precision in ("tf32", "fp32"):
     start, end = map(float, open(f"{out}/timing-{precision}/seconds").read().split())
-    ev = json.load(open(f"{out}/timing-{precision}/eval.json"))
+    ev = json.load(open(os.path.join(out, f"timing-{precision}", cli.EVALUATION)))
     lines.append(f"| {precision} | {end - start:.1f} | {ev['test_nll']:.4f} | "
                  f"{ev['nll_samples']} | {ev['test_size']} |")
-a = mim.read_checkpoint(f"{out}/straight/last.pt")["model"]
-b = mim.read_checkpoint(f"{out}/resumed/last.pt")["model"]
+a = mim.read_checkpoint(os.path.join(out, "straight", cli.LAST))["model"]
+b = mim.read_checkpoint(os.path.join(out, "resumed", cli.LAST))["model"]
 same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 lines += ["", "resume with --deterministic, 2 epochs straight against 1 + 1 resumed: " +
           ("bit-identical weights" if same else "weights DIFFER"), "", f"tests: {tests}"]
@@ -181,18 +189,18 @@ job() {
   mkdir -p "$(dirname "$out")"
   exec 9>> "$out.lock"
   flock 9
-  if [[ ! -f $out/results.json ]]; then
+  if [[ ! -f $out/$results_file ]]; then
     local device=() flag
     for flag in "${!train[@]}"; do    # a resumed run keeps its flags, but not its device
       [[ ${train[$flag]} == --device ]] && device=(--device "${train[$((flag + 1))]}")
     done
-    if [[ -f $out/last.pt ]]; then set -- --resume "$out" "${device[@]}"
+    if [[ -f $out/$last_file ]]; then set -- --resume "$out" "${device[@]}"
     else set -- "${train[@]}" --out "$out"; fi
     python mim.py "$@" >> "$out.log" 2>&1 \
       || { echo "run_all.sh: training $out failed; see $out.log" >&2; return 1; }
     echo "trained: $out"
   fi
-  if ((evaluating)) && [[ ! $out/eval.json -nt $out/best.pt ]]; then
+  if ((evaluating)) && [[ ! $out/$eval_file -nt $out/$best_file ]]; then
     python mim.py evaluate "$out" "${evaluation[@]}" > "$out.eval.log" 2>&1 \
       || { echo "run_all.sh: evaluating $out failed; see $out.eval.log" >&2; return 1; }
     echo "evaluated: $out"
@@ -279,7 +287,7 @@ summaries() {  # summary.md (and .png) of every experiment that has finished run
   local exp x
   for exp in fig2-paper:hidden fig2-authors:hidden f2: fig3:z_dim collapse:loss images:; do
     IFS=: read -r exp x <<< "$exp"
-    compgen -G "results/$exp/*/results.json" > /dev/null || continue
+    compgen -G "results/$exp/*/$results_file" > /dev/null || continue
     python mim.py evaluate --summary "results/$exp" ${x:+--x $x} > /dev/null
     echo "summary: results/$exp/summary.md"
   done
@@ -290,8 +298,8 @@ job_state() {  # job_state LINE: its run folder, its kind (training or evaluatio
   local out kind=training state=missing
   read -r _ _ out _ <<< "$1"
   [[ $1 == *" --evaluate "* ]] && kind=evaluation
-  if [[ $kind == training && -f $out/results.json ]] ||
-     [[ $kind == evaluation && $out/eval.json -nt $out/best.pt ]]; then state=finished
+  if [[ $kind == training && -f $out/$results_file ]] ||
+     [[ $kind == evaluation && $out/$eval_file -nt $out/$best_file ]]; then state=finished
   elif [[ -e $out.lock ]] && ! flock -n "$out.lock" true; then state=running
   elif [[ -e $out ]]; then state=interrupted; fi
   echo "$out $kind $state"
@@ -380,10 +388,10 @@ SUBMIT
 check_device() {  # refuse in one line before any job starts
   [[ -z $device ]] && return 0
   RUN_ALL_GPUS=$(python - "$device" <<'PY'
-import sys, torch, mim
+import sys, torch, cli
 try:
-    mim.choose_device(sys.argv[1])
-except mim.UsageError as e:
+    cli.choose_device(sys.argv[1])
+except cli.UsageError as e:
     print(f"run_all.sh: error: {e}", file=sys.stderr)
     sys.exit(2)
 print(torch.cuda.device_count() if sys.argv[1] != "cpu" else 0)

@@ -1224,12 +1224,6 @@ def evaluating(run_dir):
             os.close(lock)
 
 
-def file_digest(path):
-    """The SHA-256 of a file, in hex: which checkpoint an evaluation measured."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def checkpoint_record(run_dir):
     """eval.json's record of the checkpoint it measured: file, epoch and SHA-256."""
     with open(os.path.join(run_dir, BEST), "rb") as f:
@@ -1379,6 +1373,12 @@ def evaluate_main(argv):
 # ----------------------------------------------------------------------------------------
 # 11. Summaries: python mim.py evaluate --summary DIR, mean and std over seeds
 # ----------------------------------------------------------------------------------------
+
+def file_digest(path):
+    """The SHA-256 of a file, in hex: which checkpoint an evaluation measured."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
 
 def is_stale(run_dir, evaluation):
     """Whether eval.json measured another best.pt than the run's present one: by the

@@ -9,7 +9,7 @@ command line meets.
     bad input    one line, exit status 2, nothing half-written; full disks, signals,
                  umasks, closed pipes
 
-Tests marked slow train for more than a few seconds, start a server or mount a file
+Tests marked slow train or evaluate runs (seconds each), start a server or mount a file
 system: `python -m pytest -q -m "not slow"` leaves them out.
 """
 import contextlib
@@ -89,6 +89,7 @@ def test_deterministic_flag_sets_cudnn_and_torch_to_deterministic(monkeypatch):
     assert calls == [(True, True)] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_deterministic_setting(tmp_path, monkeypatch):
     """--deterministic is a setting of the run: resuming without the flag turns the
     deterministic algorithms on again before the first step. (On an H200 the resumed
@@ -155,6 +156,7 @@ def test_the_command_line_gives_each_comparison_loss_its_critic_and_objective():
         assert function_and_scores(cli.objective(cfg)) == function_and_scores(loss_fn)
 
 
+@pytest.mark.slow
 def test_runs_record_their_environment(tmp_path, monkeypatch):
     """config.json, results.json and eval.json say where the run ran: versions, CPU,
     threads (one for the MLP without OMP_NUM_THREADS; the process's count comes back
@@ -720,6 +722,7 @@ def toy2d_run(folder):
     return folder
 
 
+@pytest.mark.slow
 def test_evaluate_cli_writes_eval_json_and_fig1(tmp_path, capsys):
     out = toy2d_run(tmp_path / "run")
     proc = run_main("evaluate", str(out), "--nll-samples", "10", "--test-size", "2000")
@@ -875,6 +878,7 @@ def test_two_runs_into_one_new_folder_leave_it_to_one_of_them(tmp_path):
     assert torch.load(out / "best.pt", weights_only=True)["extra"]["config"]["seed"] == int(winner)
 
 
+@pytest.mark.slow
 def test_resume_goes_on_after_a_nan_with_a_lower_lr(tmp_path, monkeypatch, capsys):
     real, calls = mim.validate, []
 
@@ -909,6 +913,7 @@ def test_a_nan_in_the_first_epoch_advises_training_again(tmp_path, monkeypatch, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_extends_a_finished_run(tmp_path):
     out = tmp_path / "run"
     tiny = ["--warmup", "1", "--patience", "9", "--nll-samples", "0"]
@@ -1312,6 +1317,7 @@ def test_evaluate_waits_for_training_and_records_the_checkpoint_it_measured(tmp_
     assert metrics["test_knn5_acc"] == results["test_knn5_acc"] != 9.0
 
 
+@pytest.mark.slow
 def test_the_fixes_that_the_messages_give_work(tmp_path, finished_toy_run):
     """Each refusal below names a fix; following it, the command succeeds."""
     def refused_then_fixed(prepare, args, fix):
@@ -1359,6 +1365,7 @@ def terminal_sigint():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,how", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
 @pytest.mark.parametrize("stage", ["run_figures", "test_metrics"])
 def test_a_signal_during_evaluate_keeps_the_earlier_evaluation(

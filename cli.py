@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import field
 from typing import Optional
 
@@ -138,7 +139,8 @@ HELP = {
     "data": "data set (datasets.py): toy2d, toy20d, toy1d, pca_fashion_mnist, mnist, "
             "fashion_mnist or omniglot",
     "data_seed": "seed of the fixed train/validation/test samples",
-    "data_dir": "folder holding the image files (searched first; see datasets.py)",
+    "data_dir": "folder holding the image files, the only place they are read from (see "
+                "datasets.py)",
     "pca_dim": "principal components of pca_fashion_mnist (Sec. 5.1)",
     "train_size": "train on the first N training points only (quick runs; default: all)",
     "arch": "network architecture: mlp (Sec. 5.1), convhvae or pixelhvae (Sec. 5.2, two "
@@ -504,9 +506,9 @@ def checked_amp(cfg, device):
     """cfg with --amp dropped, and one warning line, where bfloat16 would be emulated."""
     if not cfg.amp or native_bf16(device):
         return cfg
-    print("mim.py: warning: --amp ignored: this CPU has no native bfloat16 (flags "
-          f"{', '.join(BF16_CPU_FLAGS)}), where it runs several times slower than float32; "
-          "training in float32", file=sys.stderr)
+    say("mim.py: warning: --amp ignored: this CPU has no native bfloat16 (flags "
+        f"{', '.join(BF16_CPU_FLAGS)}), where it runs several times slower than float32; "
+        "training in float32", file=sys.stderr)
     return dataclasses.replace(cfg, amp=False)
 
 
@@ -713,7 +715,9 @@ def read_run_checkpoint(path, device="cpu", keys=CHECKPOINT_KEYS):
     """The state read_checkpoint returns, if it is a run's checkpoint with `keys` in its
     extra; else one line (UsageError) that says what is wrong."""
     try:
-        state = mim.read_checkpoint(path, device)
+        with warnings.catch_warnings():     # torch's on a foreign pickle would come first
+            warnings.simplefilter("ignore")
+            state = mim.read_checkpoint(path, device)
     except FileNotFoundError:
         raise UsageError(f"{path} not found; train with mim.py --out first") from None
     except ValueError as e:                  # another format, or not a checkpoint at all
@@ -815,8 +819,9 @@ def load_data(cfg):
 
 
 def fitting_data(data, cfg, min_train):
-    """data with --train-size applied, refused in one line where it cannot be trained on
-    or has fewer than min_train training points (what the 5-NN diagnostics need)."""
+    """data with --train-size applied, refused in one line, naming where it was read, where
+    it cannot be trained on, has fewer than min_train training points (what the 5-NN
+    diagnostics need) or too few test points for the test metrics."""
     n = len(data.x_train)
     if cfg.train_size is not None and cfg.train_size > n:
         raise UsageError(f"--train-size {cfg.train_size} exceeds the {n} training points; "
@@ -825,17 +830,22 @@ def fitting_data(data, cfg, min_train):
         data = dataclasses.replace(data, x_train=data.x_train[:cfg.train_size],
                                    y_train=data.y_train[:cfg.train_size])
         n = cfg.train_size
+    read = f" (read from {data.source})" if data.source else ""
     if n < min_train:
         what = (f"--train-size {n}: too few training points" if cfg.train_size is not None
-                else f"{cfg.data} has {n} training points")
+                else f"{cfg.data}{read} has {n} training points")
         raise UsageError(f"{what}; the 5-NN of every epoch's diagnostics needs at least "
                          f"{min_train}; train on more")
     if n < cfg.batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {n} training points; "
                          "lower it")
     if len(data.x_val) == 0:
-        raise UsageError(f"{cfg.data} has no validation points (its training split holds "
-                         f"{len(data.x_train)}); use a larger training file")
+        raise UsageError(f"{cfg.data}{read} has no validation points (its training split "
+                         f"holds {len(data.x_train)}); use a larger training file")
+    need, why = evaluate.fewest_test_points(data.binary)
+    if len(data.x_test) < need:
+        raise UsageError(f"{cfg.data}{read} has {len(data.x_test)} test points, but {why}; "
+                         "use a larger test file")
     return data
 
 
@@ -1012,6 +1022,35 @@ def fit_and_test(cfg, resume, device):
     return results
 
 
+def say(*values, file=None, end="\n"):
+    """print for training, which outlives its console: where the reader has gone (a closed
+    pipe, | head; a closed terminal) the stream goes quiet instead of ending the run, whose
+    files are its record."""
+    file = sys.stdout if file is None else file
+    try:
+        print(*values, file=file, end=end, flush=True)
+    except OSError as e:
+        if not isinstance(e, BrokenPipeError) and e.errno != errno.EIO:
+            raise
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, file.fileno())
+        os.close(devnull)
+
+
+@contextlib.contextmanager
+def outliving_the_console():
+    """Training goes on when its terminal closes: SIGHUP is ignored, as nohup does, for
+    the block (where POSIX has it), and say() quiets the streams."""
+    if not hasattr(signal, "SIGHUP"):
+        yield
+        return
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 PROGRESS_AFTER = 5.0     # seconds into an epoch before a progress line appears
 PROGRESS_EVERY = 2.0     # seconds between progress lines
 
@@ -1029,11 +1068,11 @@ class Progress:
             self.last, self.shown = now, True
             left = (now - self.start) / (done - 1) * (total - done)
             end = "\r" if sys.stderr.isatty() else "\n"
-            print(f"epoch {epoch}: {done}/{total} batches, loss {float(loss):.4f} nats, "
-                  f"{now - self.start:.0f} s, about {left:.0f} s left", end=end,
-                  file=sys.stderr, flush=True)
+            say(f"epoch {epoch}: {done}/{total} batches, loss {float(loss):.4f} nats, "
+                f"{now - self.start:.0f} s, about {left:.0f} s left", end=end,
+                file=sys.stderr)
         if done == total and self.shown and sys.stderr.isatty():
-            print(file=sys.stderr)
+            say(file=sys.stderr)
 
 
 def log_line(row):
@@ -1041,9 +1080,8 @@ def log_line(row):
     def terms(prefix):
         return " ".join(f"{k[len(prefix):]} {format_value(v, '.4f')}" for k, v in row.items()
                         if k.startswith(prefix) and k != prefix + "loss")
-    print(f"epoch {row['epoch']:3d} | train {row['train_loss']:.4f} nats ({terms('train_')})"
-          f" | val {row['val_loss']:.4f} nats ({terms('val_')}) | {row['seconds']:.2f} s",
-          flush=True)
+    say(f"epoch {row['epoch']:3d} | train {row['train_loss']:.4f} nats ({terms('train_')})"
+        f" | val {row['val_loss']:.4f} nats ({terms('val_')}) | {row['seconds']:.2f} s")
 
 
 def tensorboard_logger(folder):
@@ -1232,11 +1270,23 @@ def checkpoint_record(run_dir):
     return {"file": BEST, "epoch": epoch, "sha256": hashlib.sha256(contents).hexdigest()}
 
 
+def check_test_size(data, test_size):
+    """Refuse, in one line, a --test-size or a test split too small for the metrics."""
+    need, why = evaluate.fewest_test_points(data.binary)
+    if test_size is not None and test_size < need:
+        raise UsageError(f"--test-size {test_size}: {why}; use --test-size {need} or more")
+    if len(data.x_test) < need:
+        read = f" (read from {data.source})" if data.source else ""
+        raise UsageError(f"the {data.name} test split{read} holds {len(data.x_test)} "
+                         f"points, but {why}; use a larger test file")
+
+
 def evaluate_run(run_dir, device, args):
     """The metrics of RUN_DIR/best.pt on its test split into RUN_DIR/eval.json, and its
     figures; returns the metrics. The tight NLL runs only when --ais-steps asks for it:
     it costs steps x leapfrog passes of the decoder with gradients per chain."""
     model, cfg, data = load_run(run_dir, device, args.data_dir)
+    check_test_size(data, args.test_size)
     check_allocations({"--nll-samples": (args.nll_samples, FLOAT_BYTES),
                        "--ais-steps": (args.ais_steps, AIS_BYTES_PER_STEP),
                        "--ais-chains": (args.ais_chains, data.x_dim * FLOAT_BYTES)}, device)
@@ -1345,9 +1395,18 @@ def check_evaluate_args(parser, args):
         parser.error("--ais-chains and --ais-leapfrog must be at least 1")
     if not 0 < args.ais_inflate < math.inf:
         parser.error("--ais-inflate must be a finite number above 0")
-    for flag in ("test_size", "ais_points", "knn_train", "max_batch", "repeats"):
+    for flag in ("ais_points", "max_batch", "repeats"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    images, continuous = (evaluate.fewest_test_points(binary)[0] for binary in (True, False))
+    if args.test_size is not None and args.test_size < images:    # check_test_size: per run
+        parser.error(f"--test-size {args.test_size}: the metrics need at least {images} test "
+                     f"points, KSG's on continuous x more than {continuous - 1}; use "
+                     f"--test-size {continuous} or more ({images} or more on binary images)")
+    k = evaluate.KNN_K
+    if args.knn_train is not None and args.knn_train < k:
+        parser.error(f"--knn-train {args.knn_train}: the {k}-NN classifier needs at least "
+                     f"{k} training codes; use --knn-train {k} or more")
 
 
 def evaluate_main(argv):
@@ -1579,9 +1638,9 @@ def main(argv=None):
     folder = cfg.resume or cfg.out
     with error_boundary("mim.py", functools.partial(stopped_message, folder=folder),
                         "free space or fix the path, then --resume the run if an epoch "
-                        "was saved", folder):
+                        "was saved", folder), outliving_the_console():
         results = run(cfg, overrides | {"device"})
-        print(evaluate.format_results(results))
+        say(evaluate.format_results(results))
 
 
 if __name__ == "__main__":

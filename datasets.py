@@ -31,13 +31,15 @@ and the training loop draws a fresh Bernoulli image each time it uses one
 (`Dataset.dynamic`); validation and test are binarized once, with a generator seeded from
 EVAL_BINARIZATION_SEED and `seed`, so that every load gives the same bits.
 
-Files are looked for in `data_dir`, then $MIM_DATA_DIR, then ~/.cache/mim, then (for
-Fashion-MNIST) Debian's /usr/share/datasets/fashion-mnist (`apt-get install
-dataset-fashion-mnist`), each folder itself and its subfolder named after the data set
-(mnist/, fashion_mnist/, omniglot/); IDX files may be gzipped or not. Files found there
-are used as they are. Otherwise they are downloaded into $MIM_DATA_DIR/<name>/, or
-~/.cache/mim/<name>/ when that variable is unset, checked against the checksums below and
-only then moved into place.
+A `data_dir` given (--data-dir) is the only place files are taken from: the folder itself
+or its subfolder named after the data set (mnist/, fashion_mnist/, omniglot/); a file
+missing there is refused, naming the folders that hold it. Without one, files are looked
+for in $MIM_DATA_DIR, then ~/.cache/mim, then (for Fashion-MNIST) Debian's
+/usr/share/datasets/fashion-mnist (`apt-get install dataset-fashion-mnist`), each folder
+and its subfolder of that name; otherwise they are downloaded into $MIM_DATA_DIR/<name>/,
+or ~/.cache/mim/<name>/ when that variable is unset, checked against the checksums below
+and only then moved into place. IDX files may be gzipped or not; files found are used as
+they are. A Dataset records where it was read (`source`), for messages.
 """
 import gzip
 import hashlib
@@ -87,6 +89,7 @@ class Dataset:
     anchor: "GaussianMixture | None" = None   # P(x) where it is known in closed form
     dynamic: bool = False      # x_train holds grey levels in [0, 1]; binarize every use
     image_shape: tuple | None = None          # (C, H, W) when rows are flattened images
+    source: str | None = None  # the folder or file it was read from; None: drawn from seeds
 
     @property
     def x_dim(self):
@@ -212,9 +215,10 @@ SOURCES = {
 }
 
 
-def search_folders(name, data_dir=None):
-    """The folders looked in for `name`'s files, in order (see the module docstring)."""
-    roots = [data_dir, os.environ.get("MIM_DATA_DIR"), os.path.expanduser(CACHE_DIR)]
+def search_folders(name):
+    """The folders looked in for `name`'s files without a data_dir, in order (see the
+    module docstring)."""
+    roots = [os.environ.get("MIM_DATA_DIR"), os.path.expanduser(CACHE_DIR)]
     if name == "fashion_mnist":
         roots.append(DEBIAN_FASHION_MNIST_DIR)
     return [folder for root in roots if root
@@ -252,9 +256,12 @@ def not_a_file(path):
 
 
 def find_files(name, data_dir=None):
-    """{file: path} for every file of `name`: from the first folder holding all of them,
-    else downloaded. Raises OSError naming every folder looked in when that fails."""
-    source, folders = SOURCES[name], search_folders(name, data_dir)
+    """{file: path} for every file of `name`: from data_dir alone where one is given
+    (files_in), else from the first folder holding all of them, else downloaded. Raises
+    OSError naming every folder looked in when that fails."""
+    if data_dir is not None:
+        return files_in(name, str(data_dir))
+    source, folders = SOURCES[name], search_folders(name)
     for folder in folders:
         paths = [locate(folder, file) for file in source.files]
         if all(paths):
@@ -277,6 +284,33 @@ def find_files(name, data_dir=None):
             f"download failed ({one_line(err)}); get {urls}{source.hint}, put them in one "
             f"of those folders or pass its path as data_dir (--data-dir)") from None
     return {file: os.path.join(target, file) for file in source.files}
+
+
+def files_in(name, data_dir):
+    """{file: path} of `name`'s files in data_dir or data_dir/<name>, the folder the user
+    named and the only place they are taken from. Files missing there are refused in one
+    line that names the folders holding them, or where to get them."""
+    source, folders = SOURCES[name], [data_dir, os.path.join(data_dir, name)]
+    found = [{file: locate(folder, file) for file in source.files} for folder in folders]
+    for paths in found:
+        if all(paths.values()):
+            return paths
+    best = max(found, key=lambda paths: sum(path is not None for path in paths.values()))
+    missing = [file for file, path in best.items() if path is None]
+    holding = [folder for folder in dict.fromkeys(search_folders(name))
+               if all(holds(folder, file) for file in missing)]
+    where = (f"they are in {' and '.join(holding)}" if holding else "get them from "
+             f"{', '.join(source.mirrors[0] + file for file in missing)}{source.hint}")
+    raise OSError(f"{', '.join(missing)} not found in {data_dir} (nor in {folders[1]}), the "
+                  f"--data-dir given; put them there ({where}), or leave out --data-dir")
+
+
+def holds(folder, file):
+    """Whether folder holds `file` as a regular file (for hints: odd entries count as no)."""
+    try:
+        return locate(folder, file) is not None
+    except OSError:
+        return False
 
 
 def missing_folders(path):
@@ -455,38 +489,43 @@ def idx_split(paths, prefix):
 
 
 def grey_splits(name, data_dir=None):
-    """((x, y) train, validation, test) of an IDX data set, x grey levels in [0, 1]."""
+    """((x, y) train, validation, test) of an IDX data set, x grey levels in [0, 1], and
+    the folder of its files."""
     paths = find_files(name, data_dir)
     (x, y), test = idx_split(paths, "train"), idx_split(paths, "t10k")
     cut = len(x) - validation_size(len(x))
-    return (x[:cut], y[:cut]), (x[cut:], y[cut:]), test
+    folder = os.path.dirname(paths[IDX_FILES[0]])
+    return ((x[:cut], y[:cut]), (x[cut:], y[cut:]), test), folder
 
 
-def binarized_dataset(name, seed, train, validation, test):
+def binarized_dataset(name, seed, train, validation, test, source):
     """Grey-level training images for dynamic binarization; validation and test
     binarized once by a generator fixed by `seed`, so every load gives the same bits."""
     rng = np.random.default_rng([EVAL_BINARIZATION_SEED, seed])
     (x_val, y_val), (x_test, y_test) = validation, test
     x_val, x_test = [(rng.random(x.shape) < x).astype(np.float32) for x in (x_val, x_test)]
     tensors = [torch.as_tensor(a) for a in (*train, x_val, y_val, x_test, y_test)]
-    return Dataset(name, *tensors, binary=True, dynamic=True, image_shape=IMAGE_SHAPE)
+    return Dataset(name, *tensors, binary=True, dynamic=True, image_shape=IMAGE_SHAPE,
+                   source=source)
 
 
 def load_binarized_idx(name, seed=0, data_dir=None):
     """mnist or fashion_mnist, dynamically binarized."""
-    return binarized_dataset(name, seed, *grey_splits(name, data_dir))
+    splits, folder = grey_splits(name, data_dir)
+    return binarized_dataset(name, seed, *splits, source=folder)
 
 
 def load_omniglot(seed=0, data_dir=None):
     """Omniglot, dynamically binarized; the training file is shuffled by `seed` before
     the validation cut, as in the authors' code, whose order of the file is unknown to
     us (possibly grouped by alphabet; unseeded in their code)."""
-    x, y, x_test, y_test = read_chardata(find_files("omniglot", data_dir)["chardata.mat"])
+    path = find_files("omniglot", data_dir)["chardata.mat"]
+    x, y, x_test, y_test = read_chardata(path)
     order = np.random.default_rng(seed).permutation(len(x))
     x, y = x[order], y[order]
     cut = len(x) - validation_size(len(x), OMNIGLOT_VALIDATION)
     return binarized_dataset("omniglot", seed, (x[:cut], y[:cut]), (x[cut:], y[cut:]),
-                             (x_test, y_test))
+                             (x_test, y_test), source=path)
 
 
 @dataclass
@@ -525,11 +564,11 @@ def load_pca_fashion_mnist(data_dir=None, pca_dim=PCA_DIM):
     here is random, so no seed."""
     if not 1 <= pca_dim <= PIXELS:
         raise ValueError(f"pca_dim must be between 1 and {PIXELS}, not {pca_dim}")
-    splits = grey_splits("fashion_mnist", data_dir)
+    splits, folder = grey_splits("fashion_mnist", data_dir)
     pca = principal_components(splits[0][0], pca_dim)
     tensors = [torch.as_tensor(a) for x, y in splits
                for a in (pca.project(x).astype(np.float32), y)]
-    return Dataset("pca_fashion_mnist", *tensors)
+    return Dataset("pca_fashion_mnist", *tensors, source=folder)
 
 
 DATASETS = {"toy2d": toy2d, "toy20d": toy20d, "toy1d": toy1d}      # name -> anchor

@@ -532,6 +532,15 @@ def tight_nll(model, x, ais, max_batch=None):
             "ais_points": len(x), "ais_inflate": ais.inflate}
 
 
+def fewest_test_points(binary):
+    """(n, why): the fewest test points that test_metrics and the figures can use, and
+    what needs them. KSG runs on continuous x and needs more than KSG_K; on binary images
+    t-SNE's perplexity and the covariance over points behind the active units need two."""
+    if binary:
+        return 2, "t-SNE and the active units need at least 2 test points"
+    return KSG_K + 1, f"the KSG estimate of the MI needs more than k = {KSG_K} test points"
+
+
 def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
                  with_posterior_stats=None, ais=NO_AIS):
     """The metrics of Fig. 2-3 on the test split (those of App. F.2 too for 1-D models).

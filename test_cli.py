@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import pickle
 import platform
 import re
 import shutil
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -361,17 +363,25 @@ def run_cli(*args, cwd=HERE):
 
 def run_main(*args, script="mim.py"):
     """`python SCRIPT ARGS` in this process, through cli.main (bench.main for bench.py):
-    its exit status, stdout and stderr, without starting Python and torch again. A
-    traceback would end the test with it."""
+    its exit status, stdout and stderr (warnings first), without starting Python and torch
+    again. A traceback would end the test with it."""
     main = {"mim.py": cli.main, "bench.py": bench.main}[script]
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with (contextlib.redirect_stdout(out), contextlib.redirect_stderr(err),
+          warnings.catch_warnings(record=True) as caught):
+        warnings.simplefilter("default")          # Python's filters, but for its ignored
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning,
+                         ResourceWarning):        # categories: what a process would print
+            warnings.simplefilter("ignore", category)
         try:
             main(list(args))
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                    for w in caught)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(),
+                                       shown + err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -1013,6 +1023,12 @@ def removed(name):
     return lambda run: (run / name).unlink()
 
 
+def pickled_last_pt(run):
+    """last.pt written by plain pickle (protocol 4), as another program might."""
+    with open(run / "last.pt", "wb") as f:
+        pickle.dump({"payload": list(range(5))}, f, protocol=4)
+
+
 def wider_weights(state):
     state["model"] = {k: torch.cat([v, v]) for k, v in state["model"].items()}
     return state
@@ -1069,7 +1085,7 @@ BAD_INPUTS = [
     ("mim.py", ["--resume", "{run}"], replace_last_pt(wider_weights), "does not fit"),
     ("mim.py", ["--data", "mnist", "--data-dir", "{tmp}/five", "--batch-size", "2"],
      "five images",
-     "no validation points"),
+     "mnist (read from {tmp}/five) has no validation points"),
     ("mim.py", ["--data", "mnist", "--data-dir", "{tmp}/corrupt"], "corrupt images",
      "not an IDX file"),
     ("mim.py", ["--preset", "authors"], None, "--preset authors is the authors' image"),
@@ -1138,7 +1154,26 @@ BAD_INPUTS = [
     ("mim.py", ["evaluate", "{run}", "--ais-inflate", "1e309"], "run",
      "--ais-inflate must be a finite number above 0"),
     ("mim.py", ["evaluate", "{run}", "--ais-chains", "0"], "run", "--ais-chains"),
-    ("mim.py", ["evaluate", "{run}", "--test-size", "0"], "run", "--test-size must be at least 1"),
+    ("mim.py", ["evaluate", "{run}", "--test-size", "0"], "run",
+     "--test-size 0: the metrics need at least 2 test points, KSG's on continuous x more "
+     "than 5; use --test-size 6 or more (2 or more on binary images)"),
+    ("mim.py", ["evaluate", "{run}", "--test-size", "1"], "run",
+     "--test-size 1: the metrics need at least 2 test points"),
+    ("mim.py", ["evaluate", "{run}", "--test-size", "3"], "run",
+     "--test-size 3: the KSG estimate of the MI needs more than k = 5 test points; use "
+     "--test-size 6 or more"),
+    ("mim.py", ["evaluate", "{run}", "--knn-train", "3"], "run",
+     "--knn-train 3: the 5-NN classifier needs at least 5 training codes; use --knn-train 5 "
+     "or more"),
+    ("mim.py", ["--resume", "{run}"], pickled_last_pt,
+     "last.pt is not a readable checkpoint (UnpicklingError); train again"),
+    ("mim.py", ["--data", "fashion_mnist", "--data-dir", "{tmp}/data"], "three of four files",
+     "t10k-labels-idx1-ubyte.gz not found in {tmp}/data (nor in {tmp}/data/fashion_mnist), "
+     "the --data-dir given; put them there"),
+    ("mim.py", ["--data", "pca_fashion_mnist", "--pca-dim", "2", "--data-dir", "{tmp}/data",
+                "--batch-size", "10"], "three test images",
+     "pca_fashion_mnist (read from {tmp}/data) has 3 test points, but the KSG estimate of "
+     "the MI needs more than k = 5 test points; use a larger test file"),
     ("mim.py", ["evaluate", "{run}", "--max-batch", "0"], "run", "--max-batch must be at least 1"),
     ("mim.py", ["evaluate", "{run}", "--format", "gif"], "run", "--format"),
     ("mim.py", ["evaluate"], None, "give run directories to evaluate, or --summary DIR"),
@@ -1249,12 +1284,14 @@ def prepare_data(folder, fault):
         mat["data"][3, 5] = np.nan if fault == "chardata NaN" else mat["data"][3, 5]
         scipy.io.savemat(folder / "chardata.mat", mat)
         return
-    write_idx_set(folder, n_test=0 if fault == "no test images" else 12)
+    write_idx_set(folder, n_test={"no test images": 0, "three test images": 3}.get(fault, 12))
     images = folder / "train-images-idx3-ubyte.gz"
     if fault == "labels 200":
         write_idx(folder / "train-labels-idx1-ubyte.gz", np.full(60, 200, np.uint8), True)
     elif fault == "alike images":
         write_idx(images, np.full((60, 28, 28), 7, np.uint8), True)
+    elif fault == "three of four files":
+        (folder / "t10k-labels-idx1-ubyte.gz").unlink()
     elif fault.startswith("entry"):
         images.unlink()
         {"entry folder": images.mkdir, "entry fifo": lambda: os.mkfifo(images),
@@ -1270,6 +1307,7 @@ def test_bad_input_gets_one_line_and_exit_2_and_changes_nothing(
         return {p: p.read_bytes() if p.is_file() else None for p in tmp_path.rglob("*")}
     before = contents()
     args = [a.format(tmp=tmp_path, run=tmp_path / "run") for a in args]
+    needle = needle.format(tmp=tmp_path, run=tmp_path / "run")
     proc = run_main(*args, script=script)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
@@ -1346,6 +1384,13 @@ def test_the_fixes_that_the_messages_give_work(tmp_path, finished_toy_run):
         return args
     refused_then_fixed(removed("best.pt"), ["evaluate", "{run}", "--nll-samples", "0"],
                        finish_then_evaluate)
+    def smallest_that_works(run, args, err):                    # "use --FLAG N or more"
+        flag, n = re.search(r"use (--[a-z-]+) (\d+) or more", err).groups()
+        return [n if previous == flag else a for previous, a in zip([None, *args], args)]
+    for flag, value in (("--test-size", "1"), ("--test-size", "3"), ("--knn-train", "1")):
+        refused_then_fixed(lambda run: None,
+                           ["evaluate", "{run}", "--nll-samples", "0", flag, value],
+                           smallest_that_works)
 
 
 def test_resume_may_change_the_nll_samples_of_the_final_test(tmp_path, finished_toy_run):
@@ -1392,18 +1437,43 @@ def test_a_signal_during_evaluate_keeps_the_earlier_evaluation(
 
 
 @pytest.mark.slow
-def test_a_closed_pipe_ends_the_commands_quietly(tmp_path, finished_toy_run):
+def test_a_closed_pipe_ends_evaluate_quietly(tmp_path, finished_toy_run):
     """python mim.py evaluate RUN | head -c0: the reader went away; exit 141, no words."""
     run = tmp_path / "run"
     shutil.copytree(finished_toy_run, run)
-    for args in (["evaluate", str(run), "--nll-samples", "0"],
-                 ["--epochs", "2", "--hidden", "8", "--nll-samples", "0"]):
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mim.py"), *args],
-                                cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        proc.stdout.close()
-        err = proc.stderr.read().decode()
-        assert proc.wait(timeout=300) == 141 and err == "", err
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "mim.py"), "evaluate",
+                             str(run), "--nll-samples", "0"],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and err == "", err
     assert json.loads((run / "eval.json").read_text())["checkpoint"]["file"] == "best.pt"
+
+
+@pytest.mark.slow
+def test_training_outlives_its_console(tmp_path):
+    """python mim.py ... 2>&1 | head -1: the reader goes after the first epoch's line, and
+    training goes on to its end, writes its files and exits 0, printing nothing more. So
+    does a run whose terminal hangs up (SIGHUP) and whose pipes then close."""
+    flags = ["--epochs", "6", "--warmup", "1", "--patience", "6", "--hidden", "8",
+             "--nll-samples", "8"]
+    mim_py = [sys.executable, os.path.join(HERE, "mim.py"), *flags]
+    piped = tmp_path / "piped"
+    proc = subprocess.run(["bash", "-c", "set -o pipefail; \"$@\" 2>&1 | head -1", "bash",
+                           *mim_py, "--out", str(piped)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("epoch   1 |") and proc.stdout.count("\n") == 1
+    assert json.loads((piped / "results.json").read_text())["epochs"] == 6
+    hung_up = tmp_path / "hung-up"
+    proc = subprocess.Popen([*mim_py, "--out", str(hung_up)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("epoch   1 |")
+    proc.send_signal(signal.SIGHUP)
+    proc.stdout.close()
+    proc.stderr.close()
+    assert proc.wait(timeout=300) == 0
+    assert json.loads((hung_up / "results.json").read_text())["epochs"] == 6
 
 
 @pytest.fixture

@@ -2075,7 +2075,7 @@ def test_pca_fashion_mnist_uses_the_training_basis_for_every_split(isolated):
 # ---------------------------------------------------------------- finding, downloading
 
 
-def test_search_order_data_dir_then_environment_then_cache(isolated, monkeypatch):
+def test_search_order_environment_then_cache_and_a_data_dir_alone(isolated, monkeypatch):
     write_idx_set(isolated / "given", label_offset=1)
     write_idx_set(isolated / "env" / "mnist", label_offset=2, compress=False)
     write_idx_set(isolated / "home" / ".cache" / "mim", label_offset=3)
@@ -2086,7 +2086,25 @@ def test_search_order_data_dir_then_environment_then_cache(isolated, monkeypatch
     assert first_label(data_dir=isolated / "given") == 1
     assert first_label() == 2
     monkeypatch.delenv("MIM_DATA_DIR")
-    assert first_label(data_dir=isolated / "empty") == 3
+    assert first_label() == 3
+    assert datasets.load_dataset("mnist").source == str(isolated / "home" / ".cache" / "mim")
+
+
+def test_a_data_dir_given_is_the_only_place_files_come_from(isolated):
+    """Fashion-MNIST with one of its four files missing from the folder named: refused,
+    naming the file, that folder and the folder that holds it (Debian's here), never read
+    from there; leaving out data_dir, as the message says, reads it there."""
+    write_idx_set(isolated / "debian")
+    write_idx_set(isolated / "given")
+    (isolated / "given" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(OSError) as err:
+        datasets.load_dataset("fashion_mnist", data_dir=isolated / "given")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(
+        f"t10k-labels-idx1-ubyte.gz not found in {isolated / 'given'} (nor in "
+        f"{isolated / 'given' / 'fashion_mnist'}), the --data-dir given; put them there "
+        f"(they are in {isolated / 'debian'}), or leave out --data-dir")
+    assert datasets.load_dataset("fashion_mnist").source == str(isolated / "debian")
 
 
 def test_debian_folder_is_searched_for_fashion_mnist_only(isolated):
@@ -2097,23 +2115,31 @@ def test_debian_folder_is_searched_for_fashion_mnist_only(isolated):
 
 
 def test_missing_data_with_failing_download_names_every_folder(isolated, monkeypatch):
-    """... and leaves no folder that the failed download made."""
+    """... and leaves no folder that the failed download made. With a data_dir, nothing is
+    downloaded: the message says where to get the files."""
     def offline(url, path, checksum):
         os.makedirs(os.path.dirname(path), exist_ok=True)       # as download() does
         raise OSError(f"{url}: <urlopen error [Errno -3] no network>")
     monkeypatch.setattr(datasets, "download", offline)
     monkeypatch.setenv("MIM_DATA_DIR", str(isolated / "env"))
     with pytest.raises(OSError) as err:
-        datasets.load_dataset("fashion_mnist", data_dir=isolated / "given")
+        datasets.load_dataset("fashion_mnist")
     message = str(err.value)
     assert "\n" not in message and "no network" in message
-    for folder in ["given", "given/fashion_mnist", "env", "env/fashion_mnist",
-                   "home/.cache/mim", "home/.cache/mim/fashion_mnist", "debian"]:
+    for folder in ["env", "env/fashion_mnist", "home/.cache/mim",
+                   "home/.cache/mim/fashion_mnist", "debian"]:
         assert str(isolated / folder) in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert "fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k" in message
     assert "--data-dir" in message
     assert not (isolated / "env").exists()
+    with pytest.raises(OSError) as err:
+        datasets.load_dataset("fashion_mnist", data_dir=isolated / "given")
+    message = str(err.value)
+    assert "\n" not in message and str(isolated / "given") in message
+    assert str(isolated / "env") not in message and "no network" not in message
+    assert "fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k" in message
+    assert "apt-get install dataset-fashion-mnist" in message
 
 
 def test_download_goes_to_the_cache_and_tries_each_mirror(isolated, monkeypatch):
@@ -2187,7 +2213,7 @@ def test_real_mnist_subset():
     again = datasets.load_dataset("mnist", data_dir=MNIST_SUBSET)
     assert torch.equal(data.x_val, again.x_val)
     # binarization keeps the ink: bits and grey levels of the same images agree
-    grey = datasets.grey_splits("mnist", MNIST_SUBSET)[1][0]
+    grey = datasets.grey_splits("mnist", MNIST_SUBSET)[0][1][0]        # validation images
     assert data.x_val.mean().item() == pytest.approx(grey.mean(), abs=0.003)
 
 
@@ -2206,7 +2232,7 @@ def test_real_fashion_mnist_and_its_principal_components():
     assert data.y_train[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
     assert data.y_test[:10].tolist() == [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]
     assert torch.bincount(data.y_test).tolist() == [1_000] * 10
-    train = datasets.grey_splits("fashion_mnist")[0][0]
+    train = datasets.grey_splits("fashion_mnist")[0][0][0]              # training images
     pca = datasets.principal_components(train, datasets.PCA_DIM)
     assert pca.explained_variance_ratio == pytest.approx(0.785, abs=0.002)  # Sec. 5.1
 

@@ -743,9 +743,10 @@ def plot_summary(varying, table, metrics, x_key, columns=4, title="", n_seeds=""
 # ----------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def plot_toy2d(model, data, title, n_points=300):
+def plot_toy2d(model, data, title, n_points=300, axes=None):
     """Fig. 1: top, level sets of P(x) and reconstructed test points; bottom, one-std
-    ellipses of q(z|x) for test points and the unit circle of P(z)."""
+    ellipses of q(z|x) for test points and the unit circle of P(z). axes: (top, bottom)
+    of a figure to draw into (default: a figure of their own)."""
     plt = pyplot()
     from matplotlib.patches import Ellipse
 
@@ -755,7 +756,9 @@ def plot_toy2d(model, data, title, n_points=300):
     grid = torch.linspace(-2, 2, 200)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
     density = data.anchor.log_prob(torch.stack([gx, gy], -1).view(-1, 2)).exp().view(200, 200)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.2, 8.4), dpi=MOSAIC_DPI)
+    if axes is None:
+        axes = plt.subplots(2, 1, figsize=(4.2, 8.4), dpi=MOSAIC_DPI)[1]
+    (top, bottom), fig = axes, axes[0].figure
     top.contour(gx, gy, density, levels=6, colors="k", linewidths=0.6)
     top.plot([], [], "k", lw=0.6, label="level sets of P(x)")
     top.scatter(xhat[:, 0], xhat[:, 1], s=3, c="r",

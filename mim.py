@@ -215,20 +215,49 @@ class TwoLevel(D.Distribution):
 # 2. The model (Sec. 3): encoder, decoder, priors and the latent anchor
 # ----------------------------------------------------------------------------------------
 
+def check_output(name, network, inputs, output):
+    """A forward hook on Model's networks: their output keeps Model's contract."""
+    if not isinstance(output, D.Distribution):
+        problem = f"returned {type(output).__name__}, not a torch.distributions object"
+    elif len(output.event_shape) != 1:
+        problem = (f"returned event shape {tuple(output.event_shape)}, not one dimension "
+                   "(wrap it in D.Independent(..., 1))")
+    elif not output.has_rsample and not getattr(network, "discrete", False):
+        problem = ("returned a distribution without rsample; for discrete x set the "
+                   "decoder's attribute discrete = True")
+    else:
+        return
+    raise TypeError(f"{name} {problem}; see mim.Model's docstring for what a network must "
+                    "return")
+
+
 class Model(nn.Module):
     """q(z|x), p(x|z), p(z), q(x) (None for the marginal of Eq. 16), the anchor P(z) and,
     for the objectives that train one, a critic network. `build_model` (Part 11)
-    assembles one from a ModelSpec.
+    assembles one from a ModelSpec; any networks that keep this contract will do:
 
-    `prior` is p(z), or p(z2) of a two-level model (one with `p_z1_given_z2`), whose latent
-    z = (z1, z2) has p(z) = p(z2) p(z1|z2) and the anchor P(z) = N(0, I) over both levels.
-    The decoder says whether its x are discrete (`p_x_given_z.discrete`): those cannot be
-    reparameterized, and decoder samples use the score-function estimator.
+    - q_z_given_x: a module, x (B, D) -> a torch.distributions object over z (B, Z) with
+      rsample() (reparameterized), sample() and log_prob(z) -> (B,); one event dimension
+      (wrap elementwise ones in D.Independent(..., 1)).
+    - p_x_given_z: a module, z (B, Z) -> the same over x (B, D); and an attribute
+      `discrete`: False if its samples can be reparameterized (rsample), True for
+      discrete x (Bernoulli), whose decoder samples use the score function (App. D.2).
+    - prior: a module called with the encoder of the top latent (model.q_top, which a
+      VampPrior uses and others ignore) -> p(z) with sample() and log_prob; or p(z2) of a
+      two-level model (one with `p_z1_given_z2`), whose z = (z1, z2) has p(z) = p(z2)
+      p(z1|z2) and the anchor P(z) = N(0, I) over both levels.
+    - q_x: None, or a module called without arguments -> an explicit q(x).
+    The networks' outputs are checked as they are made: a TypeError says what is wrong.
     """
 
     def __init__(self, q_z_given_x, p_x_given_z, prior, q_x, z_dim, p_z1_given_z2=None,
                  critic=None):
         super().__init__()
+        if not isinstance(getattr(p_x_given_z, "discrete", None), bool):
+            raise TypeError("p_x_given_z needs an attribute discrete = True (discrete x) or "
+                            "False (reparameterized x); see mim.Model's docstring")
+        for name, network in (("q_z_given_x", q_z_given_x), ("p_x_given_z", p_x_given_z)):
+            network.register_forward_hook(functools.partial(check_output, name))
         self.q_z_given_x = q_z_given_x
         self.p_x_given_z = p_x_given_z
         self.prior = prior

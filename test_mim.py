@@ -1220,6 +1220,78 @@ def test_imports_go_one_way_from_the_command_line_to_the_library():
     assert not [m for m in modules if reaches(m, m)]
 
 
+class OwnGaussian(torch.nn.Module):
+    """A network written outside mim.py: in (B, I) -> N(mu, sigma^2) over out dimensions,
+    ELU hidden layer; keeps mim.Model's contract."""
+    discrete = False
+
+    def __init__(self, n_in, n_out, hidden=16):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.ELU(),
+                                       torch.nn.Linear(hidden, 2 * n_out))
+
+    def forward(self, v):
+        mean, raw = self.net(v).chunk(2, dim=-1)
+        return mim.diag_gaussian(mean, torch.nn.functional.softplus(raw) + 1e-3)
+
+
+class OwnElementwise(OwnGaussian):
+    def forward(self, v):                            # log_prob would be (B, D), not (B,)
+        return super().forward(v).base_dist
+
+
+class OwnTensor(OwnGaussian):
+    def forward(self, v):
+        return super().forward(v).mean
+
+
+class OwnBernoulli(torch.nn.Module):                # discrete x without the attribute
+    def forward(self, z):
+        return mim.bernoulli(z)
+
+
+@pytest.mark.parametrize("loss", [mim.mim_loss, mim.amim_loss])
+def test_networks_written_outside_mim_py_train_with_its_objectives(loss):
+    """A Model of networks defined here lowers its validation loss in a few epochs."""
+    torch.manual_seed(0)
+    x = torch.cat([0.2 * torch.randn(400, 3) + 1, 0.2 * torch.randn(400, 3) - 1])
+    x = x[torch.randperm(len(x))]
+    model = mim.Model(OwnGaussian(3, 2), OwnGaussian(2, 3), mim.StandardNormal(2), None, 2)
+    _, _, epochs, history = mim.train(model, loss, x[:600], x[600:],
+                                      mim.TrainSpec(epochs=5, warmup=1, patience=5))
+    assert epochs == 5 and history[-1]["val_loss"] < history[0]["val_loss"] - 0.1
+
+
+@pytest.mark.parametrize("decoder,problem", [
+    (OwnTensor(2, 3), "p_x_given_z returned Tensor, not a torch.distributions object"),
+    (OwnElementwise(2, 3), "p_x_given_z returned event shape (), not one dimension"),
+])
+def test_a_network_that_breaks_the_contract_gets_a_clear_error(decoder, problem):
+    model = mim.Model(OwnGaussian(3, 2), decoder, mim.StandardNormal(2), None, 2)
+    with pytest.raises(TypeError, match=re.escape(problem)):
+        mim.mim_loss(model, torch.randn(8, 3))
+    with pytest.raises(TypeError, match="needs an attribute discrete"):
+        mim.Model(OwnGaussian(3, 2), OwnBernoulli(), mim.StandardNormal(2), None, 2)
+    encoder = OwnGaussian(3, 2)
+    encoder.forward = mim.bernoulli                   # an encoder must rsample
+    with pytest.raises(TypeError, match="q_z_given_x returned a distribution without rsample"):
+        mim.mim_loss(mim.Model(encoder, OwnGaussian(2, 3), mim.StandardNormal(2), None, 2),
+                     torch.rand(8, 2).round())
+
+
+@pytest.mark.slow
+def test_the_tutorial_runs_and_its_checks_hold(tmp_path):
+    """python tutorial.py end to end: every assertion in it holds and it draws its
+    figures (a wrong sign in one term of Eq. 8 fails it: the closing note of issue 42)."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "tutorial.py"), "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "The tutorial's numbers hold" in proc.stdout
+    assert sorted(os.listdir(tmp_path)) == ["1-anchored-joints.png", "3-fig1-mim-vae.png",
+                                            "4-posterior-widths.png"]
+
+
 # What changes a whole process: modules that set its signals, allocator or file locks, and
 # the calls and settings of its umask, environment, threads and numerics. A library leaves
 # them to the program that uses it.

@@ -253,11 +253,13 @@ class Model(nn.Module):
     def __init__(self, q_z_given_x, p_x_given_z, prior, q_x, z_dim, p_z1_given_z2=None,
                  critic=None):
         super().__init__()
-        if not isinstance(getattr(p_x_given_z, "discrete", None), bool):
+        if p_x_given_z is not None and not isinstance(getattr(p_x_given_z, "discrete", None),
+                                                      bool):
             raise TypeError("p_x_given_z needs an attribute discrete = True (discrete x) or "
                             "False (reparameterized x); see mim.Model's docstring")
         for name, network in (("q_z_given_x", q_z_given_x), ("p_x_given_z", p_x_given_z)):
-            network.register_forward_hook(functools.partial(check_output, name))
+            if network is not None:                 # an encoder alone serves some measures
+                network.register_forward_hook(functools.partial(check_output, name))
         self.q_z_given_x = q_z_given_x
         self.p_x_given_z = p_x_given_z
         self.prior = prior

@@ -830,23 +830,36 @@ def fitting_data(data, cfg, min_train):
         data = dataclasses.replace(data, x_train=data.x_train[:cfg.train_size],
                                    y_train=data.y_train[:cfg.train_size])
         n = cfg.train_size
-    read = f" (read from {data.source})" if data.source else ""
     if n < min_train:
         what = (f"--train-size {n}: too few training points" if cfg.train_size is not None
-                else f"{cfg.data}{read} has {n} training points")
+                else f"{cfg.data}{read_from(data)} has {n} training points")
         raise UsageError(f"{what}; the 5-NN of every epoch's diagnostics needs at least "
                          f"{min_train}; train on more")
     if n < cfg.batch_size:
         raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {n} training points; "
                          "lower it")
     if len(data.x_val) == 0:
-        raise UsageError(f"{cfg.data}{read} has no validation points (its training split "
-                         f"holds {len(data.x_train)}); use a larger training file")
-    need, why = evaluate.fewest_test_points(data.binary)
-    if len(data.x_test) < need:
-        raise UsageError(f"{cfg.data}{read} has {len(data.x_test)} test points, but {why}; "
-                         "use a larger test file")
+        raise UsageError(f"{cfg.data}{read_from(data)} has no validation points (its "
+                         f"training split holds {len(data.x_train)}); use a larger training "
+                         "file")
+    check_test_size(data)
     return data
+
+
+def read_from(data):
+    """Where a data set was read, for messages: " (read from FOLDER)", or nothing for data
+    drawn from seeds."""
+    return f" (read from {data.source})" if data.source else ""
+
+
+def check_test_size(data, test_size=None):
+    """Refuse, in one line, a --test-size or a test split too small for the test metrics."""
+    need, why = evaluate.fewest_test_points(data.binary)
+    if test_size is not None and test_size < need:
+        raise UsageError(f"--test-size {test_size}: {why}; use --test-size {need} or more")
+    if len(data.x_test) < need:
+        raise UsageError(f"{data.name}{read_from(data)} has {len(data.x_test)} test points, "
+                         f"but {why}; use a larger test file")
 
 
 def check_same_data(saved, identity, path):
@@ -1032,9 +1045,15 @@ def say(*values, file=None, end="\n"):
     except OSError as e:
         if not isinstance(e, BrokenPipeError) and e.errno != errno.EIO:
             raise
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, file.fileno())
-        os.close(devnull)
+        quiet(file)
+
+
+def quiet(stream):
+    """Point stream's file descriptor at /dev/null: its reader has gone, and what is still
+    buffered (flushed at exit too) must not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
 
 
 @contextlib.contextmanager
@@ -1172,7 +1191,7 @@ def error_boundary(prog, stopped, after_os_error, folder=None, usage=(UsageError
     try:
         yield
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        quiet(sys.stdout)
         sys.exit(BROKEN_PIPE_STATUS)
     except usage as e:
         fail(f"{prog}: error: {e}")
@@ -1268,17 +1287,6 @@ def checkpoint_record(run_dir):
         contents = f.read()                                # read once for both
     epoch = torch.load(io.BytesIO(contents), weights_only=True)["extra"].get("epoch")
     return {"file": BEST, "epoch": epoch, "sha256": hashlib.sha256(contents).hexdigest()}
-
-
-def check_test_size(data, test_size):
-    """Refuse, in one line, a --test-size or a test split too small for the metrics."""
-    need, why = evaluate.fewest_test_points(data.binary)
-    if test_size is not None and test_size < need:
-        raise UsageError(f"--test-size {test_size}: {why}; use --test-size {need} or more")
-    if len(data.x_test) < need:
-        read = f" (read from {data.source})" if data.source else ""
-        raise UsageError(f"the {data.name} test split{read} holds {len(data.x_test)} "
-                         f"points, but {why}; use a larger test file")
 
 
 def evaluate_run(run_dir, device, args):

@@ -1853,6 +1853,98 @@ def test_metrics_on_binary_images_skip_ksg_and_rmse():
     assert "bits/dim" in text and "nats" in text and "active units of z" in text
 
 
+def test_per_point_scores_are_the_metrics_point_by_point():
+    """test_metrics' points: 5-NN correctness per test point whose means are the two
+    accuracies, and the NLL of the first nll_points points whose mean is test_nll."""
+    model, data = tiny_binary_model(z_dim=4, x_dim=784), fake_image_data()
+    torch.manual_seed(0)
+    results, points = evaluate.test_metrics(model, data, 20, knn_train_size=50,
+                                            nll_points=7, return_points=True)
+    n = len(data.x_test)
+    assert np.array_equal(points["label"], data.y_test.numpy())
+    assert points["knn5_correct"].shape == points["knn5_mean_correct"].shape == (n,)
+    assert points["knn5_correct"].mean() == results["test_knn5_acc"]
+    assert points["knn5_mean_correct"].mean() == results["test_knn5_acc_mean"]
+    assert points["nll"].shape == (7,) and points["nll"].mean() == pytest.approx(
+        results["test_nll"], rel=1e-6)
+    everywhere = evaluate.test_metrics(model, data, 20, knn_train_size=50)
+    assert everywhere["test_knn5_acc_mean"] == results["test_knn5_acc_mean"]
+
+
+# Paired comparisons (evaluate.paired_comparison): against exact answers and by coverage.
+
+def test_mcnemar_exact_p_is_twice_the_binomial_tail_of_the_discordant_points():
+    assert evaluate.mcnemar_p(8, 2) == 112 / 1024       # 2 (1 + 10 + 45) / 2^10
+    assert evaluate.mcnemar_p(2, 8) == 112 / 1024
+    assert evaluate.mcnemar_p(0, 0) == 1.0 and evaluate.mcnemar_p(5, 5) == 1.0
+    for only_a, only_b in [(0, 6), (30, 12), (677, 610), (2950, 3000)]:
+        expected = scipy.stats.binomtest(only_a, only_a + only_b, 0.5).pvalue
+        assert evaluate.mcnemar_p(only_a, only_b) == pytest.approx(expected, rel=1e-9)
+
+
+# Two classifiers that agree on most points: both right 0.90, only A 0.04, only B 0.01,
+# both wrong 0.05, so accuracy(A) - accuracy(B) = 0.03. Their scores are correlated: the
+# paired interval is 0.6 times as wide as one that ignores the pairing.
+PLANTED = {"both": 0.90, "only_a": 0.04, "only_b": 0.01, "neither": 0.05}
+
+
+def planted_scores(rng, n):
+    kind = rng.choice(4, size=n, p=list(PLANTED.values()))
+    return np.isin(kind, [0, 1]), np.isin(kind, [0, 2])      # A right, B right
+
+
+def test_paired_bootstrap_interval_covers_a_planted_difference_at_its_nominal_rate():
+    """400 test sets of 1,000 points: the 95% interval holds the true difference 0.03 in
+    about 95% of them (binomial sd 1.1%). Resampling A's and B's points apart (no pairing)
+    would cover 99.9%; A and B swapped, none."""
+    rng, truth = np.random.default_rng(0), PLANTED["only_a"] - PLANTED["only_b"]
+    covered, widths = 0, []
+    for _ in range(400):
+        a, b = planted_scores(rng, 1000)
+        low, high = evaluate.paired_bootstrap_interval(a, b, resamples=2000,
+                                                       seed=int(rng.integers(1 << 31)))
+        covered += low <= truth <= high
+        widths.append(high - low)
+    assert 0.92 <= covered / 400 <= 0.98
+    sd = math.sqrt(PLANTED["only_a"] + PLANTED["only_b"] - truth ** 2) / math.sqrt(1000)
+    assert np.mean(widths) == pytest.approx(2 * 1.96 * sd, rel=0.05)
+
+
+def test_paired_comparison_counts_each_point_with_its_partner():
+    """Known scores on 100 points: A alone right on 8, B alone on 2 (p = 112/1024), both
+    on 80; the NLL difference of 10 points against its hand-computed mean and error. A
+    comparison of different points is refused."""
+    label = np.arange(100) % 10
+    a = np.r_[np.ones(80), np.ones(8), np.zeros(2), np.zeros(10)].astype(bool)
+    b = np.r_[np.ones(80), np.zeros(8), np.ones(2), np.zeros(10)].astype(bool)
+    nll_a, nll_b = np.arange(10.0) + 90, np.arange(10.0) ** 1.5 + 88
+    points_a = {"label": label, "knn5_correct": a, "knn5_mean_correct": b, "nll": nll_a}
+    points_b = {"label": label, "knn5_correct": b, "knn5_mean_correct": a, "nll": nll_b}
+    rows = evaluate.paired_comparison(points_a, points_b)
+    sampled, means, nll = rows["knn5_correct"], rows["knn5_mean_correct"], rows["nll"]
+    assert (sampled["only_a"], sampled["only_b"], sampled["p"]) == (8, 2, 112 / 1024)
+    assert sampled["diff"] == pytest.approx(0.06) and sampled["a"] == pytest.approx(0.88)
+    assert means["diff"] == pytest.approx(-0.06) and (means["only_a"], means["only_b"]) == (2, 8)
+    low, high = sampled["interval"]
+    assert low < 0.06 < high and low == pytest.approx(0.06 - 1.96 * math.sqrt(
+        (0.1 - 0.06 ** 2) / 100), abs=0.015)
+    d = nll_a - nll_b
+    assert nll["diff"] == pytest.approx(d.mean())
+    assert nll["se"] == pytest.approx(np.std(d, ddof=1) / math.sqrt(10))
+    assert nll["interval"] == pytest.approx((d.mean() - 1.959964 * nll["se"],
+                                             d.mean() + 1.959964 * nll["se"]))
+    with pytest.raises(ValueError, match="different test points"):
+        evaluate.paired_comparison(points_a, {**points_b, "label": label[::-1]})
+
+
+def test_the_interval_over_seeds_is_students_t_and_needs_two_seeds():
+    mean, interval = evaluate.mean_interval([0.01, 0.03, 0.02])
+    expected = scipy.stats.t.interval(0.95, 2, loc=0.02, scale=0.01 / math.sqrt(3))
+    assert mean == pytest.approx(0.02) and interval == pytest.approx(expected)
+    assert interval[1] - 0.02 == pytest.approx(4.302653 * 0.01 / math.sqrt(3), rel=1e-6)
+    assert evaluate.mean_interval([0.02]) == (0.02, None)
+
+
 def test_knn_training_images_are_binarized_once_when_dynamic():
     grey = types.SimpleNamespace(x_train=torch.full((400, 784), 0.3), dynamic=True)
     bits = evaluate.knn_train_inputs(grey, 300)

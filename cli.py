@@ -4,12 +4,14 @@
     python mim.py --resume DIR [--epochs N]   continue an interrupted or finished run
     python mim.py evaluate RUN_DIR ...        evaluate.py's metrics and figures of runs
     python mim.py evaluate --summary DIR      mean and std over seeds of DIR/*/
+    python mim.py evaluate --summary DIR --compare loss   and runs compared point by point
 
 mim.py is the library and knows nothing of this file; this file adds what a program needs
 around it, in the order a run meets it: the run folder's format (1), the flags, generated
 from the library's specs (2), the device and the process (3), the run folder itself (4),
 checkpoints and --resume (5), the data (6), the model (7), training (8), the one-line
-errors and signals (9), then the evaluate command (10) and summaries over seeds (11).
+errors and signals (9), then the evaluate command (10) and summaries over seeds and
+paired comparisons (11).
 It needs datasets.py and evaluate.py from this repository beside it.
 """
 import argparse
@@ -85,20 +87,21 @@ class UsageError(Exception):
 
 # The files of a run folder (--out DIR). Training writes CONFIG, LOG and LAST every epoch,
 # BEST when the validation loss improves and RESULTS at its end; mim.py evaluate adds
-# EVALUATION and the figures, --gradient-noise GRADIENT_NOISE. run_all.sh reads these
-# names from here.
+# EVALUATION, POINTS (each test point's scores, for paired comparisons) and the figures,
+# --gradient-noise GRADIENT_NOISE. run_all.sh reads these names from here.
 CONFIG = "config.json"
 LOG = "log.csv"
 LAST = "last.pt"
 BEST = "best.pt"
 RESULTS = "results.json"
 EVALUATION = "eval.json"
+POINTS = "points.csv"
 GRADIENT_NOISE = "gradient_noise.json"
 FIGURE_FORMATS = ("png", "pdf", "svg")    # mim.py evaluate --format
 FIGURES = ("fig1", "consistency", "tsne", "reconstructions", "samples", "training")
 # What a finished run adds to its folder after training: removed when --overwrite replaces
 # the run (CONFIG, LOG and LAST are rewritten).
-RUN_OUTPUTS = (BEST, RESULTS, EVALUATION, GRADIENT_NOISE,
+RUN_OUTPUTS = (BEST, RESULTS, EVALUATION, POINTS, GRADIENT_NOISE,
                *(f"{name}.{fmt}" for name in FIGURES for fmt in FIGURE_FORMATS))
 RUN_FILES = (CONFIG, LOG, LAST, *RUN_OUTPUTS)
 RUN_FILE_STEMS = {name.split(".")[0] for name in RUN_FILES}
@@ -115,7 +118,7 @@ NAMING_KEYS = ("seed", "out", "resume", "overwrite", "device", "deterministic",
                "environment", "tensorboard")
 # How a run's metrics were measured, not metrics: seeds of one group that differ in them
 # average unlike numbers (an NLL of S = 50 with one of S = 1000), which the summary marks.
-MEASURED_WITH = ("metrics_from", "nll_samples", "test_size", "knn_train_size")
+MEASURED_WITH = ("metrics_from", "nll_samples", "nll_points", "test_size", "knn_train_size")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1305,10 +1308,16 @@ def evaluate_run(run_dir, device, args):
         max_batch = args.max_batch or eval_rows(device, data.x_dim)
         torch.manual_seed(EVAL_SEED)       # the same draws for the same run and flags
         with contextlib.nullcontext() if args.tf32 else full_precision_math():
-            results = evaluate.test_metrics(model, data, args.nll_samples, args.knn_train,
-                                            max_batch, with_posterior_stats=True, ais=ais)
+            results, points = evaluate.test_metrics(
+                model, data, args.nll_samples, args.knn_train, max_batch,
+                with_posterior_stats=True, ais=ais, nll_points=args.nll_points,
+                return_points=True)
         results.update(test_size=len(data.x_test),
                        knn_train_size=len(data.x_train[:args.knn_train]))
+        if "nll" in points:   # the NLL's own subset and its Monte Carlo standard error
+            results.update(nll_points=len(points["nll"]),
+                           test_nll_se=float(np.std(points["nll"], ddof=1)
+                                             / math.sqrt(len(points["nll"]))))
         env = environment(device)                  # with the threads it ran with
         log = os.path.join(run_dir, LOG)
         title = run_title(cfg, logged_epochs(log))
@@ -1318,10 +1327,26 @@ def evaluate_run(run_dir, device, args):
                                                                           args.format)
     figures = {name: contents for name, contents in figures.items() if contents is not None}
     record = {**results, "checkpoint": checkpoint_record(run_dir),
+              "scored_points_sha256": datasets.data_identity(data)["test_sha256"],
               "figures": sorted(figures), "environment": env}
-    write_together(run_dir, {**figures, EVALUATION: json_bytes(record)})
+    write_together(run_dir, {**figures, EVALUATION: json_bytes(record),
+                             POINTS: points_csv(points)})
     print(f"{run_dir}:\n{evaluate.format_results(results)}", flush=True)
     return results
+
+
+POINTS_COLUMNS = ("test_point", "label", "knn5_correct", "knn5_mean_correct", "nll_nats")
+
+
+def points_csv(points):
+    """POINTS' contents: one row per test point with its label, whether each 5-NN
+    classifies it correctly (1 or 0) and its NLL in nats (empty past the NLL's subset)."""
+    nll = points.get("nll", ())
+    rows = [",".join(POINTS_COLUMNS)] + [
+        f"{i},{int(label)},{int(points['knn5_correct'][i])},"
+        f"{int(points['knn5_mean_correct'][i])},{repr(float(nll[i])) if i < len(nll) else ''}"
+        for i, label in enumerate(points["label"])]
+    return ("\n".join(rows) + "\n").encode()
 
 
 def gradient_noise_run(run_dir, device, repeats):
@@ -1367,6 +1392,9 @@ def evaluate_parser():
                         help="run AIS on the first N test points only (default: all)")
     parser.add_argument("--test-size", type=int, default=None,
                         help="evaluate on the first N test points (default: all)")
+    parser.add_argument("--nll-points", type=int, default=None,
+                        help="estimate the NLL on the first N of those only, reported with "
+                             "its standard error over them (default: all)")
     parser.add_argument("--knn-train", type=int, default=None,
                         help="fit the 5-NN classifier on the first N training codes "
                              "(default: all)")
@@ -1383,6 +1411,9 @@ def evaluate_parser():
     parser.add_argument("--summary", metavar="DIR",
                         help="write DIR/summary.md (and .png) over DIR/*/results.json")
     parser.add_argument("--x", default="hidden", help="x-axis of the summary plot")
+    parser.add_argument("--compare", metavar="SETTING",
+                        help="with --summary: compare the runs that differ in SETTING (a "
+                             "flag's name, for example loss) point by point, seed by seed")
     parser.add_argument("--format", choices=FIGURE_FORMATS, default=FIGURE_FORMATS[0],
                         help="file format of every figure (default: %(default)s)")
     parser.add_argument("--gradient-noise", action="store_true",
@@ -1395,6 +1426,9 @@ def evaluate_parser():
 
 
 def check_evaluate_args(parser, args):
+    if args.compare is not None and not args.summary:
+        parser.error(f"--compare {args.compare} compares the runs of a summary; add "
+                     "--summary DIR")
     if not args.runs and not args.summary:
         parser.error("give run directories to evaluate, or --summary DIR")
     if args.nll_samples < 0 or args.ais_steps < 0:
@@ -1403,6 +1437,9 @@ def check_evaluate_args(parser, args):
         parser.error("--ais-chains and --ais-leapfrog must be at least 1")
     if not 0 < args.ais_inflate < math.inf:
         parser.error("--ais-inflate must be a finite number above 0")
+    if args.nll_points is not None and args.nll_points < 2:
+        parser.error(f"--nll-points {args.nll_points}: the NLL's standard error needs at "
+                     "least 2 points; use --nll-points 2 or more")
     for flag in ("ais_points", "max_batch", "repeats"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -1434,7 +1471,7 @@ def evaluate_main(argv):
                 else:
                     evaluate_run(run_dir, device, args)
         if args.summary:
-            print(write_summary(args.summary, args.x, args.format))
+            print(write_summary(args.summary, args.x, args.format, args.compare))
 
 
 # ----------------------------------------------------------------------------------------
@@ -1487,7 +1524,7 @@ def load_runs(folder):
         fix = (f"test the run again with mim.py --resume {run_dir}, or move {run_dir} out "
                f"of {folder}")
         cfg = read_object(os.path.join(run_dir, CONFIG), fix)
-        results = {**read_object(path, fix), "metrics_from": RESULTS}
+        results = {**read_object(path, fix), "metrics_from": RESULTS, "run": run_dir}
         if os.path.exists(os.path.join(run_dir, EVALUATION)):  # evaluate.py's metrics win
             evaluation = read_object(os.path.join(run_dir, EVALUATION),
                                      f"evaluate it again with mim.py evaluate {run_dir}")
@@ -1526,19 +1563,26 @@ def check_comparable(configs):
                                  "wrote it)")
 
 
+def varying_keys(runs):
+    """The settings whose values differ between runs (NAMING_KEYS aside)."""
+    return [k for k in runs[0][0] if k not in NAMING_KEYS
+            and len({json.dumps(c.get(k)) for c, _ in runs}) > 1]
+
+
+def in_order(values):
+    """Settings' values sorted: numbers by value, then everything else by name."""
+    return [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in values]
+
+
 def summarize(runs):
     """Group runs by the config values that differ between them (NAMING_KEYS aside).
     Returns (group keys, {group: {metric: (mean, std, n)}})."""
-    varying = [k for k in runs[0][0] if k not in NAMING_KEYS
-               and len({json.dumps(c.get(k)) for c, _ in runs}) > 1]
+    varying = varying_keys(runs)
     groups = {}
     for cfg, res in runs:
         groups.setdefault(tuple(cfg[k] for k in varying), []).append(res)
     table = {}
-    def order(item):  # numbers by value, then everything else by name
-        return [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in item[0]]
-
-    for key, results in sorted(groups.items(), key=order):
+    for key, results in sorted(groups.items(), key=lambda item: in_order(item[0])):
         metrics = dict.fromkeys(m for r in results for m in r
                                 if isinstance(r[m], (int, float)) and m not in MEASURED_WITH)
         table[key] = {}
@@ -1617,10 +1661,169 @@ def summary(runs, x_key=None, fmt="png"):
     return text, figure
 
 
-def write_summary(folder, x_key, fmt="png"):
+# Paired comparisons, --summary DIR --compare KEY: the runs of two values of KEY that
+# agree in every other setting, seed by seed, scored on the same test points (POINTS).
+# How an evaluation was made: runs compared point by point must agree in all of it.
+SCORED_WITH = ("scored_points_sha256", "test_size", "knn_train_size", "nll_samples",
+               "nll_points")
+
+
+def read_points(run):
+    """The per-point scores of a run's present evaluation (test_metrics' points), read
+    from POINTS and checked against eval.json's counts; ValueError naming the file."""
+    fix = f"evaluate it again with mim.py evaluate {run}"
+    path = os.path.join(run, POINTS)
+    try:
+        with open(path) as f:
+            header, *rows = [line.rstrip("\n").split(",") for line in f]
+        if tuple(header) != POINTS_COLUMNS:
+            raise ValueError(f"its columns are not {','.join(POINTS_COLUMNS)}")
+        label, sampled, means = (np.array([int(r[j]) for r in rows]) for j in (1, 2, 3))
+        nll = np.array([float(r[4]) for r in rows if r[4]])
+    except FileNotFoundError:
+        raise ValueError(f"{path} not found (an evaluation before per-point scores were "
+                         f"kept?); {fix}") from None
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"{path} is not a table of per-point scores ({e}); {fix}") from None
+    with open(os.path.join(run, EVALUATION)) as f:
+        evaluation = json.load(f)
+    if (len(label), len(nll)) != (evaluation.get("test_size"), evaluation.get("nll_points", 0)):
+        raise ValueError(f"{path} holds {len(label)} points and {len(nll)} NLLs, not the "
+                         f"{evaluation.get('test_size')} and {evaluation.get('nll_points', 0)} "
+                         f"of {EVALUATION}; {fix}")
+    return {"label": label, "knn5_correct": sampled == 1, "knn5_mean_correct": means == 1,
+            **({"nll": nll} if len(nll) else {})}
+
+
+def runs_to_compare(runs, key):
+    """{other settings: {value of key: {seed: results}}}: the runs that differ only in
+    key and their seed, as pairs to compare; refuses runs without a present evaluation
+    and two runs of one seed, naming them."""
+    varying = varying_keys(runs)
+    if key not in varying:
+        raise ValueError(f"--compare {key}: {key} does not vary between these runs (what "
+                         f"varies: {', '.join(varying) or 'nothing but the seed'})")
+    groups = {}
+    for cfg, res in runs:
+        if not res["metrics_from"].startswith(EVALUATION):
+            raise ValueError(f"{res['run']} has no {EVALUATION} of its present {BEST}; "
+                             f"evaluate it with mim.py evaluate {res['run']}")
+        others = tuple((k, cfg[k]) for k in varying if k != key)
+        seeds = groups.setdefault(others, {}).setdefault(cfg[key], {})
+        if cfg["seed"] in seeds:
+            raise ValueError(f"{seeds[cfg['seed']]['run']} and {res['run']} are both seed "
+                             f"{cfg['seed']} of one kind; move one of them out of the folder")
+        seeds[cfg["seed"]] = res
+    return groups
+
+
+def check_scored_alike(compared):
+    """Refuse runs of one comparison that were scored differently (SCORED_WITH), naming
+    two of them and the difference."""
+    first = compared[0]
+    for res in compared[1:]:
+        for k in SCORED_WITH:
+            if res.get(k) != first.get(k):
+                what = ("were scored on different test points (other data, or another "
+                        "--test-size)" if k == "scored_points_sha256" else
+                        f"were evaluated differently: {k} {first.get(k)} and {res.get(k)}")
+                raise ValueError(f"{first['run']} and {res['run']} {what}; evaluate both "
+                                 "alike (mim.py evaluate RUN ... with the same flags and data)")
+
+
+def signed(v, digits):
+    return f"{v:+.{digits}f}"
+
+
+def p_value(p):
+    """A p-value to 3 digits; one below the smallest float (exact, but not representable)
+    as an upper bound."""
+    return f"{p:.3g}" if p > 0 else "< 1e-300"
+
+
+def comparison_rows(per_seed, measure):
+    """The markdown rows of one measure: one per seed, then the mean over seeds with its
+    t interval, or a note where there is only one seed a side."""
+    label, unit = evaluate.PAIRED_MEASURES[measure]
+    digits = 2 if unit == "nats" else 4
+    lines, diffs = [], []
+    for seed, rows in per_seed.items():
+        r = rows[measure]
+        diffs.append(r["diff"])
+        low, high = r["interval"]
+        cells = [f"{label} ({unit})", str(seed), f"{r['a']:.{digits}f}", f"{r['b']:.{digits}f}",
+                 signed(r["diff"], digits) + (f" ± {r['se']:.{digits}f}" if "se" in r else ""),
+                 f"{signed(low, digits)} to {signed(high, digits)}",
+                 f"{r['only_a']} / {r['only_b']}" if "p" in r else "",
+                 p_value(r["p"]) if "p" in r else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    mean, interval = evaluate.mean_interval(diffs)
+    a, b = (np.mean([rows[measure][side] for rows in per_seed.values()]) for side in "ab")
+    spread = ("one seed a side: no interval over seeds" if interval is None else
+              f"{signed(interval[0], digits)} to {signed(interval[1], digits)}")
+    lines.append(f"| {label} ({unit}) | mean, {len(diffs)} seed{'s' * (len(diffs) > 1)} | "
+                 f"{a:.{digits}f} | {b:.{digits}f} | {signed(mean, digits)} | {spread} | | |")
+    return lines
+
+
+def comparison_markdown(runs, key):
+    """The paired comparison of the runs (load_runs) by `key`, as markdown."""
+    lines = []
+    for others, by_value in runs_to_compare(runs, key).items():
+        where = ", ".join(f"{k} {v}" for k, v in others)
+        values = sorted(by_value, key=lambda v: in_order([v]))
+        if len(values) < 2:
+            lines.append(f"\n{where}: only {key} {values[0]}, nothing to compare\n")
+            continue
+        for i, value_a in enumerate(values):
+            for value_b in values[i + 1:]:
+                lines += comparison_table(key, value_a, value_b, by_value, where)
+    return "\n".join(lines) + "\n"
+
+
+def comparison_table(key, value_a, value_b, by_value, where):
+    """The lines of one comparison, value_a (A) against value_b (B), seed by seed."""
+    a_runs, b_runs = by_value[value_a], by_value[value_b]
+    seeds = sorted(set(a_runs) & set(b_runs))
+    alone = sorted(set(a_runs) ^ set(b_runs))
+    head = f"## Paired comparison: {key} {value_a} (A) against {value_b} (B)" + (
+        f", {where}" if where else "")
+    if not seeds:
+        return ["", head, "", "no seed has runs of both; nothing to compare"]
+    check_scored_alike([r for s in seeds for r in (a_runs[s], b_runs[s])])
+    per_seed = {s: evaluate.paired_comparison(read_points(a_runs[s]["run"]),
+                                              read_points(b_runs[s]["run"]))
+                for s in seeds}
+    first = a_runs[seeds[0]]
+    nll = (f"; NLL by IWAE with S = {first['nll_samples']} on the first "
+           f"{first['nll_points']}" if "nll" in per_seed[seeds[0]] else "")
+    lines = ["", head, "",
+             f"Seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}, each pair "
+             f"scored on the same "
+             f"{first['test_size']} test points (5-NN fitted on {first['knn_train_size']} "
+             f"training codes{nll}). A - B per seed with a 95% interval: the paired "
+             f"bootstrap over test points ({evaluate.BOOTSTRAP_RESAMPLES:,} resamples) "
+             "for 5-NN, with McNemar's exact p from the points only one model gets right; "
+             "± its standard error and ±1.96 of them for the NLL. Over seeds: the mean "
+             "difference with Student's t interval.", "",
+             "| measure | seed | A | B | A - B | 95% interval | only A right / only B right "
+             "| McNemar p |", "|" + " --- |" * 8]
+    for measure in evaluate.PAIRED_MEASURES:
+        if measure in per_seed[seeds[0]]:
+            lines += comparison_rows(per_seed, measure)
+    if alone:
+        lines += ["", f"left out, without a partner of the other {key}: seed "
+                      f"{', '.join(map(str, alone))}"]
+    return lines
+
+
+def write_summary(folder, x_key, fmt="png", compare=None):
     """DIR/summary.md (and summary.png, .pdf or .svg when x_key varies) over
-    DIR/*/results.json."""
-    text, figure = summary(load_runs(folder), x_key, fmt)
+    DIR/*/results.json; with compare, the paired comparison by that setting too."""
+    runs = load_runs(folder)
+    text, figure = summary(runs, x_key, fmt)
+    if compare is not None:
+        text += comparison_markdown(runs, compare)
     unfinished = sorted(os.path.basename(os.path.dirname(p))
                         for p in glob.glob(os.path.join(folder, "*", CONFIG))
                         if not os.path.exists(os.path.join(os.path.dirname(p), RESULTS)))

@@ -61,25 +61,25 @@ run_file() {
 results_file=$(run_file RESULTS) last_file=$(run_file LAST) best_file=$(run_file BEST)
 eval_file=$(run_file EVALUATION)
 
-# ./run_all.sh --gpu-check: what one GPU can tell in about 10 minutes, into results/gpu-check/
-# (gpu_check.md holds every number): the convHVAE + VampPrior MIM (defaults), the authors'
-# MIM (--preset authors) and the VAE trained side by side on MNIST for GPU_CHECK_EPOCHS
-# epochs (warm-up GPU_CHECK_WARMUP), each evaluated on GPU_CHECK_TEST test digits (5-NN,
-# IWAE NLL with GPU_CHECK_NLL samples); the S = GPU_CHECK_TIMING_S NLL of
-# GPU_CHECK_TIMING_POINTS digits timed with TF32 allowed and in full float32; a run and its
-# resume compared bit for bit under --deterministic; then the test suite (GPU_CHECK_TESTS=0
-# skips it; one test per core where pytest-xdist is installed), whose command-line tests
-# train on the GPU through --device auto. The variables below size it; the test suite runs
-# it on the CPU with a tiny budget. On an H200 the check took 332 s without the tests, and
-# the tests 261 s on 10 cores (RESULTS.md).
+# ./run_all.sh --gpu-check: the paper's two image claims on one GPU in under 9 minutes,
+# into results/gpu-check/ (gpu_check.md holds every number): convHVAE + VampPrior MIM and
+# VAE at seeds GPU_CHECK_SEEDS, PixelHVAE + VampPrior A-MIM and VAE at seed 1 (and, with
+# GPU_CHECK_AUTHORS=1, the authors' MIM, --preset authors, at seed 1), all side by side on
+# MNIST's 50,000 training digits for GPU_CHECK_EPOCHS epochs (warm-up GPU_CHECK_WARMUP);
+# then each evaluated, 5-NN on all GPU_CHECK_TEST test digits (default: all 10,000) and the
+# IWAE NLL with GPU_CHECK_NLL samples on the first GPU_CHECK_NLL_POINTS of them, and the
+# two losses of each network compared point by point and seed by seed (mim.py evaluate
+# --summary --compare loss). GPU_CHECK_TESTS=1 runs the test suite afterwards (one test per
+# core where pytest-xdist is installed). The variables below size it; RESULTS.md, "Images
+# on one GPU", holds the arithmetic of its time; the test suite runs it on the CPU with a
+# tiny budget.
 gpu_check() {
   local device=${GPU_CHECK_DEVICE:-cuda} out=${GPU_CHECK_OUT:-results/gpu-check}
   local epochs=${GPU_CHECK_EPOCHS:-5} warmup=${GPU_CHECK_WARMUP:-2}
-  local test=${GPU_CHECK_TEST:-1000} nll=${GPU_CHECK_NLL:-1000}
-  local timing_points=${GPU_CHECK_TIMING_POINTS:-100} timing_s=${GPU_CHECK_TIMING_S:-5000}
-  local resume_size=${GPU_CHECK_RESUME_SIZE:-2000} extra=${GPU_CHECK_FLAGS:-}
+  local seeds=${GPU_CHECK_SEEDS:-1 2 3} test=${GPU_CHECK_TEST:-}
+  local nll=${GPU_CHECK_NLL:-1000} nll_points=${GPU_CHECK_NLL_POINTS:-1000}
+  local extra=${GPU_CHECK_FLAGS:-}
   local data="--data mnist ${DATA_DIR:+--data-dir $DATA_DIR} --device $device"
-  local model="--arch convhvae --prior vamp $extra"
   if [[ -e $out ]]; then
     echo "run_all.sh: $out exists; move it away or set GPU_CHECK_OUT" >&2; return 2
   fi
@@ -91,43 +91,42 @@ except cli.UsageError as e:
     print(f"run_all.sh: --gpu-check: {e}", file=sys.stderr)
     sys.exit(2)
 PY
-  mkdir -p "$out"
-  fail() { echo "run_all.sh: --gpu-check: $1 failed; see $2" >&2; return 1; }
-  local name flags pids=()
-  for name in mim authors-mim vae; do
-    case $name in
-      mim) flags="--loss mim" ;; authors-mim) flags="--loss mim --preset authors" ;;
-      vae) flags="--loss vae" ;;
-    esac
-    python mim.py $data $model $flags --epochs "$epochs" --warmup "$warmup" --amp \
-      --out "$out/$name" > "$out/$name.log" 2>&1 &
-    pids+=($!)
-  done
-  local i=0
-  for name in mim authors-mim vae; do
-    wait "${pids[$i]}" || fail "training $name" "$out/$name.log" || return
-    i=$((i + 1))
-  done
-  for name in mim authors-mim vae; do
-    python mim.py evaluate "$out/$name" --test-size "$test" --nll-samples "$nll" \
-      --device "$device" > "$out/$name.eval.log" 2>&1 \
-      || fail "evaluating $name" "$out/$name.eval.log" || return
-  done
-  for precision in tf32 fp32; do
-    cp -r "$out/mim" "$out/timing-$precision"
-    local start=$(date +%s.%N)
-    python mim.py evaluate "$out/timing-$precision" --test-size "$timing_points" \
-      --nll-samples "$timing_s" --device "$device" $([[ $precision == tf32 ]] && echo --tf32) \
-      > "$out/timing-$precision.log" 2>&1 || fail "timing" "$out/timing-$precision.log" || return
-    echo "$start $(date +%s.%N)" > "$out/timing-$precision/seconds"
-  done
-  local resume="$data $model --loss mim --train-size $resume_size --warmup 1 --deterministic"
-  { python mim.py $resume --epochs 2 --out "$out/straight" > "$out/straight.log" 2>&1 &&
-    python mim.py $resume --epochs 1 --out "$out/resumed" > "$out/resumed.log" 2>&1 &&
-    python mim.py --resume "$out/resumed" --epochs 2 >> "$out/resumed.log" 2>&1; } \
-    || fail "the resume check" "$out/straight.log and $out/resumed.log" || return
-  local tests="not run (GPU_CHECK_TESTS=0)"
-  if [[ ${GPU_CHECK_TESTS:-1} == 1 ]]; then
+  mkdir -p "$out/runs"
+  local runs=() seed
+  for seed in $seeds; do runs+=("convhvae:mim:$seed" "convhvae:vae:$seed"); done
+  runs+=("pixelhvae:amim:1" "pixelhvae:vae:1")
+  [[ ${GPU_CHECK_AUTHORS:-0} == 1 ]] && runs+=("convhvae:mim:1:authors")
+  local threads=$(( $(nproc) / ${#runs[@]} ))
+  train_one() {  # train_one ARCH:LOSS:SEED[:PRESET]; prints its log's name if it fails
+    local arch loss seed preset name
+    IFS=: read -r arch loss seed preset <<< "$1"
+    name=$arch-${preset:+$preset-}$loss-s$seed
+    OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 )) python mim.py $data --arch "$arch" \
+      --prior vamp --loss "$loss" ${preset:+--preset $preset} --seed "$seed" \
+      --epochs "$epochs" --warmup "$warmup" --amp $extra --out "$out/runs/$name" \
+      > "$out/$name.log" 2>&1 || echo -n " $out/$name.log"
+  }
+  evaluate_one() {  # evaluate_one NAME; prints its log's name if it fails
+    python mim.py evaluate "$out/runs/$1" --nll-samples "$nll" --nll-points "$nll_points" \
+      --device "$device" ${test:+--test-size "$test"} > "$out/$1.eval.log" 2>&1 \
+      || echo -n " $out/$1.eval.log"
+  }
+  local start=$SECONDS failed run i=0
+  # every run at once, the cores shared out as threads
+  failed=$(for run in "${runs[@]}"; do train_one "$run" & done; wait)
+  [[ -z $failed ]] || { echo "run_all.sh: --gpu-check: training failed; see$failed" >&2
+                        return 1; }
+  local trained=$((SECONDS - start))
+  # four at a time: each evaluation sizes its passes to a quarter of the free GPU memory
+  failed=$(for run in "$out"/runs/*/; do
+             evaluate_one "$(basename "$run")" & (( ++i % 4 )) || wait
+           done; wait)
+  [[ -z $failed ]] || { echo "run_all.sh: --gpu-check: evaluation failed; see$failed" >&2
+                        return 1; }
+  local evaluated=$((SECONDS - start - trained))
+  python mim.py evaluate --summary "$out/runs" --compare loss > /dev/null || return 1
+  local tests="not run (GPU_CHECK_TESTS=1 runs them)"
+  if [[ ${GPU_CHECK_TESTS:-0} == 1 ]]; then
     local env=() parallel=()
     if python -c "import xdist" 2> /dev/null; then   # pytest-xdist: one test per core
       env=(OMP_NUM_THREADS=1) parallel=(-n auto)
@@ -135,35 +134,22 @@ PY
     tests=$(env "${env[@]}" python -m pytest -q -p no:cacheprovider "${parallel[@]}" 2>&1 \
             | tail -1 || true)
   fi
-  python - "$out" "$device" "$tests" <<'PY'
-import json, os, sys, torch, cli, mim
-out, device, tests = sys.argv[1:]
-lines = [f"# GPU check: {out}", "", f"torch {torch.__version__}, device {device}" +
-         (f": {torch.cuda.get_device_name()} (compute capability "
-          f"{'.'.join(map(str, torch.cuda.get_device_capability()))})"
-          if device == "cuda" else f", CPU capability {torch.backends.cpu.get_cpu_capability()}"),
-         "", "| run | epochs | training (s) | 5-NN, encoder means | 5-NN, one code | "
-         "NLL, IWAE (nats) | S | test digits |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-for name in ("mim", "authors-mim", "vae"):
-    res = json.load(open(os.path.join(out, name, cli.RESULTS)))
-    ev = json.load(open(os.path.join(out, name, cli.EVALUATION)))
-    lines.append(f"| {name} | {res['epochs']} | {res['train_seconds']:.1f} | "
-                 f"{ev['test_knn5_acc_mean']:.4f} | {ev['test_knn5_acc']:.4f} | "
-                 f"{ev['test_nll']:.2f} | {ev['nll_samples']} | {ev['test_size']} |")
-lines += ["", "| NLL of the mim run | seconds | NLL (nats) | S | test digits |",
-          "| --- | --- | --- | --- | --- |"]
-for precision in ("tf32", "fp32"):
-    start, end = map(float, open(f"{out}/timing-{precision}/seconds").read().split())
-    ev = json.load(open(os.path.join(out, f"timing-{precision}", cli.EVALUATION)))
-    lines.append(f"| {precision} | {end - start:.1f} | {ev['test_nll']:.4f} | "
-                 f"{ev['nll_samples']} | {ev['test_size']} |")
-a = mim.read_checkpoint(os.path.join(out, "straight", cli.LAST))["model"]
-b = mim.read_checkpoint(os.path.join(out, "resumed", cli.LAST))["model"]
-same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-lines += ["", "resume with --deterministic, 2 epochs straight against 1 + 1 resumed: " +
-          ("bit-identical weights" if same else "weights DIFFER"), "", f"tests: {tests}"]
-text = "\n".join(lines) + "\n"
-open(f"{out}/gpu_check.md", "w").write(text)
+  python - "$out" "$device" "$trained" "$evaluated" "$tests" <<'PY'
+import glob, json, os, sys, torch, cli
+out, device, trained, evaluated, tests = sys.argv[1:]
+machine = (f"{torch.cuda.get_device_name()} (compute capability "
+           f"{'.'.join(map(str, torch.cuda.get_device_capability()))})" if device == "cuda"
+           else f"CPU, capability {torch.backends.cpu.get_cpu_capability()}")
+lines = [f"# GPU check: {out}", "", f"torch {torch.__version__}, {machine}; training "
+         f"{trained} s, all runs side by side; evaluation {evaluated} s, four at a time",
+         "", "| run | epochs | training (s) |", "| --- | --- | --- |"]
+for path in sorted(glob.glob(os.path.join(out, "runs", "*", cli.RESULTS))):
+    res = json.load(open(path))
+    lines.append(f"| {os.path.basename(os.path.dirname(path))} | {res['epochs']} | "
+                 f"{res['train_seconds']:.1f} |")
+summary = open(os.path.join(out, "runs", "summary.md"), encoding="utf-8").read()
+text = "\n".join(lines + ["", summary, f"tests: {tests}"]) + "\n"
+open(os.path.join(out, "gpu_check.md"), "w", encoding="utf-8").write(text)
 print(text, end="")
 PY
 }

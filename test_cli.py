@@ -37,6 +37,7 @@ import warnings
 import numpy as np
 import pytest
 import scipy.io
+import scipy.stats
 import torch
 
 import bench
@@ -315,6 +316,111 @@ def test_summary_names_where_metrics_came_from_and_marks_mixed_estimators(tmp_pa
     assert "MIXED" not in text and "nll_samples 1000" in text
 
 
+def scored_run(folder, loss, seed, sampled, means, nll, **evaluation):
+    """A run folder as mim.py evaluate leaves it (config.json, results.json, eval.json,
+    points.csv), with the given per-point scores of one sampled code, of the encoder
+    means and the NLL (nats), and eval.json's settings changed by `evaluation`."""
+    folder.mkdir(parents=True)
+    label = np.arange(len(sampled)) % 10
+    points = {"label": label, "knn5_correct": np.asarray(sampled, bool),
+              "knn5_mean_correct": np.asarray(means, bool), "nll": np.asarray(nll, float)}
+    record = {"test_knn5_acc": float(np.mean(sampled)), "test_knn5_acc_mean": float(
+        np.mean(means)), "test_nll": float(np.mean(nll)), "test_size": len(label),
+        "knn_train_size": 500, "nll_samples": 100, "nll_points": len(nll),
+        "scored_points_sha256": "same points", **evaluation}
+    cfg = {**vars(cli.Config(loss=loss, seed=seed)), "out": str(folder)}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "results.json").write_text(json.dumps({"test_knn5_acc": 0.5}))
+    (folder / "eval.json").write_text(json.dumps(record))
+    (folder / "points.csv").write_bytes(cli.points_csv(points))
+
+
+def planted_pair(folder, seed, only_mim, only_vae, shift=2.0, **eval_vae):
+    """Seed `seed` of a MIM run and a VAE run on the same 60 points: only MIM's sampled
+    code right on only_mim of them, only the VAE's on only_vae, both on 50 - only_mim -
+    only_vae; the means the other way round; the VAE's NLL of each of the first 20 points
+    `shift` nats below MIM's, plus noise."""
+    both = 50 - only_mim - only_vae
+    mim_right = [1] * both + [1] * only_mim + [0] * only_vae + [0] * 10
+    vae_right = [1] * both + [0] * only_mim + [1] * only_vae + [0] * 10
+    nll = 90 + np.sin(np.arange(20.0) * seed)
+    scored_run(folder / f"mim-s{seed}", "mim", seed, mim_right, vae_right, nll + shift)
+    scored_run(folder / f"vae-s{seed}", "vae", seed, vae_right, mim_right,
+               nll + np.cos(np.arange(20.0)) / 10, **eval_vae)
+
+
+def comparison_lines(text):
+    """{(measure, seed): cells} of the rows of a comparison's table."""
+    return {(cells[0], cells[1]): cells[2:] for cells in (
+        [c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+        if line.startswith("| ") and " | " in line) if len(cells) == 8}
+
+
+def test_compare_sets_two_losses_side_by_side_point_by_point_and_seed_by_seed(tmp_path):
+    """Three seeds with planted discordant points: each seed's counts, McNemar's exact p,
+    the sign of A - B (A = mim, the first in order), the NLL difference with its standard
+    error, and the mean over seeds with Student's t interval. One seed a side: no
+    interval over seeds. Seed 4 without a partner is named."""
+    planted = {1: (8, 2), 2: (12, 3), 3: (9, 4)}
+    for seed, (only_mim, only_vae) in planted.items():
+        planted_pair(tmp_path / "three", seed, only_mim, only_vae)
+    scored_run(tmp_path / "three" / "mim-s4", "mim", 4, [1, 0] * 25, [1, 0] * 25, [90.0] * 20)
+    proc = run_main("evaluate", "--summary", str(tmp_path / "three"), "--compare", "loss")
+    assert proc.returncode == 0, proc.stderr
+    assert "## Paired comparison: loss mim (A) against vae (B)" in proc.stdout
+    rows = comparison_lines(proc.stdout)
+    sampled, means, nll = ("5-NN, one sampled code (fraction)",
+                           "5-NN, encoder means (fraction)", "NLL, IWAE (nats)")
+    diffs = []
+    for seed, (only_mim, only_vae) in planted.items():
+        a, b, diff, interval, counts, p = rows[(sampled, str(seed))]
+        diffs.append((only_mim - only_vae) / 60)
+        assert counts == f"{only_mim} / {only_vae}" and float(diff) == pytest.approx(
+            diffs[-1], abs=5e-5)
+        assert float(p) == pytest.approx(scipy.stats.binomtest(
+            only_mim, only_mim + only_vae).pvalue, rel=5e-3)     # printed to 3 digits
+        low, high = map(float, interval.split(" to "))
+        assert low <= diffs[-1] <= high
+        assert rows[(means, str(seed))][4] == f"{only_vae} / {only_mim}"
+        assert float(rows[(means, str(seed))][2]) == pytest.approx(-diffs[-1], abs=5e-5)
+        d = 2.0 - np.cos(np.arange(20.0)) / 10                  # MIM's NLL - the VAE's
+        mean, se = rows[(nll, str(seed))][2].split(" ± ")
+        assert float(mean) == pytest.approx(d.mean(), abs=0.005)
+        assert float(se) == pytest.approx(np.std(d, ddof=1) / math.sqrt(20), abs=0.005)
+    low, high = map(float, rows[(sampled, "mean, 3 seeds")][3].split(" to "))
+    expected = scipy.stats.t.interval(0.95, 2, loc=np.mean(diffs),
+                                      scale=np.std(diffs, ddof=1) / math.sqrt(3))
+    assert (low, high) == pytest.approx(expected, abs=5e-5)
+    assert "without a partner of the other loss: seed 4" in proc.stdout
+    planted_pair(tmp_path / "one", 1, 8, 2)
+    proc = run_main("evaluate", "--summary", str(tmp_path / "one"), "--compare", "loss")
+    assert proc.returncode == 0, proc.stderr
+    assert rows[(sampled, "1")] == comparison_lines(proc.stdout)[(sampled, "1")]
+    assert comparison_lines(proc.stdout)[(sampled, "mean, 1 seed")][3] == (
+        "one seed a side: no interval over seeds")
+
+
+def test_evaluate_keeps_each_test_points_scores(tmp_path):
+    """points.csv: one row per test point, its label, both 5-NN verdicts and the NLL of
+    the first --nll-points; eval.json's metrics are their means, with the NLL's standard
+    error over its points."""
+    out = toy2d_run(tmp_path / "run")
+    proc = run_main("evaluate", str(out), "--nll-samples", "10", "--test-size", "300",
+                    "--nll-points", "40")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "eval.json").read_text())
+    points = cli.read_points(str(out))
+    data = cli.load_data(cli.Config(data="toy2d"))
+    assert np.array_equal(points["label"], data.y_test[:300].numpy())
+    assert points["knn5_correct"].mean() == record["test_knn5_acc"]
+    assert points["knn5_mean_correct"].mean() == record["test_knn5_acc_mean"]
+    assert record["nll_points"] == len(points["nll"]) == 40 and record["test_size"] == 300
+    assert points["nll"].mean() == pytest.approx(record["test_nll"], rel=1e-6)  # float32
+    assert record["test_nll_se"] == pytest.approx(np.std(points["nll"], ddof=1) / math.sqrt(40))
+    assert record["scored_points_sha256"] == cli.datasets.data_identity(
+        cli.first_test_points(data, 300))["test_sha256"]
+
+
 def test_figure_titles_name_objective_data_seed_and_epochs(tmp_path):
     cfg = cli.Config(loss="vae", data="toy2d", hidden=20, seed=3)
     log = tmp_path / "log.csv"
@@ -489,9 +595,8 @@ def test_cli_rejects_bad_input_in_one_line(tmp_path, args, needle):
 def gpu_check(tmp_path, **env):
     settings = {"DATA_DIR": str(tmp_path / "data"), "GPU_CHECK_OUT": str(tmp_path / "out"),
                 "GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_EPOCHS": "1", "GPU_CHECK_WARMUP": "1",
-                "GPU_CHECK_TEST": "12", "GPU_CHECK_NLL": "5", "GPU_CHECK_TIMING_POINTS": "4",
-                "GPU_CHECK_TIMING_S": "10", "GPU_CHECK_RESUME_SIZE": "30",
-                "GPU_CHECK_TESTS": "0", "OMP_NUM_THREADS": "1",
+                "GPU_CHECK_SEEDS": "1 2", "GPU_CHECK_NLL": "5", "GPU_CHECK_NLL_POINTS": "4",
+                "GPU_CHECK_TESTS": "0",
                 "GPU_CHECK_FLAGS": "--prior-components 10 --batch-size 10 --z-dim 2", **env}
     return subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--gpu-check"], cwd=HERE,
                           env={**os.environ, **settings}, capture_output=True, text=True,
@@ -500,25 +605,28 @@ def gpu_check(tmp_path, **env):
 
 @pytest.mark.slow
 def test_gpu_check_runs_on_the_cpu_with_a_tiny_budget(tmp_path):
-    """The dry run of run_all.sh --gpu-check: three runs side by side, their evaluation,
-    the NLL with and without TF32 (the same number on a CPU, which has none) and the
-    resume compared bit for bit."""
+    """The dry run of run_all.sh --gpu-check: convHVAE MIM and VAE at seeds 1-2 and the
+    PixelHVAE A-MIM and VAE at seed 1 side by side, each evaluated (5-NN on every test
+    digit, the NLL on the first 4) and the losses compared per network and seed."""
     write_idx_set(tmp_path / "data")
     proc = gpu_check(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "out" / "gpu_check.md").read_text()
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in text.splitlines()
-            if line.startswith("| ") and not line.startswith("| ---")}
-    for name in ("mim", "authors-mim", "vae"):
-        epochs, seconds, knn_mean, knn_one, nll, s, points = rows[name]
-        assert int(epochs) == 1 and float(seconds) > 0 and 0 <= float(knn_mean) <= 1
-        assert math.isfinite(float(nll)) and (int(s), int(points)) == (5, 12)
-    tf32, fp32 = float(rows["tf32"][1]), float(rows["fp32"][1])
-    assert tf32 == pytest.approx(fp32, rel=1e-6)
-    assert "bit-identical weights" in text
-    config = json.loads((tmp_path / "out" / "authors-mim" / "config.json").read_text())
-    assert (config["preset"], config["optimizer"], config["batch_size"]) == ("authors",
-                                                                             "normgrad", 10)
+    assert text == proc.stdout
+    runs = sorted(os.listdir(tmp_path / "out" / "runs"))
+    assert runs == ["convhvae-mim-s1", "convhvae-mim-s2", "convhvae-vae-s1", "convhvae-vae-s2",
+                    "pixelhvae-amim-s1", "pixelhvae-vae-s1", "summary.md"]
+    for run in runs[:-1]:
+        record = json.loads((tmp_path / "out" / "runs" / run / "eval.json").read_text())
+        assert (record["test_size"], record["nll_points"], record["nll_samples"]) == (12, 4, 5)
+        assert f"| {run} | 1 |" in text
+    assert "## Paired comparison: loss mim (A) against vae (B), arch convhvae" in text
+    assert "## Paired comparison: loss amim (A) against vae (B), arch pixelhvae" in text
+    rows = comparison_lines(text)
+    assert rows[("5-NN, one sampled code (fraction)", "mean, 2 seeds")][3] != (
+        "one seed a side: no interval over seeds")
+    assert ("NLL, IWAE (nats)", "2") in rows
+    assert "one seed a side: no interval over seeds" in text       # the PixelHVAE's
 
 
 @pytest.mark.slow
@@ -1034,6 +1142,7 @@ def wider_weights(state):
     return state
 
 
+COMPARE_LOSSES = ["evaluate", "--summary", "{tmp}/runs", "--compare", "loss"]
 BAD_INPUTS = [
     ("mim.py", ["--loss", "elbo"], None, "--loss"),
     ("mim.py", ["--data", "nope"], None, "unknown data set"),
@@ -1196,6 +1305,21 @@ BAD_INPUTS = [
      "summary missing setting", "s2/config.json lacks hidden, which"),
     ("mim.py", ["evaluate", "--summary", "{tmp}/runs"], "summary no config",
      "config.json not found"),
+    ("mim.py", COMPARE_LOSSES, "compare other points", "were scored on different test points"),
+    ("mim.py", COMPARE_LOSSES, "compare other S",
+     "were evaluated differently: nll_samples 100 and 1000"),
+    ("mim.py", COMPARE_LOSSES, "compare no points", "vae-s1/points.csv not found"),
+    ("mim.py", COMPARE_LOSSES, "compare short points",
+     "vae-s1/points.csv holds 59 points and 20 NLLs, not the 60"),
+    ("mim.py", COMPARE_LOSSES, "compare not evaluated",
+     "vae-s1 has no eval.json of its present best.pt"),
+    ("mim.py", COMPARE_LOSSES, "compare seed twice", "are both seed 1 of one kind"),
+    ("mim.py", ["evaluate", "--summary", "{tmp}/runs", "--compare", "hidden"],
+     "compare", "--compare hidden: hidden does not vary between these runs"),
+    ("mim.py", ["evaluate", "--compare", "loss"], None, "--compare loss compares the runs of a "
+     "summary; add --summary DIR"),
+    ("mim.py", ["evaluate", "{run}", "--nll-points", "1"], "run",
+     "--nll-points 1: the NLL's standard error needs at least 2 points"),
     ("mim.py", ["evaluate", "--summary", "{tmp}/runs"], "summary empty",
      "no */results.json under"),
     ("mim.py", ["--resume", "{run}"], lambda run: shutil.copy(run / "best.pt", run / "last.pt"),
@@ -1234,6 +1358,8 @@ def prepare_case(tmp, prepare, finished):
         (tmp / "dangling").symlink_to(tmp / "gone")
     elif prepare.startswith("summary"):
         prepare_summary(tmp / "runs", prepare, finished)
+    elif prepare.startswith("compare"):
+        prepare_comparison(tmp / "runs", prepare)
     elif prepare == "five images":
         write_idx_set(tmp / "five", n_train=5)
     elif prepare == "images":
@@ -1271,6 +1397,23 @@ def prepare_summary(folder, fault, finished):
                                                      if k != "hidden"}))
     elif fault == "summary no config":
         (run / "config.json").unlink()
+
+
+def prepare_comparison(folder, fault):
+    """Seed 1 of a MIM and a VAE run scored on the same points, one fault in the VAE's."""
+    evaluation = {"compare other points": {"scored_points_sha256": "other points"},
+                  "compare other S": {"nll_samples": 1000}}.get(fault, {})
+    planted_pair(folder, 1, 8, 2, **evaluation)
+    run = folder / "vae-s1"
+    if fault == "compare no points":
+        (run / "points.csv").unlink()
+    elif fault == "compare short points":
+        (run / "points.csv").write_text("\n".join(
+            (run / "points.csv").read_text().splitlines()[:-1]) + "\n")
+    elif fault == "compare not evaluated":
+        (run / "eval.json").unlink()
+    elif fault == "compare seed twice":
+        shutil.copytree(run, folder / "vae-s1-again")
 
 
 def prepare_data(folder, fault):

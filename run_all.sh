@@ -117,9 +117,10 @@ PY
   [[ -z $failed ]] || { echo "run_all.sh: --gpu-check: training failed; see$failed" >&2
                         return 1; }
   local trained=$((SECONDS - start))
-  # four at a time: each evaluation sizes its passes to a quarter of the free GPU memory
+  # three at a time: each sizes its passes to a quarter of the GPU memory free at its start,
+  # so three started together take at most three quarters of it
   failed=$(for run in "$out"/runs/*/; do
-             evaluate_one "$(basename "$run")" & (( ++i % 4 )) || wait
+             evaluate_one "$(basename "$run")" & (( ++i % 3 )) || wait
            done; wait)
   [[ -z $failed ]] || { echo "run_all.sh: --gpu-check: evaluation failed; see$failed" >&2
                         return 1; }
@@ -141,7 +142,7 @@ machine = (f"{torch.cuda.get_device_name()} (compute capability "
            f"{'.'.join(map(str, torch.cuda.get_device_capability()))})" if device == "cuda"
            else f"CPU, capability {torch.backends.cpu.get_cpu_capability()}")
 lines = [f"# GPU check: {out}", "", f"torch {torch.__version__}, {machine}; training "
-         f"{trained} s, all runs side by side; evaluation {evaluated} s, four at a time",
+         f"{trained} s, all runs side by side; evaluation {evaluated} s, three at a time",
          "", "| run | epochs | training (s) |", "| --- | --- | --- |"]
 for path in sorted(glob.glob(os.path.join(out, "runs", "*", cli.RESULTS))):
     res = json.load(open(path))

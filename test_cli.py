@@ -392,6 +392,7 @@ def test_compare_sets_two_losses_side_by_side_point_by_point_and_seed_by_seed(tm
                                       scale=np.std(diffs, ddof=1) / math.sqrt(3))
     assert (low, high) == pytest.approx(expected, abs=5e-5)
     assert "without a partner of the other loss: seed 4" in proc.stdout
+    assert cli.p_value(evaluate.mcnemar_p(0, 2000)) == "< 1e-300"     # 2^-1999 underflows
     planted_pair(tmp_path / "one", 1, 8, 2)
     proc = run_main("evaluate", "--summary", str(tmp_path / "one"), "--compare", "loss")
     assert proc.returncode == 0, proc.stderr

@@ -1316,8 +1316,7 @@ def evaluate_run(run_dir, device, args):
                        knn_train_size=len(data.x_train[:args.knn_train]))
         if "nll" in points:   # the NLL's own subset and its Monte Carlo standard error
             results.update(nll_points=len(points["nll"]),
-                           test_nll_se=float(np.std(points["nll"], ddof=1)
-                                             / math.sqrt(len(points["nll"]))))
+                           test_nll_se=evaluate.standard_error(points["nll"]))
         env = environment(device)                  # with the threads it ran with
         log = os.path.join(run_dir, LOG)
         title = run_title(cfg, logged_epochs(log))
@@ -1663,14 +1662,15 @@ def summary(runs, x_key=None, fmt="png"):
 
 # Paired comparisons, --summary DIR --compare KEY: the runs of two values of KEY that
 # agree in every other setting, seed by seed, scored on the same test points (POINTS).
-# How an evaluation was made: runs compared point by point must agree in all of it.
-SCORED_WITH = ("scored_points_sha256", "test_size", "knn_train_size", "nll_samples",
-               "nll_points")
+# How an evaluation was made, and on which points: runs compared point by point must
+# agree in all of it.
+SCORED_WITH = ("scored_points_sha256", *(k for k in MEASURED_WITH if k != "metrics_from"))
 
 
-def read_points(run):
+def read_points(run, test_size, nll_points):
     """The per-point scores of a run's present evaluation (test_metrics' points), read
-    from POINTS and checked against eval.json's counts; ValueError naming the file."""
+    from POINTS and checked against the counts eval.json gives (test_size, nll_points);
+    ValueError naming the file."""
     fix = f"evaluate it again with mim.py evaluate {run}"
     path = os.path.join(run, POINTS)
     try:
@@ -1685,12 +1685,9 @@ def read_points(run):
                          f"kept?); {fix}") from None
     except (ValueError, IndexError) as e:
         raise ValueError(f"{path} is not a table of per-point scores ({e}); {fix}") from None
-    with open(os.path.join(run, EVALUATION)) as f:
-        evaluation = json.load(f)
-    if (len(label), len(nll)) != (evaluation.get("test_size"), evaluation.get("nll_points", 0)):
+    if (len(label), len(nll)) != (test_size, nll_points):
         raise ValueError(f"{path} holds {len(label)} points and {len(nll)} NLLs, not the "
-                         f"{evaluation.get('test_size')} and {evaluation.get('nll_points', 0)} "
-                         f"of {EVALUATION}; {fix}")
+                         f"{test_size} and {nll_points} of {EVALUATION}; {fix}")
     return {"label": label, "knn5_correct": sampled == 1, "knn5_mean_correct": means == 1,
             **({"nll": nll} if len(nll) else {})}
 
@@ -1791,8 +1788,9 @@ def comparison_table(key, value_a, value_b, by_value, where):
     if not seeds:
         return ["", head, "", "no seed has runs of both; nothing to compare"]
     check_scored_alike([r for s in seeds for r in (a_runs[s], b_runs[s])])
-    per_seed = {s: evaluate.paired_comparison(read_points(a_runs[s]["run"]),
-                                              read_points(b_runs[s]["run"]))
+    def points(res):
+        return read_points(res["run"], res.get("test_size"), res.get("nll_points", 0))
+    per_seed = {s: evaluate.paired_comparison(points(a_runs[s]), points(b_runs[s]))
                 for s in seeds}
     first = a_runs[seeds[0]]
     nll = (f"; NLL by IWAE with S = {first['nll_samples']} on the first "

@@ -574,7 +574,8 @@ def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
     x_knn = knn_train_inputs(data, knn_train_size)
     z_test, z_train = encode(model, x_test, max_batch), encode(model, x_knn, max_batch)
     means_test = encoder_means(model, x_test, max_batch)
-    results, points = {}, {"label": data.y_test.cpu().numpy()}
+    y_train, y_test = data.y_train[:knn_train_size].cpu(), data.y_test.cpu()
+    results, points = {}, {"label": y_test.numpy()}
     if not ksg_counts_ties(x_test.cpu().numpy(), KSG_K):
         results["test_mi_ksg"] = ksg_mi(x_test.cpu(), z_test.cpu(), k=KSG_K)
     if nll_samples > 0:
@@ -591,7 +592,6 @@ def test_metrics(model, data, nll_samples, knn_train_size=None, max_batch=None,
         results["test_nll_tight_bpd"] = bits_per_dim(results["test_nll_tight"], data.x_dim)
     if not binary:
         results["test_rmse"] = reconstruction_rmse(model, x_test)
-    y_train, y_test = data.y_train[:knn_train_size].cpu(), data.y_test.cpu()
     points["knn5_correct"] = knn_correct(z_train.cpu(), y_train, z_test.cpu(), y_test,
                                          k=KNN_K)
     points["knn5_mean_correct"] = knn_correct(
@@ -675,11 +675,16 @@ def paired_bootstrap_interval(correct_a, correct_b, confidence=CONFIDENCE,
     return tuple(float(q) for q in np.quantile(diffs, [tail, 1 - tail]))
 
 
+def standard_error(values):
+    """The standard error of the mean of values: std (ddof = 1) / sqrt(N)."""
+    v = np.asarray(values, float)
+    return float(v.std(ddof=1) / math.sqrt(len(v)))
+
+
 def paired_difference(a, b):
-    """mean(a - b) over per-point scores of the same points and its standard error,
-    std(a - b) / sqrt(N) with ddof = 1."""
+    """mean(a - b) over per-point scores of the same points and its standard error."""
     d = np.asarray(a, float) - np.asarray(b, float)
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
+    return float(d.mean()), standard_error(d)
 
 
 def mean_interval(values, confidence=CONFIDENCE):
@@ -689,7 +694,7 @@ def mean_interval(values, confidence=CONFIDENCE):
     v = np.asarray(values, float)
     if len(v) < 2:
         return float(v.mean()), None
-    half = t.ppf((1 + confidence) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    half = t.ppf((1 + confidence) / 2, len(v) - 1) * standard_error(v)
     return float(v.mean()), (float(v.mean() - half), float(v.mean() + half))
 
 

@@ -410,7 +410,7 @@ def test_evaluate_keeps_each_test_points_scores(tmp_path):
                     "--nll-points", "40")
     assert proc.returncode == 0, proc.stderr
     record = json.loads((out / "eval.json").read_text())
-    points = cli.read_points(str(out))
+    points = cli.read_points(str(out), record["test_size"], record["nll_points"])
     data = cli.load_data(cli.Config(data="toy2d"))
     assert np.array_equal(points["label"], data.y_test[:300].numpy())
     assert points["knn5_correct"].mean() == record["test_knn5_acc"]
